@@ -1,0 +1,47 @@
+"""curvopt: second-order optimization and curvature analysis in JAX.
+
+Layers, each importing only the ones before it:
+
+1. `curvopt.oracles`: matrix-free curvature operators (Hessian, Gauss-Newton,
+   empirical Fisher, data-set accumulation) over parameter pytrees.
+2. `curvopt.estimators`: Hutchinson, Hutch++, power iteration, Lanczos,
+   stochastic Lanczos quadrature and sharpness on those operators.
+"""
+
+from curvopt import estimators as estimators
+from curvopt import oracles as oracles
+from curvopt.estimators import DiagonalEstimate as DiagonalEstimate
+from curvopt.estimators import Eigenpairs as Eigenpairs
+from curvopt.estimators import LanczosDecomposition as LanczosDecomposition
+from curvopt.estimators import PowerIterationResult as PowerIterationResult
+from curvopt.estimators import SharpnessEstimate as SharpnessEstimate
+from curvopt.estimators import SpectralDensity as SpectralDensity
+from curvopt.estimators import TraceEstimate as TraceEstimate
+from curvopt.estimators import estimate_sharpness as estimate_sharpness
+from curvopt.estimators import hutchinson_diagonal as hutchinson_diagonal
+from curvopt.estimators import hutchinson_trace as hutchinson_trace
+from curvopt.estimators import hutchpp_trace as hutchpp_trace
+from curvopt.estimators import lanczos as lanczos
+from curvopt.estimators import lanczos_eigenpairs as lanczos_eigenpairs
+from curvopt.estimators import power_iteration as power_iteration
+from curvopt.estimators import sharpness as sharpness
+from curvopt.estimators import spectral_density as spectral_density
+from curvopt.oracles import POSITIVE_SEMIDEFINITE as POSITIVE_SEMIDEFINITE
+from curvopt.oracles import SYMMETRIC as SYMMETRIC
+from curvopt.oracles import LinearOperator as LinearOperator
+from curvopt.oracles import compose as compose
+from curvopt.oracles import dataset_operator as dataset_operator
+from curvopt.oracles import diagonal as diagonal
+from curvopt.oracles import empirical_fisher as empirical_fisher
+from curvopt.oracles import gauss_newton as gauss_newton
+from curvopt.oracles import hessian as hessian
+from curvopt.oracles import hvp as hvp
+from curvopt.oracles import is_positive_semidefinite as is_positive_semidefinite
+from curvopt.oracles import is_symmetric as is_symmetric
+from curvopt.oracles import linear_operator as linear_operator
+from curvopt.oracles import preconditioned as preconditioned
+from curvopt.oracles import random_vector as random_vector
+from curvopt.oracles import restrict as restrict
+from curvopt.oracles import value_grad_hvp as value_grad_hvp
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,123 @@
+"""Argument validation shared by every layer.
+
+Each check runs at trace time on static information (shapes, dtypes, Python
+values), so it costs nothing inside a compiled step and turns what would be a
+traceback from deep inside XLA into a message that names the argument.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def positive_int(name: str, value: Any) -> int:
+  """Returns `value` if it is a positive Python integer, else raises."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be a positive integer, got {value!r} of type {type(value).__name__}.")
+  if value <= 0:
+    raise ValueError(f"{name} must be a positive integer, got {value}.")
+  return int(value)
+
+
+def non_negative_float(name: str, value: Any) -> float:
+  """Returns `value` as a float if it is a finite number >= 0, else raises."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{name} must be a non-negative number, got {value!r}.")
+  if not value >= 0 or value == float("inf"):
+    raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
+  return float(value)
+
+
+def one_of(name: str, value: Any, choices: tuple[str, ...]) -> str:
+  """Returns `value` if it is one of `choices`, else raises naming them."""
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+  return value
+
+
+def callable_arg(name: str, fn: Any) -> Callable:
+  """Returns `fn` if it is callable, else raises (a missing function is common)."""
+  if fn is None:
+    raise TypeError(f"{name} is required: pass a function, got None.")
+  if not callable(fn):
+    raise TypeError(f"{name} must be callable, got {type(fn).__name__}.")
+  return fn
+
+
+def prng_key(name: str, key: Any) -> jax.Array:
+  """Returns `key` if it is a JAX PRNG key (typed or raw uint32[2]), else raises."""
+  if key is None:
+    raise TypeError(f"{name} is required: pass a PRNG key such as jax.random.key(0).")
+  if isinstance(key, jax.Array) or hasattr(key, "dtype"):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
+      return key
+    if key.dtype == jnp.uint32 and key.shape == (2,):
+      return key
+  raise TypeError(
+    f"{name} must be a single PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)); "
+    f"got {type(key).__name__} with shape {getattr(key, 'shape', None)}."
+  )
+
+
+def float_pytree(name: str, tree: Any) -> None:
+  """Raises unless `tree` is a non-empty pytree of floating-point arrays."""
+  leaves_with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if not leaves_with_paths:
+    raise ValueError(f"{name} must be a non-empty pytree of arrays, got {tree!r}.")
+  for path, leaf in leaves_with_paths:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+      raise TypeError(
+        f"{name}{jax.tree_util.keystr(path)} must be an array, got {type(leaf).__name__}."
+      )
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+        f"{name}{jax.tree_util.keystr(path)} must have a floating-point dtype "
+        f"(float32, bfloat16, float64, ...), got {dtype}."
+      )
+
+
+def matches_structure(name: str, tree: Any, structure: Any, *, what: str = "params") -> None:
+  """Raises unless `tree` has the pytree structure and leaf shapes of `structure`."""
+  expected_def = jax.tree.structure(structure)
+  actual_def = jax.tree.structure(tree)
+  if expected_def != actual_def:
+    raise ValueError(
+      f"{name} must have the same pytree structure as {what}.\n"
+      f"  expected: {expected_def}\n  got:      {actual_def}"
+    )
+  expected = jax.tree_util.tree_flatten_with_path(structure)[0]
+  for (path, spec), leaf in zip(expected, jax.tree.leaves(tree), strict=True):
+    shape = getattr(leaf, "shape", None)
+    if shape is None or tuple(shape) != tuple(spec.shape):
+      raise ValueError(
+        f"{name}{jax.tree_util.keystr(path)} must have shape {tuple(spec.shape)} like "
+        f"{what}{jax.tree_util.keystr(path)}, got {shape}."
+      )
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      raise TypeError(
+        f"{name}{jax.tree_util.keystr(path)} must have a floating-point dtype, got {leaf.dtype}."
+      )
+
+
+def scalar_function(name: str, fn: Callable, *args: Any) -> None:
+  """Raises unless `fn(*args)` returns one real floating-point scalar (checked abstractly)."""
+  callable_arg(name, fn)
+  out = jax.eval_shape(fn, *args)
+  if not isinstance(out, jax.ShapeDtypeStruct):
+    hint = ""
+    if isinstance(out, tuple) and out:
+      hint = " If it returns (loss, aux), pass `lambda p: fn(p)[0]` instead."
+    raise ValueError(f"{name} must return a scalar array, got a {type(out).__name__}.{hint}")
+  if out.shape != ():
+    raise ValueError(
+      f"{name} must return a scalar (the mean loss), got an array of shape {out.shape}. "
+      "Reduce it with .mean() or .sum()."
+    )
+  if not jnp.issubdtype(out.dtype, jnp.floating):
+    raise TypeError(f"{name} must return a floating-point scalar, got dtype {out.dtype}.")

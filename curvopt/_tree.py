@@ -1,0 +1,114 @@
+"""Pytree linear algebra that keeps each leaf's shape (and so its sharding).
+
+Krylov methods keep a basis of `k` vectors. Here a basis is a pytree shaped
+like the parameters with one extra leading axis of length `k` on every leaf,
+so the basis of an FSDP-sharded model is sharded the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def structure_of(tree: Any) -> Any:
+  """The `jax.ShapeDtypeStruct` of every leaf."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+
+
+def size_of(structure: Any) -> int:
+  """Total number of scalars in a pytree (of arrays or structs)."""
+  return sum(_prod(s.shape) for s in jax.tree.leaves(structure))
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+  out = 1
+  for n in shape:
+    out *= int(n)
+  return out
+
+
+def working_dtype(structure: Any) -> jnp.dtype:
+  """float64 if any leaf is float64, else float32: estimators never work in bf16."""
+  dtypes = [jnp.dtype(s.dtype) for s in jax.tree.leaves(structure)]
+  if any(d == jnp.float64 for d in dtypes):
+    return jnp.dtype(jnp.float64)
+  return jnp.dtype(jnp.float32)
+
+
+def zeros(structure: Any, dtype: Any = None) -> Any:
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, dtype or s.dtype), structure)
+
+
+def cast(tree: Any, dtype: Any) -> Any:
+  return optax.tree.cast(tree, dtype)
+
+
+def cast_like(tree: Any, structure: Any) -> Any:
+  return jax.tree.map(lambda x, s: jnp.asarray(x, s.dtype), tree, structure)
+
+
+def dot(a: Any, b: Any) -> jax.Array:
+  """Real inner product over all leaves."""
+  parts = [jnp.vdot(x, y, precision=_HIGHEST) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
+  return sum(parts[1:], parts[0])
+
+
+def norm(a: Any) -> jax.Array:
+  return jnp.sqrt(dot(a, a))
+
+
+def axpy(alpha: Any, x: Any, y: Any) -> Any:
+  """alpha * x + y, leaf by leaf."""
+  return jax.tree.map(lambda xi, yi: alpha * xi + yi, x, y)
+
+
+def scale(alpha: Any, x: Any) -> Any:
+  return jax.tree.map(lambda xi: alpha * xi, x)
+
+
+# --- Stacked vectors: a leading axis of length k on every leaf. -------------
+
+
+def stacked_zeros(k: int, structure: Any, dtype: Any) -> Any:
+  return jax.tree.map(lambda s: jnp.zeros((k, *s.shape), dtype), structure)
+
+
+def stacked_dot(basis: Any, v: Any) -> jax.Array:
+  """The k inner products <basis[i], v>."""
+  parts = [
+    jnp.tensordot(b.reshape(b.shape[0], -1), x.reshape(-1), axes=1, precision=_HIGHEST)
+    for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(v), strict=True)
+  ]
+  return sum(parts[1:], parts[0])
+
+
+def stacked_combine(basis: Any, coefficients: jax.Array) -> Any:
+  """sum_i coefficients[i] * basis[i]; `coefficients` may be (k,) or (k, m)."""
+  return jax.tree.map(
+    lambda b: jnp.tensordot(coefficients, b, axes=[[0], [0]], precision=_HIGHEST), basis
+  )
+
+
+def stacked_set(basis: Any, i: Any, v: Any) -> Any:
+  return jax.tree.map(lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x.astype(b.dtype), i, 0), basis, v)
+
+
+def stacked_get(basis: Any, i: Any) -> Any:
+  return jax.tree.map(lambda b: jax.lax.dynamic_index_in_dim(b, i, 0, keepdims=False), basis)
+
+
+def orthogonalize(basis: Any, v: Any) -> Any:
+  """Removes from `v` its components along the (orthonormal or zero) rows of `basis`.
+
+  Classical Gram-Schmidt applied twice ("twice is enough", Giraud et al. 2005):
+  one pass loses orthogonality in floating point, two restore it to rounding.
+  """
+  for _ in range(2):
+    v = axpy(-1.0, stacked_combine(basis, stacked_dot(basis, v)), v)
+  return v
