@@ -18,7 +18,9 @@ import jax.numpy as jnp
 def positive_int(name: str, value: Any) -> int:
   """Returns `value` if it is a positive Python integer, else raises."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be a positive integer, got {value!r} of type {type(value).__name__}.")
+    raise TypeError(
+      f"{name} must be a positive integer, got {value!r} of type {type(value).__name__}."
+    )
   if value <= 0:
     raise ValueError(f"{name} must be a positive integer, got {value}.")
   return int(value)

@@ -55,7 +55,10 @@ def cast_like(tree: Any, structure: Any) -> Any:
 
 def dot(a: Any, b: Any) -> jax.Array:
   """Real inner product over all leaves."""
-  parts = [jnp.vdot(x, y, precision=_HIGHEST) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
+  parts = [
+    jnp.vdot(x, y, precision=_HIGHEST)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  ]
   return sum(parts[1:], parts[0])
 
 
@@ -96,7 +99,9 @@ def stacked_combine(basis: Any, coefficients: jax.Array) -> Any:
 
 
 def stacked_set(basis: Any, i: Any, v: Any) -> Any:
-  return jax.tree.map(lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x.astype(b.dtype), i, 0), basis, v)
+  return jax.tree.map(
+    lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x.astype(b.dtype), i, 0), basis, v
+  )
 
 
 def stacked_get(basis: Any, i: Any) -> Any:

@@ -65,9 +65,7 @@ def _merge(acc: _Moments, samples: PyTree, n: int) -> _Moments:
   chunk_m2 = jax.tree.map(lambda s, m: jnp.sum((s - m) ** 2, axis=0), samples, chunk_mean)
   delta = jax.tree.map(jnp.subtract, chunk_mean, acc.mean)
   mean = jax.tree.map(lambda m, d: m + d * (n / total), acc.mean, delta)
-  m2 = jax.tree.map(
-    lambda a, b, d: a + b + d**2 * (acc.count * n / total), acc.m2, chunk_m2, delta
-  )
+  m2 = jax.tree.map(lambda a, b, d: a + b + d**2 * (acc.count * n / total), acc.m2, chunk_m2, delta)
   return _Moments(total, mean, m2)
 
 
@@ -168,7 +166,7 @@ def hutchinson_diagonal(
     Applied Numerical Mathematics 2007.
   """
   like = _tree.zeros(operator.in_structure, operator.dtype)
-  moments, steps = _sample_probes(
+  moments, _ = _sample_probes(
     operator,
     key,
     lambda z, az: jax.tree.map(jnp.multiply, z, az),
@@ -224,7 +222,7 @@ def hutchinson_trace(
     for Laplacian smoothing splines", 1990.
   """
   dtype = operator.dtype
-  moments, steps = _sample_probes(
+  moments, _ = _sample_probes(
     operator,
     key,
     _tree.dot,

@@ -175,9 +175,7 @@ def _ritz_pairs(
   return theta[chosen], s[:, chosen], residuals, norm_estimate
 
 
-def _start_vector(
-  operator: LinearOperator, key: jax.Array, warm_start: PyTree | None
-) -> PyTree:
+def _start_vector(operator: LinearOperator, key: jax.Array, warm_start: PyTree | None) -> PyTree:
   dtype = operator.dtype
   structure = operator.in_structure
   noise = random_vector(key, structure, "gaussian", dtype)

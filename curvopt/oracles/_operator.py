@@ -188,7 +188,9 @@ def compose(*operators: LinearOperator) -> LinearOperator:
     if not isinstance(op, LinearOperator):
       raise TypeError(f"operators[{i}] must be a LinearOperator, got {type(op).__name__}.")
     _checks.matches_structure(
-      f"operators[{i}].in_structure", op.in_structure, operators[0].in_structure,
+      f"operators[{i}].in_structure",
+      op.in_structure,
+      operators[0].in_structure,
       what="operators[0].in_structure",
     )
 
@@ -269,18 +271,24 @@ def restrict(operator: LinearOperator, mask: PyTree | Callable[[Any, Any], bool]
     raise ValueError("mask selects no leaves; select at least one.")
 
   specs = [spec for _, spec in leaves_with_paths]
-  sub_structure = treedef.unflatten([s if keep else None for s, keep in zip(specs, selected, strict=True)])
+  sub_structure = treedef.unflatten(
+    [s if keep else None for s, keep in zip(specs, selected, strict=True)]
+  )
 
   def embed(sub: PyTree) -> PyTree:
     sub_leaves = iter(jax.tree.leaves(sub))
-    return treedef.unflatten([
-      next(sub_leaves) if keep else jnp.zeros(s.shape, s.dtype)
-      for s, keep in zip(specs, selected, strict=True)
-    ])
+    return treedef.unflatten(
+      [
+        next(sub_leaves) if keep else jnp.zeros(s.shape, s.dtype)
+        for s, keep in zip(specs, selected, strict=True)
+      ]
+    )
 
   def extract(full: PyTree) -> PyTree:
     full_leaves = jax.tree.leaves(full)
-    return treedef.unflatten([x if keep else None for x, keep in zip(full_leaves, selected, strict=True)])
+    return treedef.unflatten(
+      [x if keep else None for x, keep in zip(full_leaves, selected, strict=True)]
+    )
 
   tags = operator.tags & {SYMMETRIC, POSITIVE_SEMIDEFINITE}
   return LinearOperator(

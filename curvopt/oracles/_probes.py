@@ -40,6 +40,6 @@ def random_vector(
   leaves, treedef = jax.tree.flatten(structure)
   keys = jax.random.split(key, len(leaves))
   draw = jax.random.rademacher if distribution == "rademacher" else jax.random.normal
-  return treedef.unflatten([
-    draw(k, leaf.shape, dtype or leaf.dtype) for k, leaf in zip(keys, leaves, strict=True)
-  ])
+  return treedef.unflatten(
+    [draw(k, leaf.shape, dtype or leaf.dtype) for k, leaf in zip(keys, leaves, strict=True)]
+  )

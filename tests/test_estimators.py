@@ -1,0 +1,421 @@
+"""Estimators against exact eigenvalues, traces and diagonals in float64."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import count_compilations, dense_hessian, mlp_problem, quadratic_with_spectrum, ravel
+
+import curvopt
+from curvopt.estimators._loops import should_unroll
+
+
+@pytest.fixture(scope="module")
+def mlp_hessian():
+  """The d = 291 MLP problem and its exact Hessian spectrum."""
+  problem = mlp_problem("xent")
+  dense = np.asarray(dense_hessian(problem.value_fn, problem.params))
+  return problem, dense, np.linalg.eigh(dense)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_lanczos_top5_equal_eigh(mlp_hessian, which):
+  problem, _, (eigenvalues, _) = mlp_hessian
+  op = curvopt.hessian(problem.value_fn, problem.params)
+  pairs = jax.jit(
+    lambda p, k: curvopt.lanczos_eigenpairs(
+      curvopt.hessian(problem.value_fn, p), k, k=5, which=which, num_iterations=150, tol=1e-9
+    )
+  )(problem.params, jax.random.key(0))
+  order = {
+    "LA": np.argsort(-eigenvalues),
+    "SA": np.argsort(eigenvalues),
+    "LM": np.argsort(-np.abs(eigenvalues)),
+  }
+  expected = eigenvalues[order[which][:5]]
+  np.testing.assert_allclose(pairs.eigenvalues, expected, rtol=1e-8, atol=0)
+  assert bool(jnp.all(pairs.converged))
+  # Ritz vectors are unit eigenvectors: ||H u - theta u|| is tiny, as the residuals say.
+  for i in range(5):
+    u = jax.tree.map(lambda x, i=i: x[i], pairs.eigenvectors)
+    residual = ravel(op.mv(u)) - pairs.eigenvalues[i] * ravel(u)
+    assert np.linalg.norm(ravel(u)) == pytest.approx(1.0, abs=1e-10)
+    assert np.linalg.norm(residual) < 1e-7 * np.abs(eigenvalues).max()
+    assert np.linalg.norm(residual) == pytest.approx(float(pairs.residuals[i]), abs=1e-9)
+
+
+def test_lanczos_stops_early_at_tolerance():
+  value_fn, _ = quadratic_with_spectrum([10.0, 5.0, *np.linspace(0.0, 1.0, 198)])
+  op = curvopt.hessian(value_fn, jnp.zeros(200))
+  pairs = curvopt.lanczos_eigenpairs(op, jax.random.key(0), k=2, num_iterations=150, tol=1e-8)
+  assert int(pairs.num_iterations) < 60
+  np.testing.assert_allclose(pairs.eigenvalues, [10.0, 5.0], rtol=1e-12)
+
+
+def test_warm_start_converges_in_fewer_steps():
+  problem = mlp_problem("mse")
+  run = lambda params, warm: curvopt.lanczos_eigenpairs(
+    curvopt.hessian(problem.value_fn, params),
+    jax.random.key(1),
+    k=3,
+    num_iterations=100,
+    tol=1e-6,
+    warm_start=warm,
+  )
+  cold = run(problem.params, None)
+  moved = jax.tree.map(lambda x: x * 1.001, problem.params)
+  warm = run(moved, cold.eigenvectors)
+  fresh = run(moved, None)
+  assert int(warm.num_iterations) < int(fresh.num_iterations)
+  np.testing.assert_allclose(warm.eigenvalues, fresh.eigenvalues, rtol=1e-6)
+
+
+def test_power_iteration_top_eigenvalue():
+  value_fn, _ = quadratic_with_spectrum([-8.0, 4.0, *np.linspace(-2.0, 2.0, 48)])
+  result = curvopt.power_iteration(
+    curvopt.hessian(value_fn, jnp.zeros(50)), jax.random.key(0), num_iterations=500, tol=1e-12
+  )
+  assert float(result.eigenvalue) == pytest.approx(-8.0, rel=1e-6)  # largest *magnitude*
+  assert bool(result.converged)
+  assert float(result.residual) < 1e-5
+
+
+def test_power_iteration_on_the_mlp(mlp_hessian):
+  problem, _, (eigenvalues, _) = mlp_hessian
+  top = eigenvalues[np.argmax(np.abs(eigenvalues))]
+  result = curvopt.power_iteration(
+    curvopt.hessian(problem.value_fn, problem.params),
+    jax.random.key(0),
+    num_iterations=3000,
+    tol=1e-13,
+  )
+  assert float(result.eigenvalue) == pytest.approx(top, rel=1e-6)
+
+
+def test_sharpness_is_largest_algebraic_not_magnitude():
+  value_fn, _ = quadratic_with_spectrum([-50.0, 3.0, 1.0, 0.5, -1.0])
+  s = jax.jit(lambda w, k: curvopt.sharpness(value_fn, w, key=k))(jnp.zeros(5), jax.random.key(0))
+  assert s.shape == ()
+  assert float(s) == pytest.approx(3.0, rel=1e-10)
+
+
+def test_estimate_sharpness_reports_batch_size_and_dataset_sharpness():
+  problem = mlp_problem("mse", n=30)
+  x, y = problem.inputs, problem.targets
+  from helpers import half_squared_error, mlp
+
+  loss = lambda p, b: jnp.mean(half_squared_error(mlp(p, b[0]), b[1]))
+  batches = [(x[:10], y[:10]), (x[10:], y[10:])]
+  dataset = curvopt.dataset_operator(
+    lambda p, b: curvopt.hessian(lambda q: loss(q, b), p), problem.params, batches
+  )
+  est = curvopt.estimate_sharpness(dataset, jax.random.key(0), num_iterations=60, tol=0.0)
+  exact = np.linalg.eigvalsh(dense_hessian(lambda p: loss(p, (x, y)), problem.params)).max()
+  assert est.num_examples == 30
+  assert float(est.sharpness) == pytest.approx(exact, rel=1e-8)
+
+
+def _symmetric_indefinite(d=20, seed=0):
+  rng = np.random.default_rng(seed)
+  a = rng.normal(size=(d, d))
+  return (a + a.T) / 2
+
+
+def test_hutchinson_diagonal_is_unbiased():
+  a = _symmetric_indefinite()
+  op = curvopt.linear_operator(lambda v: jnp.asarray(a) @ v, jnp.zeros(20), symmetric=True)
+  est = curvopt.hutchinson_diagonal(op, jax.random.key(0), num_probes=4000, probes_per_step=400)
+  z = np.abs(np.asarray(est.diagonal) - np.diag(a)) / np.asarray(est.stderr)
+  assert z.max() < 3.5 and np.mean(z < 3) > 0.95
+  # The standard error matches the theory: sqrt(sum_{j != i} a_ij^2 / n).
+  theory = np.sqrt((np.sum(a**2, axis=1) - np.diag(a) ** 2) / 4000)
+  np.testing.assert_allclose(est.stderr, theory, rtol=0.15)
+  assert int(est.num_probes) == 4000
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_hutchinson_trace_is_unbiased(distribution):
+  a = _symmetric_indefinite(seed=1)
+  op = curvopt.linear_operator(lambda v: jnp.asarray(a) @ v, jnp.zeros(20), symmetric=True)
+  est = curvopt.hutchinson_trace(
+    op, jax.random.key(1), num_probes=2000, probes_per_step=200, distribution=distribution
+  )
+  assert abs(float(est.trace) - np.trace(a)) < 3 * float(est.stderr)
+
+
+def test_hutchinson_diagonal_of_the_mlp_hessian(mlp_hessian):
+  problem, dense, _ = mlp_hessian
+  est = curvopt.hutchinson_diagonal(
+    curvopt.hessian(problem.value_fn, problem.params),
+    jax.random.key(2),
+    num_probes=1024,
+    probes_per_step=128,
+  )
+  z = np.abs(ravel(est.diagonal) - np.diag(dense)) / np.maximum(ravel(est.stderr), 1e-300)
+  assert np.mean(z < 3) > 0.97
+
+
+def test_hutchinson_stops_early_at_tolerance():
+  op = curvopt.diagonal(jnp.arange(1.0, 11.0))  # exact with Rademacher probes: zero variance
+  est = curvopt.hutchinson_trace(op, jax.random.key(0), num_probes=80, probes_per_step=4, tol=1e-6)
+  assert int(est.num_matvecs) == 4 and bool(est.converged)  # one step of 4 probes
+  assert float(est.trace) == pytest.approx(55.0)
+
+
+def test_hutchpp_has_lower_variance_than_hutchinson_on_dominant_eigenvalues():
+  value_fn, matrix = quadratic_with_spectrum([100.0, 80.0, 60.0, *np.full(37, 0.5)])
+  op = curvopt.hessian(value_fn, jnp.zeros(40))
+  keys = jax.random.split(jax.random.key(0), 200)
+  hpp = jax.vmap(lambda k: curvopt.hutchpp_trace(op, k, num_matvecs=12).trace)(keys)
+  hut = jax.vmap(
+    lambda k: curvopt.hutchinson_trace(op, k, num_probes=12, probes_per_step=None).trace
+  )(keys)
+  exact = np.trace(matrix)
+  assert abs(float(jnp.mean(hpp)) - exact) < 3 * float(jnp.std(hpp)) / np.sqrt(200)  # unbiased
+  assert float(jnp.var(hpp)) < 0.1 * float(jnp.var(hut))
+
+
+def test_hutchpp_is_exact_for_low_rank_psd():
+  value_fn, _ = quadratic_with_spectrum([5.0, 3.0, 1.0, *np.zeros(27)])
+  est = curvopt.hutchpp_trace(
+    curvopt.hessian(value_fn, jnp.zeros(30)), jax.random.key(3), num_matvecs=9
+  )
+  assert float(est.trace) == pytest.approx(9.0, rel=1e-10)
+
+
+def test_slq_nodes_weights_and_moments_are_exact_at_full_size(mlp_hessian):
+  problem, _, (eigenvalues, eigenvectors) = mlp_hessian
+  op = curvopt.hessian(problem.value_fn, problem.params)
+  key = jax.random.key(4)
+  sd = curvopt.spectral_density(op, key, num_iterations=400, num_probes=2)  # clipped to d = 291
+  np.testing.assert_allclose(jnp.sum(sd.weights, axis=1), 1.0, rtol=1e-12)
+  np.testing.assert_allclose(
+    np.sort(np.asarray(sd.nodes[0])), eigenvalues, atol=1e-8 * np.abs(eigenvalues).max()
+  )
+  # The quadrature of each probe v reproduces v^T H^p v = sum_i (u_i . v)^2 lambda_i^p.
+  probe_keys = jax.random.split(key, 2)
+  for i, probe_key in enumerate(probe_keys):
+    start_key, _ = jax.random.split(probe_key)
+    v = np.asarray(
+      ravel(curvopt.random_vector(start_key, op.in_structure, "rademacher", jnp.float64))
+    )
+    v = v / np.linalg.norm(v)
+    mass = (eigenvectors.T @ v) ** 2
+    for power in range(1, 5):
+      exact = np.sum(mass * eigenvalues**power)
+      quad = float(jnp.sum(sd.weights[i] * sd.nodes[i] ** power))
+      assert quad == pytest.approx(exact, rel=1e-6)
+
+
+def test_slq_moments_estimate_the_spectral_moments():
+  value_fn, matrix = quadratic_with_spectrum(np.linspace(-1.0, 3.0, 60))
+  eigenvalues = np.linalg.eigvalsh(matrix)
+  sd = curvopt.spectral_density(
+    curvopt.hessian(value_fn, jnp.zeros(60)), jax.random.key(0), num_iterations=10, num_probes=200
+  )
+  for power in range(1, 5):
+    assert float(sd.moment(power)) == pytest.approx(np.mean(eigenvalues**power), rel=0.05)
+  grid = jnp.linspace(-3.0, 5.0, 801)
+  density = sd.density(grid, sigma=0.1)
+  assert float(jnp.sum(density) * (grid[1] - grid[0])) == pytest.approx(1.0, abs=1e-3)
+  assert float(sd.trace()) == pytest.approx(np.trace(matrix), rel=0.05)
+
+
+ESTIMATORS = {
+  "hutchinson_diagonal": lambda op, k, loop: curvopt.hutchinson_diagonal(
+    op, k, num_probes=6, probes_per_step=3, loop=loop
+  ),
+  "hutchinson_trace": lambda op, k, loop: curvopt.hutchinson_trace(
+    op, k, num_probes=6, probes_per_step=3, tol=1e-3, loop=loop
+  ),
+  "hutchpp_trace": lambda op, k, loop: curvopt.hutchpp_trace(op, k, num_matvecs=9),
+  "power_iteration": lambda op, k, loop: curvopt.power_iteration(
+    op, k, num_iterations=5, loop=loop
+  ),
+  "lanczos": lambda op, k, loop: curvopt.lanczos(op, k, num_iterations=5, loop=loop),
+  "lanczos_eigenpairs": lambda op, k, loop: curvopt.lanczos_eigenpairs(
+    op, k, k=3, num_iterations=5, loop=loop
+  ),
+  "spectral_density": lambda op, k, loop: curvopt.spectral_density(
+    op, k, num_iterations=10, num_probes=2, loop=loop
+  ),
+  "estimate_sharpness": lambda op, k, loop: curvopt.estimate_sharpness(
+    op, k, num_iterations=5, loop=loop
+  ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_second_call_does_not_recompile(name):
+  problem = mlp_problem("xent", n=16)
+  estimator = ESTIMATORS[name]
+
+  @jax.jit
+  def run(params, key):
+    return estimator(curvopt.hessian(problem.value_fn, params), key, "auto")
+
+  jax.block_until_ready(run(problem.params, jax.random.key(0)))
+  new_params = jax.tree.map(lambda x: x + 0.01, problem.params)
+  with count_compilations() as compiled:
+    jax.block_until_ready(run(new_params, jax.random.key(1)))
+  assert not compiled, compiled
+
+
+@pytest.mark.parametrize("name", sorted(set(ESTIMATORS) - {"hutchpp_trace"}))
+def test_unrolled_and_lax_loops_agree(name):
+  problem = mlp_problem("mse", n=8, sizes=(3, 5, 2))
+  run = jax.jit(
+    lambda params, key, loop: ESTIMATORS[name](
+      curvopt.hessian(problem.value_fn, params), key, loop
+    ),
+    static_argnums=2,
+  )
+  chex.assert_trees_all_close(
+    run(problem.params, jax.random.key(0), "lax"),
+    run(problem.params, jax.random.key(0), "unroll"),
+    rtol=1e-8,
+    atol=1e-10,
+  )
+
+
+def test_auto_loop_unrolls_convolutions_on_cpu_only():
+  kernel = jnp.ones((3, 1, 1))
+  x = jnp.ones((2, 8, 1))
+  conv_loss = lambda w: jnp.sum(
+    jax.lax.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")) ** 2
+  )
+  conv_op = curvopt.hessian(conv_loss, kernel)
+  dense_op = curvopt.hessian(lambda w: jnp.sum(w**4), kernel)
+  assert conv_op.contains_convolution and not dense_op.contains_convolution
+  assert should_unroll("auto", conv_op) == (jax.default_backend() == "cpu")
+  assert not should_unroll("auto", dense_op)
+  assert should_unroll("unroll", dense_op) and not should_unroll("lax", conv_op)
+
+
+def test_estimators_work_on_bfloat16_params():
+  """bfloat16 leaves: products in bfloat16, Krylov vectors and results in float32."""
+  reference = mlp_problem("xent", dtype=jnp.float32)
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), reference.params)
+  value_fn = lambda p: reference.value_fn(jax.tree.map(lambda x: x.astype(jnp.float32), p))
+  op = curvopt.hessian(value_fn, params)
+  assert op.dtype == jnp.float32
+  est = jax.jit(
+    lambda p, k: curvopt.estimate_sharpness(curvopt.hessian(value_fn, p), k, num_iterations=30)
+  )(params, jax.random.key(0))
+  assert est.sharpness.dtype == jnp.float32
+  exact = curvopt.sharpness(
+    value_fn,
+    jax.tree.map(lambda x: x.astype(jnp.float32), params),
+    key=jax.random.key(0),
+    num_iterations=30,
+  )
+  assert float(est.sharpness) == pytest.approx(float(exact), rel=0.02)
+  diag = curvopt.hutchinson_diagonal(op, jax.random.key(0), num_probes=8)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(diag.diagonal))
+  assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(diag.diagonal))
+
+
+# --- Bad input gets a clear error naming the argument. ----------------------
+
+
+@pytest.fixture
+def small_op():
+  return curvopt.hessian(lambda w: jnp.sum(w**2), jnp.ones(4))
+
+
+@pytest.mark.parametrize(
+  "call, error, message",
+  [
+    (
+      lambda op, k: curvopt.lanczos_eigenpairs(op, k, num_iterations=0),
+      ValueError,
+      "num_iterations must be a positive integer",
+    ),
+    (
+      lambda op, k: curvopt.lanczos(op, k, num_iterations=-3),
+      ValueError,
+      "num_iterations must be a positive integer",
+    ),
+    (
+      lambda op, k: curvopt.power_iteration(op, k, num_iterations=0),
+      ValueError,
+      "num_iterations must be a positive integer",
+    ),
+    (
+      lambda op, k: curvopt.spectral_density(op, k, num_probes=0),
+      ValueError,
+      "num_probes must be a positive integer",
+    ),
+    (
+      lambda op, k: curvopt.hutchinson_trace(op, k, num_probes=-1),
+      ValueError,
+      "num_probes must be a positive integer",
+    ),
+    (
+      lambda op, k: curvopt.hutchinson_trace(op, k, num_probes=10, probes_per_step=4),
+      ValueError,
+      "multiple of probes_per_step",
+    ),
+    (
+      lambda op, k: curvopt.lanczos_eigenpairs(op, k, k=5),
+      ValueError,
+      r"k \(5\) must not exceed the operator's dimension d = 4",
+    ),
+    (
+      lambda op, k: curvopt.lanczos_eigenpairs(op, k, k=3, num_iterations=2),
+      ValueError,
+      r"num_iterations \(2\) must be at least k",
+    ),
+    (
+      lambda op, k: curvopt.lanczos_eigenpairs(op, k, which="largest"),
+      ValueError,
+      "which must be one of 'LA', 'SA', 'LM'",
+    ),
+    (
+      lambda op, k: curvopt.hutchinson_diagonal(op, k, distribution="normal"),
+      ValueError,
+      "distribution must be one of",
+    ),
+    (
+      lambda op, k: curvopt.hutchpp_trace(op, k, num_matvecs=10),
+      ValueError,
+      "num_matvecs must be a multiple of 3",
+    ),
+    (
+      lambda op, k: curvopt.hutchpp_trace(op, k, num_matvecs=15),
+      ValueError,
+      "exceeds the dimension",
+    ),
+    (
+      lambda op, k: curvopt.estimate_sharpness(op, k, loop="scan"),
+      ValueError,
+      "loop must be one of",
+    ),
+    (lambda op, k: curvopt.power_iteration(op, None), TypeError, "key is required"),
+    (lambda op, k: curvopt.power_iteration(op, 0), TypeError, "key must be a single PRNG key"),
+    (
+      lambda op, k: curvopt.lanczos_eigenpairs(op, k, k=2.5),
+      TypeError,
+      "k must be a positive integer",
+    ),
+    (
+      lambda op, k: curvopt.power_iteration(op, k, tol=-1.0),
+      ValueError,
+      "tol must be a finite number >= 0",
+    ),
+    (
+      lambda op, k: curvopt.power_iteration(op, k, initial_vector=jnp.ones(5)),
+      ValueError,
+      r"initial_vector must have shape \(4,\)",
+    ),
+  ],
+)
+def test_bad_arguments_are_named(small_op, call, error, message):
+  with pytest.raises(error, match=message):
+    call(small_op, jax.random.key(0))
+
+
+def test_sharpness_rejects_non_scalar_value_fn():
+  with pytest.raises(ValueError, match="value_fn must return a scalar"):
+    curvopt.sharpness(lambda w: w**2, jnp.ones(3), key=jax.random.key(0))
