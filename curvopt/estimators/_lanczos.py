@@ -92,43 +92,63 @@ def _run(
   dtype = operator.dtype
   structure = operator.in_structure
   eps = jnp.finfo(dtype).eps
+  # Restarts rotate one random vector instead of drawing a new one: as good
+  # a direction, and the loop body stays small to compile.
+  seed = random_vector(key, structure, "gaussian", dtype)
 
-  def body(j: jax.Array, s: _State) -> _State:
-    basis = _tree.stacked_set(s.basis, j, s.vector)
+  def body(j: int | jax.Array, s: _State) -> _State:
+    # Row j of the basis holds s.vector already; rows past j are zero, and
+    # unrolled steps (static j) skip them.
+    filled = _tree.stacked_head(s.basis, j + 1) if isinstance(j, int) else s.basis
     w = _tree.cast(operator.mv(s.vector), dtype)
     alpha = _tree.dot(s.vector, w)
-    w = _tree.orthogonalize(basis, w)
+    # The three-term recurrence, then full reorthogonalization against every
+    # earlier vector (which the recurrence alone loses in floating point).
+    w = _tree.axpy(-alpha, s.vector, w)
+    if not isinstance(j, int) or j > 0:
+      previous = jnp.maximum(j - 1, 0)
+      w = _tree.axpy(-s.betas[previous], _tree.stacked_get(s.basis, previous), w)
+    w = _tree.orthogonalize(filled, w)
     beta = _tree.norm(w)
     scale = jnp.maximum(s.scale, jnp.maximum(jnp.abs(alpha), beta))
     breakdown = beta <= _BREAKDOWN_ULPS * eps * scale
 
     def restart() -> PyTree:
-      fresh = random_vector(jax.random.fold_in(key, j), structure, "gaussian", dtype)
-      return _unit(_tree.orthogonalize(basis, fresh))
+      fresh = jax.tree.map(lambda r: jnp.roll(r.ravel(), j + 1).reshape(r.shape), seed)
+      return _unit(_tree.project_out(filled, _tree.project_out(filled, fresh)))
 
     def advance() -> PyTree:
       return _tree.scale(1.0 / jnp.where(breakdown, 1.0, beta), w)
 
+    vector = jax.lax.cond(breakdown, restart, advance)
     return _State(
       s.steps + 1,
-      basis,
+      # Writing the *next* vector, which depends on this step's reads of the
+      # basis, lets XLA update the basis in place instead of copying it.
+      _tree.stacked_set(s.basis, j + 1, vector),
       s.alphas.at[j].set(alpha),
       s.betas.at[j].set(jnp.where(breakdown, 0.0, beta)),
-      jax.lax.cond(breakdown, restart, advance),
+      vector,
       scale,
     )
 
+  first = _unit(_tree.cast(start, dtype))
   init = _State(
     jnp.int32(0),
-    _tree.stacked_zeros(num_iterations, structure, dtype),
+    _tree.stacked_set(_tree.stacked_zeros(num_iterations + 1, structure, dtype), 0, first),
     jnp.zeros(num_iterations, dtype),
     jnp.zeros(num_iterations, dtype),
-    _unit(_tree.cast(start, dtype)),
+    first,
     jnp.zeros((), dtype),
   )
   stop = None if done is None else lambda s: done(s.alphas, s.betas, s.steps)
   state, _ = iterate(num_iterations, body, init, unroll=unroll, done=stop)
-  return LanczosDecomposition(state.alphas, state.betas, state.basis, state.steps)
+  used = jnp.arange(num_iterations) < state.steps
+  basis = jax.tree.map(
+    lambda b: jnp.where(used.reshape(-1, *([1] * (b.ndim - 1))), b[:num_iterations], 0.0),
+    state.basis,
+  )
+  return LanczosDecomposition(state.alphas, state.betas, basis, state.steps)
 
 
 def ritz_decomposition(

@@ -48,8 +48,10 @@ def iterate(
   Early stopping applies to `lax` loops only.
   """
   if unroll:
+    # A Python int step lets bodies slice statically (e.g. only the basis
+    # vectors filled so far).
     for i in range(num_steps):
-      state = body(jnp.int32(i), state)
+      state = body(i, state)
     return state, jnp.int32(num_steps)
   if done is None:
     return jax.lax.fori_loop(0, num_steps, body, state), jnp.int32(num_steps)
