@@ -120,12 +120,24 @@ def _jaxpr_has_primitive(jaxpr: Any, name: str) -> bool:
 
 
 def is_symmetric(operator: LinearOperator) -> bool:
-  """Whether `operator` is tagged symmetric."""
+  """Whether `operator` is tagged symmetric.
+
+  Example:
+    >>> import jax.numpy as jnp, curvopt
+    >>> curvopt.is_symmetric(curvopt.hessian(lambda w: jnp.sum(w**2), jnp.ones(2)))
+    True
+  """
   return SYMMETRIC in operator.tags
 
 
 def is_positive_semidefinite(operator: LinearOperator) -> bool:
-  """Whether `operator` is tagged positive semidefinite."""
+  """Whether `operator` is tagged positive semidefinite (an unchecked promise).
+
+  Example:
+    >>> import jax.numpy as jnp, curvopt
+    >>> curvopt.is_positive_semidefinite(curvopt.hessian(lambda w: jnp.sum(w**2), jnp.ones(2)))
+    False
+  """
   return POSITIVE_SEMIDEFINITE in operator.tags
 
 
