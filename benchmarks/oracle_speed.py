@@ -21,14 +21,23 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import curvopt
 from curvopt.bench import data, models
 
 
-def _problems(batch_size: int) -> dict[str, tuple]:
-  digits = data.digits()
-  mnist = data.mnist1d()
+def _synthetic(n_features: int) -> data.Dataset:
+  """Random data of the real shapes, for machines without scikit-learn or mnist1d."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(1024, n_features)).astype(np.float32)
+  y = rng.integers(0, 10, size=1024).astype(np.int32)
+  return data.Dataset(x, y, x, y)
+
+
+def _problems(batch_size: int, synthetic: bool) -> dict[str, tuple]:
+  digits = _synthetic(64) if synthetic else data.digits()
+  mnist = _synthetic(40) if synthetic else data.mnist1d()
   key = jax.random.key(0)
   return {
     "MLP 64-256-256-10, digits": (
@@ -100,15 +109,19 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=50)
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--out", default=None, help="also write the Markdown table here")
+  parser.add_argument(
+    "--synthetic", action="store_true", help="random inputs of the same shapes (no data packages)"
+  )
   args = parser.parse_args()
 
   lines = [
     f"Median of {args.repeats} interleaved runs, batch {args.batch_size}, float32; "
     f"jax {jax.__version__}, backend {jax.default_backend()} "
-    f"({jax.devices()[0].device_kind}), {platform.machine()}.",
+    f"({jax.devices()[0].device_kind}), {platform.machine()}"
+    + (", synthetic inputs of the real shapes." if args.synthetic else "."),
     "",
   ]
-  for title, problem in _problems(args.batch_size).items():
+  for title, problem in _problems(args.batch_size, args.synthetic).items():
     ops = _operations(*problem)
     medians, compile_s = _time(ops, args.repeats)
     grad, raw = medians["gradient"], medians["raw jvp(grad)"]

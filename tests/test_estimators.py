@@ -166,13 +166,13 @@ def test_hutchinson_stops_early_at_tolerance():
 def test_hutchpp_has_lower_variance_than_hutchinson_on_dominant_eigenvalues():
   value_fn, matrix = quadratic_with_spectrum([100.0, 80.0, 60.0, *np.full(37, 0.5)])
   op = curvopt.hessian(value_fn, jnp.zeros(40))
-  keys = jax.random.split(jax.random.key(0), 200)
+  keys = jax.random.split(jax.random.key(0), 1000)
   hpp = jax.vmap(lambda k: curvopt.hutchpp_trace(op, k, num_matvecs=12).trace)(keys)
   hut = jax.vmap(
     lambda k: curvopt.hutchinson_trace(op, k, num_probes=12, probes_per_step=None).trace
   )(keys)
   exact = np.trace(matrix)
-  assert abs(float(jnp.mean(hpp)) - exact) < 3 * float(jnp.std(hpp)) / np.sqrt(200)  # unbiased
+  assert abs(float(jnp.mean(hpp)) - exact) < 4 * float(jnp.std(hpp)) / np.sqrt(1000)  # unbiased
   assert float(jnp.var(hpp)) < 0.1 * float(jnp.var(hut))
 
 

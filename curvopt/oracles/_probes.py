@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import jax
 
-from curvopt import _checks
+from curvopt import _checks, _tree
 
 PyTree = Any
 Distribution = Literal["rademacher", "gaussian"]
@@ -18,10 +18,10 @@ def random_vector(
 ) -> PyTree:
   """A probe with independent entries of mean 0 and variance 1, shaped like `structure`.
 
-  Each leaf draws from its own key, split from `key` by leaf position, so the
-  probe depends only on the key and the structure: it is the same on every
-  replica and under every sharding (with JAX's default partitionable
-  threefry).
+  One draw of `d` numbers is cut into the leaves (one random-number
+  generator call compiles far faster than one per leaf), so the probe depends
+  only on the key and the structure: it is the same on every replica and
+  under every sharding (JAX's threefry is partitionable by default).
 
   Args:
     key: a PRNG key.
@@ -38,8 +38,13 @@ def random_vector(
   """
   _checks.one_of("distribution", distribution, DISTRIBUTIONS)
   leaves, treedef = jax.tree.flatten(structure)
-  keys = jax.random.split(key, len(leaves))
+  draw_dtype = dtype or _tree.working_dtype(structure)
+  sizes = [_tree.size_of(leaf) for leaf in leaves]
   draw = jax.random.rademacher if distribution == "rademacher" else jax.random.normal
-  return treedef.unflatten(
-    [draw(k, leaf.shape, dtype or leaf.dtype) for k, leaf in zip(keys, leaves, strict=True)]
-  )
+  flat = draw(key, (sum(sizes),), draw_dtype)
+  out, start = [], 0
+  for leaf, size in zip(leaves, sizes, strict=True):
+    piece = jax.lax.slice_in_dim(flat, start, start + size).reshape(leaf.shape)
+    out.append(piece.astype(dtype or leaf.dtype))
+    start += size
+  return treedef.unflatten(out)
