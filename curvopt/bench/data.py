@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import pathlib
 from typing import NamedTuple
 
 import numpy as np
@@ -59,3 +60,46 @@ def mnist1d(*, seed: int = 42) -> Dataset:
     raw["y_test"].astype(np.int32),
   )
   return _standardize(data)
+
+
+@functools.cache
+def breast_cancer(*, seed: int = 0) -> Dataset:
+  """scikit-learn's breast cancer: 569 x 30 features, binary labels (20% held out)."""
+  from sklearn.datasets import load_breast_cancer
+
+  bunch = load_breast_cancer()
+  return _standardize(
+    _split(bunch.data.astype(np.float32), bunch.target.astype(np.int32), 0.2, seed)
+  )
+
+
+@functools.cache
+def diabetes(*, seed: int = 0) -> Dataset:
+  """scikit-learn's diabetes regression: 442 x 10 features; targets standardized (20% held out)."""
+  from sklearn.datasets import load_diabetes
+
+  bunch = load_diabetes()
+  data = _standardize(
+    _split(bunch.data.astype(np.float32), bunch.target.astype(np.float32), 0.2, seed)
+  )
+  mean, std = data.y_train.mean(), data.y_train.std()
+  return data._replace(
+    y_train=((data.y_train - mean) / std)[:, None].astype(np.float32),
+    y_test=((data.y_test - mean) / std)[:, None].astype(np.float32),
+  )
+
+
+@functools.cache
+def macbeth() -> tuple[np.ndarray, np.ndarray, str]:
+  """Shakespeare's Macbeth as character ids: (train ids, test ids, vocabulary).
+
+  The text ships with curvopt (public domain, 103 kB); the last 10% is held out.
+  """
+  path = pathlib.Path(__file__).parent / "texts" / "macbeth.txt"
+  text = path.read_text(encoding="utf-8")
+  vocabulary = "".join(sorted(set(text)))
+  ids = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+  lookup = {ord(c): i for i, c in enumerate(vocabulary)}
+  ids = np.array([lookup[int(c)] for c in ids], dtype=np.int32)
+  split = int(0.9 * len(ids))
+  return ids[:split], ids[split:], vocabulary

@@ -1,0 +1,89 @@
+"""Optimizers the runner knows by name, with the extra arguments each consumes."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+
+import optax
+
+EXTRA_ARGS = ("value", "grad", "value_fn", "model_fn", "loss_fn")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """How to build and call one optimizer.
+
+  Attributes:
+    name: registry name.
+    description: one line for `curvopt-bench list`.
+    factory: `(learning_rate, **hyperparameters) -> GradientTransformation`.
+    extra_args: the keyword arguments its `update` needs, from `EXTRA_ARGS`;
+      the runner passes exactly these (optax's line searches reject others).
+    value_and_grad_from_state: reuse the value and gradient its line search
+      already computed (`optax.value_and_grad_from_state`).
+  """
+
+  name: str
+  description: str
+  factory: Callable[..., optax.GradientTransformation]
+  extra_args: tuple[str, ...] = ()
+  value_and_grad_from_state: bool = False
+
+  @property
+  def hyperparameters(self) -> dict[str, object]:
+    """Keyword arguments a config may set besides the learning rate, with defaults."""
+    return {
+      name: p.default
+      for name, p in inspect.signature(self.factory).parameters.items()
+      if name != "learning_rate"
+    }
+
+  def build(self, learning_rate: float, **hyperparameters) -> optax.GradientTransformation:
+    return self.factory(learning_rate=learning_rate, **hyperparameters)
+
+
+def _sgd(learning_rate: float) -> optax.GradientTransformation:
+  return optax.sgd(learning_rate)
+
+
+def _momentum(learning_rate: float, momentum: float = 0.9, nesterov: bool = False):
+  return optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
+
+
+def _adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+  return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+def _adamw(
+  learning_rate: float,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 1e-4,
+):
+  return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+def _lbfgs(learning_rate: float, memory_size: int = 10):
+  # The zoom line search picks the step; the learning rate scales it (1.0: as found).
+  return optax.lbfgs(learning_rate, memory_size=memory_size)
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+  spec.name: spec
+  for spec in (
+    OptimizerSpec("sgd", "optax.sgd: plain (stochastic) gradient descent", _sgd),
+    OptimizerSpec("momentum", "optax.sgd with heavy-ball momentum 0.9", _momentum),
+    OptimizerSpec("adam", "optax.adam (Kingma and Ba 2015)", _adam),
+    OptimizerSpec("adamw", "optax.adamw, decoupled weight decay 1e-4", _adamw),
+    OptimizerSpec(
+      "lbfgs",
+      "optax.lbfgs with a zoom line search (on the current batch)",
+      _lbfgs,
+      extra_args=("value", "grad", "value_fn"),
+      value_and_grad_from_state=True,
+    ),
+  )
+}

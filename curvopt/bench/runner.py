@@ -1,0 +1,227 @@
+"""Training runs: one jitted step, timed apart from compilation and evaluation, resumable."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import curvopt
+from curvopt.bench import results
+from curvopt.bench.config import RunSpec
+from curvopt.bench.optimizers import OPTIMIZERS, OptimizerSpec
+from curvopt.bench.workloads import WORKLOADS, Workload
+
+# Sharpness is measured on at most this many training examples (fixed ones).
+_SHARPNESS_EXAMPLES = 512
+
+
+def _extra_args(spec: OptimizerSpec, workload: Workload, batch, value, grad) -> dict:
+  inputs, targets = batch
+  available = {
+    "value": value,
+    "grad": grad,
+    "value_fn": lambda p: workload.value_fn(p, batch),
+    "model_fn": lambda p: workload.model_fn(p, inputs),
+    "loss_fn": lambda outputs: workload.loss_fn(outputs, targets),
+  }
+  return {name: available[name] for name in spec.extra_args}
+
+
+def make_step(workload: Workload, spec: OptimizerSpec, optimizer: optax.GradientTransformation):
+  """`(params, state, batch) -> (params, state, loss, finite)`, one optimizer step."""
+
+  def step(params, state, batch):
+    value_fn = lambda p: workload.value_fn(p, batch)
+    if spec.value_and_grad_from_state:
+      value, grad = optax.value_and_grad_from_state(value_fn)(params, state=state)
+    else:
+      value, grad = jax.value_and_grad(value_fn)(params)
+    updates, state = optimizer.update(
+      grad, state, params, **_extra_args(spec, workload, batch, value, grad)
+    )
+    finite = jnp.isfinite(value) & jnp.all(
+      jnp.array([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)])
+    )
+    return optax.apply_updates(params, updates), state, value, finite
+
+  return step
+
+
+def _tree_bytes(tree: Any) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def _save_checkpoint(path: pathlib.Path, tree: Any, meta: dict) -> None:
+  leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+  with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
+    np.savez(f, *leaves, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(f.name, path)
+
+
+def _load_checkpoint(path: pathlib.Path, like: Any) -> tuple[Any, dict]:
+  with np.load(path) as archive:
+    leaves = [archive[f"arr_{i}"] for i in range(len(jax.tree.leaves(like)))]
+    meta = json.loads(bytes(archive["meta"]).decode())
+  treedef = jax.tree.structure(like)
+  return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]), meta
+
+
+def run(
+  spec: RunSpec, out_dir: pathlib.Path, on_steps: Callable[[int], None] = lambda n: None
+) -> dict:
+  """Runs (or resumes, or skips when finished) one run; returns its summary."""
+  runs_dir = out_dir / "runs"
+  runs_dir.mkdir(parents=True, exist_ok=True)
+  log_path = runs_dir / f"{spec.run_id}.jsonl"
+  ckpt_path = runs_dir / f"{spec.run_id}.ckpt.npz"
+  records = results.read_records(log_path)
+  if records and records[-1].get("event") == "done":
+    on_steps(spec.steps)
+    return records[-1]
+
+  workload = WORKLOADS[spec.workload](**dict(spec.workload_options))
+  opt_spec = OPTIMIZERS[spec.optimizer]
+  optimizer = opt_spec.build(spec.learning_rate, **dict(spec.hyperparameters))
+  target = workload.target if spec.target is None else spec.target
+  params = workload.init_params(jax.random.key(spec.seed))
+  state = optimizer.init(params)
+  progress = {"step": 0, "train_time": 0.0, "nonfinite": 0, "step_times": []}
+  if ckpt_path.exists():
+    (params, state), progress = _load_checkpoint(ckpt_path, (params, state))
+    records = [r for r in records if r.get("step", 0) <= progress["step"]]
+  else:
+    records = []
+  results.write_atomic(log_path, "".join(f"{json.dumps(r)}\n" for r in records))
+  on_steps(progress["step"])
+
+  step_fn = jax.jit(make_step(workload, opt_spec, optimizer))
+  first = jax.tree.map(jnp.asarray, workload.batch(spec.seed, progress["step"]))
+  start = time.perf_counter()
+  compiled = step_fn.lower(params, state, first).compile()
+  compile_s = time.perf_counter() - start
+  memory = _step_memory(compiled)
+  evaluate = _evaluator(workload, spec)
+
+  step = progress["step"]
+  diverged = False
+  if step == 0 and not records:
+    record = {"step": 0, "time": 0.0, **evaluate(params, 0)}
+    results.append_record(log_path, record)
+    records.append(record)
+  while step < spec.steps:
+    if spec.max_seconds is not None and progress["train_time"] >= spec.max_seconds:
+      break
+    batch = jax.tree.map(jnp.asarray, workload.batch(spec.seed, step))
+    tick = time.perf_counter()
+    params, state, loss, finite = compiled(params, state, batch)
+    finite = bool(finite)  # waits for the step to finish
+    elapsed = time.perf_counter() - tick
+    progress["train_time"] += elapsed
+    progress["step_times"].append(elapsed)
+    progress["nonfinite"] += int(not finite)
+    step += 1
+    on_steps(1)
+    diverged = not math.isfinite(float(loss))
+    if diverged or step % spec.eval_every == 0 or step == spec.steps:
+      record = {"step": step, "time": progress["train_time"], **evaluate(params, step)}
+      results.append_record(log_path, record)
+      records.append(record)
+      progress["step"] = step
+      if diverged:
+        break
+      if step % spec.checkpoint_every == 0 and step < spec.steps:
+        _save_checkpoint(ckpt_path, (params, state), progress)
+
+  if records[-1]["step"] != step:  # stopped by max_seconds between evaluations
+    record = {"step": step, "time": progress["train_time"], **evaluate(params, step)}
+    results.append_record(log_path, record)
+    records.append(record)
+  on_steps(spec.steps - step)  # a run that stopped early still completes its share of progress
+  summary = _summary(
+    spec, workload, records, target, progress, compile_s, memory, state, step, diverged
+  )
+  results.append_record(log_path, summary)
+  ckpt_path.unlink(missing_ok=True)
+  return summary
+
+
+def _step_memory(compiled) -> int | None:
+  try:
+    stats = compiled.memory_analysis()
+    return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
+  except Exception:  # not every backend reports it
+    return None
+
+
+def _evaluator(workload: Workload, spec: RunSpec) -> Callable[[Any, int], dict]:
+  train_batch = jax.tree.map(jnp.asarray, workload.eval_batch())
+  train_loss = jax.jit(lambda p: workload.value_fn(p, train_batch))
+  test_metric = jax.jit(workload.test_metric_fn)
+  sharp_batch = jax.tree.map(lambda x: x[:_SHARPNESS_EXAMPLES], train_batch)
+  sharpness = jax.jit(
+    lambda p: curvopt.estimate_sharpness(
+      curvopt.hessian(
+        lambda q: workload.value_fn(q, sharp_batch), p, num_examples=len(sharp_batch[0])
+      ),
+      jax.random.key(0),
+      num_iterations=20,
+    )
+  )
+
+  def evaluate(params, step: int) -> dict:
+    record = {
+      "train_loss": float(train_loss(params)),
+      workload.test_metric: float(test_metric(params)),
+    }
+    if spec.sharpness_every and step % spec.sharpness_every == 0:
+      estimate = sharpness(params)
+      record["sharpness"] = float(estimate.sharpness)
+      record["sharpness_examples"] = int(estimate.num_examples)
+    return record
+
+  return evaluate
+
+
+def _summary(
+  spec, workload, records, target, progress, compile_s, memory, state, step, diverged
+) -> dict:
+  hit = next((r for r in records if r["train_loss"] <= target), None)
+  last = records[-1] if records else {}
+  times = progress["step_times"]
+  return {
+    "event": "done",
+    "run_id": spec.run_id,
+    "workload": spec.workload,
+    "optimizer": spec.optimizer,
+    "learning_rate": spec.learning_rate,
+    "seed": spec.seed,
+    "steps_run": step,
+    "final_train_loss": last.get("train_loss", math.nan),
+    "test_metric": workload.test_metric,
+    "final_test_metric": last.get(workload.test_metric, math.nan),
+    "target": target,
+    "steps_to_target": hit["step"] if hit else None,
+    "time_to_target_s": hit["time"] if hit else None,
+    "train_time_s": progress["train_time"],
+    # The first timed step after a (re)compile can still warm caches: skip it.
+    "median_step_ms": 1e3 * statistics.median(times[1:] or times or [math.nan]),
+    "compile_s": compile_s,
+    "optimizer_state_bytes": _tree_bytes(state),
+    "step_memory_bytes": memory,
+    "nonfinite_steps": progress["nonfinite"],
+    "diverged": diverged,
+  }

@@ -1,0 +1,18 @@
+"""The benchmark workloads, by name."""
+
+from collections.abc import Callable
+
+from curvopt.bench.workloads._base import Workload as Workload
+from curvopt.bench.workloads.classification import breast_cancer_logreg, digits_mlp, mnist1d_cnn
+from curvopt.bench.workloads.language import char_transformer
+from curvopt.bench.workloads.regression import diabetes_mlp, quadratic, rosenbrock
+
+WORKLOADS: dict[str, Callable[..., Workload]] = {
+  "digits_mlp": digits_mlp,
+  "mnist1d_cnn": mnist1d_cnn,
+  "breast_cancer_logreg": breast_cancer_logreg,
+  "diabetes_mlp": diabetes_mlp,
+  "char_transformer": char_transformer,
+  "quadratic": quadratic,
+  "rosenbrock": rosenbrock,
+}

@@ -1,0 +1,88 @@
+"""What a workload is: data, a model and a loss, kept apart (as in AlgoPerf)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+Params = Any
+Batch = tuple[Any, Any]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Workload:
+  """A training problem, with `model_fn` and `loss_fn` separate for Gauss-Newton methods.
+
+  Attributes:
+    name: registry name.
+    description: one line for `curvopt-bench list`.
+    loss_type: "softmax_cross_entropy", "sigmoid_cross_entropy",
+      "mean_squared_error" or "least_squares" (a sum of squared residuals).
+    init_params: `key -> params`.
+    model_fn: `(params, inputs) -> outputs` on a batch.
+    loss_fn: `(outputs, targets) -> scalar` mean loss on a batch.
+    train: `(inputs, targets)` numpy arrays with a leading example axis.
+    batch_size: examples per step; None means full batch.
+    test_metric: name of `test_metric_fn`'s value.
+    test_metric_fn: `params -> scalar` on held-out data (or the optimum).
+    higher_is_better: direction of the test metric.
+    target: the default training-loss target for steps- and time-to-target.
+    penalty_fn: `params -> scalar` added to the loss (L2 regularization), or None.
+    sample_batch: `(seed, step) -> batch` when batches are not subsets of `train`.
+    train_eval_batch: the batch the reported training loss is measured on.
+  """
+
+  name: str
+  description: str
+  loss_type: str
+  init_params: Callable[[jax.Array], Params]
+  model_fn: Callable[[Params, Any], Any]
+  loss_fn: Callable[[Any, Any], jax.Array]
+  train: Batch
+  batch_size: int | None
+  test_metric: str
+  test_metric_fn: Callable[[Params], jax.Array]
+  higher_is_better: bool
+  target: float
+  penalty_fn: Callable[[Params], jax.Array] | None = None
+  sample_batch: Callable[[int, int], Batch] | None = None
+  train_eval_batch: Batch | None = None
+
+  @property
+  def num_train(self) -> int:
+    return len(self.train[0])
+
+  def value_fn(self, params: Params, batch: Batch) -> jax.Array:
+    """The training objective on `batch`: the mean loss plus the penalty."""
+    inputs, targets = batch
+    value = self.loss_fn(self.model_fn(params, inputs), targets)
+    return value if self.penalty_fn is None else value + self.penalty_fn(params)
+
+  def batch(self, seed: int, step: int) -> Batch:
+    """The batch of `step`, a function of `(seed, step)` only, so runs resume exactly."""
+    if self.sample_batch is not None:
+      return self.sample_batch(seed, step)
+    if self.batch_size is None or self.batch_size >= self.num_train:
+      return self.train
+    index = _batch_indices(self.num_train, self.batch_size, seed, step)
+    return self.train[0][index], self.train[1][index]
+
+  def eval_batch(self) -> Batch:
+    return self.train if self.train_eval_batch is None else self.train_eval_batch
+
+
+@functools.lru_cache(maxsize=64)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """Shuffled epochs without replacement; the last partial batch of an epoch is dropped."""
+  per_epoch = n // batch_size
+  epoch, offset = divmod(step, per_epoch)
+  return _permutation(n, seed, epoch)[offset * batch_size : (offset + 1) * batch_size]

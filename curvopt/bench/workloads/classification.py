@@ -1,0 +1,73 @@
+"""Classification workloads on real data: digits, mnist1d, breast cancer."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from curvopt.bench import data, models
+from curvopt.bench.workloads._base import Workload
+
+
+def _accuracy_on(dataset, apply):
+  x, y = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
+  return lambda params: models.accuracy(apply(params, x), y)
+
+
+def digits_mlp(batch_size: int | None = 128) -> Workload:
+  """MLP 64-64-10 (tanh) on sklearn digits; test accuracy on 359 held-out images."""
+  d = data.digits()
+  return Workload(
+    name="digits_mlp",
+    description="sklearn digits (1438 train / 359 test), MLP 64-64-10 tanh, cross-entropy",
+    loss_type="softmax_cross_entropy",
+    init_params=lambda key: models.init_mlp(key, (64, 64, 10)),
+    model_fn=models.mlp,
+    loss_fn=models.softmax_cross_entropy,
+    train=(d.x_train, d.y_train),
+    batch_size=batch_size,
+    test_metric="test_accuracy",
+    test_metric_fn=_accuracy_on(d, models.mlp),
+    higher_is_better=True,
+    target=0.05,
+  )
+
+
+def mnist1d_cnn(batch_size: int | None = 128) -> Workload:
+  """A 1-D CNN (three 5-wide convolutions, 32 channels) on mnist1d (generated locally)."""
+  d = data.mnist1d()
+  return Workload(
+    name="mnist1d_cnn",
+    description="mnist1d (4000 train / 1000 test, generated), 1-D CNN 3x conv5(32), cross-entropy",
+    loss_type="softmax_cross_entropy",
+    init_params=lambda key: models.init_cnn1d(key),
+    model_fn=models.cnn1d,
+    loss_fn=models.softmax_cross_entropy,
+    train=(d.x_train, d.y_train),
+    batch_size=batch_size,
+    test_metric="test_accuracy",
+    test_metric_fn=_accuracy_on(d, models.cnn1d),
+    higher_is_better=True,
+    target=0.5,
+  )
+
+
+def breast_cancer_logreg(l2: float = 1e-3) -> Workload:
+  """L2-regularized logistic regression on sklearn breast cancer, full batch (convex)."""
+  d = data.breast_cancer()
+  model = lambda params, x: x @ params["w"] + params["b"]
+  x_test, y_test = jnp.asarray(d.x_test), jnp.asarray(d.y_test)
+  return Workload(
+    name="breast_cancer_logreg",
+    description=f"sklearn breast cancer (455 / 114), logistic regression, L2 {l2:g}, full batch",
+    loss_type="sigmoid_cross_entropy",
+    init_params=lambda key: {"w": jnp.zeros((30, 1)), "b": jnp.zeros(1)},
+    model_fn=model,
+    loss_fn=models.binary_logistic_loss,
+    train=(d.x_train, d.y_train),
+    batch_size=None,
+    test_metric="test_accuracy",
+    test_metric_fn=lambda p: jnp.mean((model(p, x_test)[:, 0] > 0) == (y_test == 1)),
+    higher_is_better=True,
+    target=0.07,
+    penalty_fn=lambda p: 0.5 * l2 * jnp.sum(p["w"] ** 2),
+  )
