@@ -6,10 +6,17 @@ Layers, each importing only the ones before it:
    empirical Fisher, data-set accumulation) over parameter pytrees.
 2. `curvopt.estimators`: Hutchinson, Hutch++, power iteration, Lanczos,
    stochastic Lanczos quadrature and sharpness on those operators.
+3. `curvopt.transforms`: optax transforms (curvature estimators and the
+   `scale_by_*` steps that consume them).
+4. the named optimizers (`curvopt.adahessian`, `curvopt.sophia_h`), each a
+   short `optax.chain` of transforms.
 """
 
 from curvopt import estimators as estimators
 from curvopt import oracles as oracles
+from curvopt import transforms as transforms
+from curvopt.alias import adahessian as adahessian
+from curvopt.alias import sophia_h as sophia_h
 from curvopt.estimators import DiagonalEstimate as DiagonalEstimate
 from curvopt.estimators import Eigenpairs as Eigenpairs
 from curvopt.estimators import LanczosDecomposition as LanczosDecomposition

@@ -210,7 +210,7 @@ def _with(section, key, value):
     (_with("workloads", "digits", {}), r"unknown workload 'digits'; valid workloads: .*digits_mlp"),
     (
       _with("optimizers", "adamm", {"learning_rates": [1.0]}),
-      r"unknown optimizer 'adamm'; valid optimizers: adam, adamw",
+      r"unknown optimizer 'adamm'; valid optimizers: adahessian, adam, adamw",
     ),
     (_with("benchmark", "stepz", 3), r"unknown key benchmark.stepz; valid keys: .*steps"),
     (_with("benchmark", "steps", "100"), r"benchmark.steps must be a positive integer, got '100'"),

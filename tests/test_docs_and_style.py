@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODULES = sorted(
   m.name
   for m in pkgutil.walk_packages(curvopt.__path__, "curvopt.")
-  if m.name != "curvopt.bench.demo"
+  if not m.name.endswith(("demo", "__main__"))
 )
 
 
@@ -107,6 +107,21 @@ _ALLOWED = {
     "curvopt._tree",
     "curvopt.oracles",
     "curvopt.estimators",
+  },
+  "curvopt.transforms": {
+    "curvopt._checks",
+    "curvopt._tree",
+    "curvopt.oracles",
+    "curvopt.estimators",
+    "curvopt.transforms",
+  },
+  "curvopt.alias": {
+    "curvopt._checks",
+    "curvopt._tree",
+    "curvopt.oracles",
+    "curvopt.estimators",
+    "curvopt.transforms",
+    "curvopt.alias",
   },
 }
 

@@ -151,7 +151,13 @@ def _optimizer(name: str, table: dict) -> tuple[list[float], dict]:
   hyperparameters = {k: v for k, v in table.items() if k != "learning_rates"}
   for key, value in hyperparameters.items():
     default = spec.hyperparameters[key]
-    types = (bool,) if isinstance(default, bool) else (numbers.Real,)
+    types = (
+      (bool,)
+      if isinstance(default, bool)
+      else (int,)
+      if isinstance(default, int)
+      else (numbers.Real,)
+    )
     if isinstance(default, bool) != isinstance(value, bool) or not isinstance(value, types):
       raise ConfigError(
         f"optimizers.{name}.{key} must be like its default {default!r}, got {value!r}."

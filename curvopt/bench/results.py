@@ -30,6 +30,7 @@ SUMMARY_COLUMNS = (
   "compile_s",
   "optimizer_state_bytes",
   "step_memory_bytes",
+  "peak_device_bytes",
   "nonfinite_steps",
   "diverged",
 )

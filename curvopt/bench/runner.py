@@ -167,6 +167,12 @@ def _step_memory(compiled) -> int | None:
     return None
 
 
+def _peak_device_bytes() -> int | None:
+  """The device's peak memory so far (accelerators report it; XLA:CPU does not)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
 def _evaluator(workload: Workload, spec: RunSpec) -> Callable[[Any, int], dict]:
   train_batch = jax.tree.map(jnp.asarray, workload.eval_batch())
   train_loss = jax.jit(lambda p: workload.value_fn(p, train_batch))
@@ -222,6 +228,7 @@ def _summary(
     "compile_s": compile_s,
     "optimizer_state_bytes": _tree_bytes(state),
     "step_memory_bytes": memory,
+    "peak_device_bytes": _peak_device_bytes(),
     "nonfinite_steps": progress["nonfinite"],
     "diverged": diverged,
   }

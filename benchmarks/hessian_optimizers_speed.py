@@ -1,0 +1,116 @@
+"""Step time of AdaHessian and Sophia-H against optax.adam, measured side by side.
+
+On `digits_mlp` and `mnist1d_cnn` (batch 128), times full jitted training
+steps (gradient, optimizer update, parameter update) for adam, adahessian and
+sophia_h (k = 10), together with one gradient and one raw `jvp(grad)`.
+Steps are timed in blocks of 20 (so Sophia's refresh every 10 steps is
+counted), the blocks interleaved round-robin, and the median block reported
+per step. Targets: AdaHessian's ratio to Adam at most 1.1 x (raw jvp(grad) /
+gradient) from the same run, i.e. no wasted gradient; Sophia-H at most 1.25 x Adam.
+
+Run:  python benchmarks/hessian_optimizers_speed.py [--blocks 15] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import curvopt
+from curvopt.bench.workloads import WORKLOADS
+
+BLOCK = 20
+
+
+def _train_step(workload, optimizer):
+  def step(params, state, batch):
+    value_fn = lambda p: workload.value_fn(p, batch)
+    grads = jax.grad(value_fn)(params)
+    updates, state = optimizer.update(grads, state, params, value_fn=value_fn)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step)
+
+
+def _runners(workload):
+  params = workload.init_params(jax.random.key(0))
+  batches = [jax.tree.map(jnp.asarray, workload.batch(0, i)) for i in range(BLOCK)]
+  value_fn = lambda p, b: workload.value_fn(p, b)
+  tangent = jax.tree.map(jnp.ones_like, params)
+  grad = jax.jit(jax.grad(value_fn))
+  raw = jax.jit(lambda p, b: jax.jvp(jax.grad(lambda q: value_fn(q, b)), (p,), (tangent,))[1])
+  runners = {
+    "gradient": lambda: [grad(params, b) for b in batches][-1],
+    "raw jvp(grad)": lambda: [raw(params, b) for b in batches][-1],
+  }
+  for name, opt in {
+    "adam": optax.adam(1e-3),
+    "adahessian": curvopt.adahessian(1e-3),
+    "sophia_h (k=10)": curvopt.sophia_h(1e-3, refresh_every=10),
+  }.items():
+    step = _train_step(workload, opt)
+    carry = {"params": params, "state": opt.init(params)}
+
+    def run(step=step, carry=carry):
+      p, s = carry["params"], carry["state"]
+      for b in batches:
+        p, s = step(p, s, b)
+      carry["params"], carry["state"] = p, s
+      return p
+
+    runners[name] = run
+  return runners
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--blocks", type=int, default=15)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  lines = [
+    f"Median over {args.blocks} interleaved blocks of {BLOCK} steps, per step; "
+    f"jax {jax.__version__}, {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+    f"{platform.machine()}.",
+    "",
+  ]
+  for name in ("digits_mlp", "mnist1d_cnn"):
+    runners = _runners(WORKLOADS[name]())
+    for run in runners.values():
+      jax.block_until_ready(run())  # compile
+    samples = {k: [] for k in runners}
+    for _ in range(args.blocks):
+      for key, run in runners.items():
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        samples[key].append((time.perf_counter() - start) / BLOCK)
+    ms = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+    hvp_ratio = ms["raw jvp(grad)"] / ms["gradient"]
+    lines += [
+      f"### {name}",
+      "",
+      "| step | ms per step | x adam | target |",
+      "|---|---:|---:|---|",
+      f"| gradient only | {ms['gradient']:.3f} | {ms['gradient'] / ms['adam']:.2f} | |",
+      f"| raw jvp(grad) only | {ms['raw jvp(grad)']:.3f} "
+      f"| {ms['raw jvp(grad)'] / ms['adam']:.2f} | |",
+      f"| adam | {ms['adam']:.3f} | 1.00 | |",
+      f"| adahessian | {ms['adahessian']:.3f} | {ms['adahessian'] / ms['adam']:.2f} | "
+      f"<= 1.1 x {hvp_ratio:.2f} = {1.1 * hvp_ratio:.2f} |",
+      f"| sophia_h (k=10) | {ms['sophia_h (k=10)']:.3f} "
+      f"| {ms['sophia_h (k=10)'] / ms['adam']:.2f} | <= 1.25 |",
+      "",
+    ]
+    print("\n".join(lines[-10:]), flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,17 @@
+"""Layer 3: optax transforms built on the oracles and estimators.
+
+Curvature estimators are transforms too (as in optax's Sophia): their output
+is a curvature statistic, and the `scale_by_*` transforms that consume them
+take them as an argument.
+"""
+
+from curvopt.transforms._adahessian import ScaleByAdaHessianState as ScaleByAdaHessianState
+from curvopt.transforms._adahessian import scale_by_adahessian as scale_by_adahessian
+from curvopt.transforms._hutchinson import HutchinsonDiagonalState as HutchinsonDiagonalState
+from curvopt.transforms._hutchinson import flax_averaging_axes as flax_averaging_axes
+from curvopt.transforms._hutchinson import (
+  hutchinson_diagonal_estimator as hutchinson_diagonal_estimator,
+)
+from curvopt.transforms._hutchinson import spatial_average as spatial_average
+from curvopt.transforms._sophia import ScaleBySophiaState as ScaleBySophiaState
+from curvopt.transforms._sophia import scale_by_sophia_h as scale_by_sophia_h

@@ -1,0 +1,135 @@
+"""Hutchinson's estimate of the Hessian diagonal as an optax transform."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvopt import _checks, _tree
+from curvopt.oracles import random_vector
+from curvopt.oracles._probes import DISTRIBUTIONS, Distribution
+
+PyTree = Any
+
+
+class HutchinsonDiagonalState(NamedTuple):
+  """State of `hutchinson_diagonal_estimator`.
+
+  Attributes:
+    key: the PRNG key of the next probe (split at every call).
+  """
+
+  key: jax.Array
+
+
+def require_value_fn(optimizer: str, value_fn: Any) -> Callable[[PyTree], jax.Array]:
+  """Raises a clear error at trace time when the loss closure is missing."""
+  if value_fn is None:
+    raise TypeError(
+      f"{optimizer} needs the loss as an extra argument: call "
+      f"update(grads, state, params, value_fn=lambda p: loss(p, batch)), where value_fn "
+      "returns the scalar loss of the current batch."
+    )
+  return _checks.callable_arg("value_fn", value_fn)
+
+
+def hutchinson_diagonal_estimator(
+  *, seed: int = 0, distribution: Distribution = "rademacher", name: str = "hutchinson"
+) -> optax.GradientTransformationExtraArgs:
+  """A transform whose output is the one-probe estimate `z * (H z)` of `diag(H)`.
+
+  `H` is the Hessian of the extra argument `value_fn` at `params`. The input
+  updates are ignored; the probe's key lives in the state and is split at
+  every call, and the probe is one random draw cut into the leaves (the same
+  on every replica). Outputs are float32 (float64 for float64 leaves).
+  Unbiased: `E[z * Hz] = diag(H)` for Rademacher and Gaussian probes.
+
+  Consumers (`scale_by_adahessian`, `scale_by_sophia_h`) take it as their
+  `hessian_diagonal_fn`, as optax's Sophia takes its estimator.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, curvopt
+    >>> est = curvopt.transforms.hutchinson_diagonal_estimator()
+    >>> params = jnp.ones(3)
+    >>> value_fn = lambda w: jnp.sum(jnp.array([1.0, 2.0, 3.0]) * w**2)
+    >>> diag, _ = est.update(params, est.init(params), params, value_fn=value_fn)
+    >>> diag
+    Array([2., 4., 6.], dtype=float32)
+
+  References:
+    Hutchinson 1990; Bekas, Kokiopoulou, Saad 2007.
+  """
+  _checks.one_of("distribution", distribution, DISTRIBUTIONS)
+
+  def init(params: PyTree) -> HutchinsonDiagonalState:
+    del params
+    return HutchinsonDiagonalState(jax.random.key(seed))
+
+  def update(updates, state, params=None, *, value_fn=None, **extra_args):
+    del updates, extra_args
+    value_fn = require_value_fn(name, value_fn)
+    if params is None:
+      raise ValueError(f"{name} needs params in update(updates, state, params, ...).")
+    key, probe_key = jax.random.split(state.key)
+    dtype = _tree.working_dtype(_tree.structure_of(params))
+    probe = random_vector(probe_key, params, distribution)
+    _, hz = jax.jvp(jax.grad(value_fn), (params,), (probe,))
+    diagonal = jax.tree.map(lambda z, h: (z * h).astype(dtype), probe, hz)
+    return diagonal, HutchinsonDiagonalState(key)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def flax_averaging_axes(leaf: jax.Array) -> tuple[int, ...]:
+  """AdaHessian's spatial averaging axes for flax's kernel layouts.
+
+  Convolution kernels in flax are `(*spatial, in, out)`: a rank-3 kernel
+  (1-D convolution) is averaged over axis 0, rank 4 (2-D) over axes (0, 1),
+  rank 5 over (0, 1, 2). Biases, scales and dense kernels `(in, out)` are not
+  averaged (the image-classification reference code).
+
+  Example:
+    >>> import jax.numpy as jnp, curvopt
+    >>> curvopt.transforms.flax_averaging_axes(jnp.zeros((3, 3, 16, 32)))
+    (0, 1)
+  """
+  return tuple(range(leaf.ndim - 2)) if leaf.ndim >= 3 else ()
+
+
+def spatial_average(
+  diagonal: PyTree, axes: str | Callable[[jax.Array], tuple[int, ...]] | PyTree | None
+) -> PyTree:
+  """Replaces each entry by its mean over `axes` (per leaf), broadcast back.
+
+  Args:
+    diagonal: a pytree of arrays.
+    axes: "flax" (`flax_averaging_axes`), a function `leaf -> axes`, a pytree
+      of axis tuples matching `diagonal`, or None for no averaging.
+
+  Example:
+    >>> import jax.numpy as jnp, curvopt
+    >>> curvopt.transforms.spatial_average(jnp.array([[1.0, 2.0], [3.0, 6.0]]), lambda x: (0,))
+    Array([[2., 4.],
+           [2., 4.]], dtype=float32)
+  """
+  if axes is None:
+    return diagonal
+  if isinstance(axes, str):
+    if axes != "flax":
+      raise ValueError(
+        f'averaging_axes must be "flax", None, a function or a pytree; got {axes!r}.'
+      )
+    axes = flax_averaging_axes
+  if callable(axes):
+    axes = jax.tree.map(axes, diagonal)
+  leaves, treedef = jax.tree.flatten(diagonal)
+  axes_leaves = treedef.flatten_up_to(axes)
+  out = [
+    jnp.broadcast_to(jnp.mean(x, axis=tuple(a), keepdims=True), x.shape) if a else x
+    for x, a in zip(leaves, axes_leaves, strict=True)
+  ]
+  return treedef.unflatten(out)

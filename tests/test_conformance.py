@@ -1,0 +1,251 @@
+"""The conformance suite: every curvopt optimizer, the same contract as optax.adam.
+
+`OPTIMIZERS` is the registry later optimizers join: a factory (keyword
+hyperparameters, learning rate included) and the extra arguments its
+`update` needs, built from the loss by `extra_args(value_fn)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import count_compilations
+
+import curvopt
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  factory: Callable[..., optax.GradientTransformationExtraArgs]
+  kwargs: dict
+  static_args: tuple[str, ...] = ()
+  # Learning rates for problems where the default one is not the right scale.
+  problem_learning_rates: dict = dataclasses.field(default_factory=dict)
+
+  def make(self, **overrides):
+    return self.factory(**{**self.kwargs, **overrides})
+
+
+OPTIMIZERS = {
+  "adahessian": Entry(
+    curvopt.adahessian,
+    {"learning_rate": 0.1},
+    static_args=("refresh_every", "absolute", "seed"),
+    problem_learning_rates={"rosenbrock": 1.0},
+  ),
+  "adahessian_lazy": Entry(
+    curvopt.adahessian,
+    {"learning_rate": 0.1, "refresh_every": 3},
+    static_args=("refresh_every", "absolute", "seed"),
+    problem_learning_rates={"rosenbrock": 1.0},
+  ),
+  "sophia_h": Entry(
+    curvopt.sophia_h,
+    {"learning_rate": 0.02, "weight_decay": 0.0},
+    static_args=("refresh_every", "seed"),
+    problem_learning_rates={"rosenbrock": 0.01},
+  ),
+}
+
+
+def extra_args(value_fn):
+  """What every curvopt optimizer may need: one vocabulary, no special cases."""
+  return {"value_fn": value_fn}
+
+
+def _parabola():
+  target = jnp.array([1.0, -2.0, 0.5])
+  return {"w": jnp.zeros(3)}, lambda p: jnp.sum((p["w"] - target) ** 2), {"w": target}
+
+
+def _rosenbrock():
+  loss = lambda p: (1 - p["x"][0]) ** 2 + 100 * (p["x"][1] - p["x"][0] ** 2) ** 2
+  return {"x": jnp.array([-0.5, 0.5])}, loss, {"x": jnp.ones(2)}
+
+
+def _matrix_parabola():
+  target = jnp.arange(6.0).reshape(2, 3) / 6
+  return {"m": jnp.zeros((2, 3))}, lambda p: jnp.sum((p["m"] - target) ** 2), {"m": target}
+
+
+def _mixed_tree():
+  target = {"b": jnp.array([0.5, -0.5]), "k": jnp.full((2, 2), 0.3)}
+  loss = lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in target)
+  return {"b": jnp.zeros(2), "k": jnp.zeros((2, 2))}, loss, target
+
+
+PROBLEMS = {  # name -> (problem, steps)
+  "parabola": (_parabola, 400),
+  "rosenbrock": (_rosenbrock, 5000),
+  "matrix_parabola": (_matrix_parabola, 400),
+  "mixed_tree": (_mixed_tree, 400),
+}
+
+
+def _run(opt, params, loss, steps):
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss)(params)
+    updates, state = opt.update(grads, state, params, **extra_args(loss))
+    return optax.apply_updates(params, updates), state
+
+  state = opt.init(params)
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_converges(name, problem):
+  with jax.enable_x64(False):
+    make_problem, steps = PROBLEMS[problem]
+    params, loss, optimum = make_problem()
+    entry = OPTIMIZERS[name]
+    lr = entry.problem_learning_rates.get(problem, entry.kwargs["learning_rate"])
+    final, _ = _run(entry.make(learning_rate=lr), params, loss, steps)
+    chex.assert_trees_all_close(final, optimum, atol=3e-2)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_accepts_an_unexpected_extra_argument_and_does_not_recompile(name):
+  with jax.enable_x64(False):
+    params, loss, _ = _parabola()
+    opt = OPTIMIZERS[name].make()
+
+    @jax.jit
+    def step(params, state):
+      updates, state = opt.update(
+        jax.grad(loss)(params), state, params, value_fn=loss, batch_index=3
+      )
+      return optax.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    params, state = step(params, state)
+    with count_compilations() as compiled:
+      params, state = step(params, state)
+      jax.block_until_ready(params)
+    assert not compiled, compiled
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_missing_value_fn_fails_clearly_at_trace_time(name):
+  params, loss, _ = _parabola()
+  opt = OPTIMIZERS[name].make()
+  with pytest.raises(TypeError, match=r"needs the loss as an extra argument.*value_fn"):
+    jax.jit(lambda p, s: opt.update(jax.grad(loss)(p), s, p))(params, opt.init(params))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_inject_hyperparams_gives_the_same_updates_and_states(name):
+  # float64 (x64 is on in tests), so float32 rounding of injected values cannot hide a difference.
+  entry = OPTIMIZERS[name]
+  params, loss, _ = _parabola()
+  params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+  plain = entry.make()
+  injected = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(**entry.kwargs)
+  state_a, state_b = plain.init(params), injected.init(params)
+  for _ in range(5):
+    grads = jax.grad(loss)(params)
+    ua, state_a = plain.update(grads, state_a, params, value_fn=loss)
+    ub, state_b = injected.update(grads, state_b, params, value_fn=loss)
+    chex.assert_trees_all_close(ua, ub, rtol=1e-12)
+    params = optax.apply_updates(params, ua)
+  chex.assert_trees_all_close(_unwrap_keys(state_a), _unwrap_keys(state_b.inner_state), rtol=1e-12)
+
+
+def _unwrap_keys(tree):
+  is_key = lambda x: isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+  return jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_map_params_works_on_the_state(name):
+  params, _, _ = _parabola()
+  state = OPTIMIZERS[name].make().init(params)
+  mapped = optax.tree.map_params(
+    OPTIMIZERS[name].make().init, lambda v: v + 1.0, state, transform_non_params=lambda v: v
+  )
+  assert jax.tree.structure(mapped) == jax.tree.structure(state)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_bfloat16_params_give_bfloat16_updates_and_float32_statistics(name):
+  params = {"w": jnp.ones(4, jnp.bfloat16), "k": jnp.ones((2, 3), jnp.bfloat16)}
+  loss = lambda p: (
+    jnp.sum(p["w"].astype(jnp.float32) ** 2) + jnp.sum(p["k"].astype(jnp.float32) ** 4)
+  )
+  opt = OPTIMIZERS[name].make()
+  params, state = _run(opt, params, loss, 3)
+  updates, _ = opt.update(jax.grad(loss)(params), state, params, value_fn=loss)
+  chex.assert_trees_all_equal_dtypes(updates, params)
+  floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and all(x.dtype == jnp.float32 for x in floats)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_float64_works_when_enabled(name):
+  params, loss, optimum = _parabola()
+  params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+  final, _ = _run(OPTIMIZERS[name].make(), params, loss, 400)
+  assert final["w"].dtype == jnp.float64
+  chex.assert_trees_all_close(
+    final, jax.tree.map(lambda x: x.astype(jnp.float64), optimum), atol=3e-2
+  )
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_zero_gradient_and_zero_hessian_give_a_finite_update(name):
+  params = {"w": jnp.ones(3), "k": jnp.ones((2, 2))}
+  flat = lambda p: 0.0 * sum(jnp.sum(x) for x in jax.tree.leaves(p))
+  opt = OPTIMIZERS[name].make()
+  state = opt.init(params)
+  for _ in range(3):
+    updates, state = opt.update(jax.grad(flat)(params), state, params, value_fn=flat)
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_works_after_clip_by_global_norm_in_a_chain(name):
+  with jax.enable_x64(False):
+    params, loss, optimum = _parabola()
+    opt = optax.chain(optax.clip_by_global_norm(1.0), OPTIMIZERS[name].make())
+    final, _ = _run(opt, params, loss, 400)
+    chex.assert_trees_all_close(final, optimum, atol=3e-2)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_works_inside_flax_nnx_optimizer(name):
+  nnx = pytest.importorskip("flax.nnx")
+  with jax.enable_x64(False):
+    model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (32, 3))
+    y = x @ jnp.array([[1.0], [-2.0], [0.5]]) + 0.3
+    graphdef, _ = nnx.split(model, nnx.Param)
+    optimizer = nnx.Optimizer(model, OPTIMIZERS[name].make(), wrt=nnx.Param)
+
+    def loss_of(model):
+      return jnp.mean((model(x) - y) ** 2)
+
+    def value_fn(param_state):
+      return loss_of(nnx.merge(graphdef, param_state))
+
+    @nnx.jit
+    def train_step(model, optimizer):
+      grads = nnx.grad(loss_of)(model)
+      optimizer.update(model, grads, value_fn=value_fn)
+
+    before = float(loss_of(model))
+    for _ in range(300):
+      train_step(model, optimizer)
+    assert float(loss_of(model)) < 0.05 * before
+
+
+del np

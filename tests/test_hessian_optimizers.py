@@ -1,0 +1,179 @@
+"""AdaHessian and Sophia-H against their exact formulas and against optax's Sophia."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvopt
+from curvopt.transforms import (
+  flax_averaging_axes,
+  hutchinson_diagonal_estimator,
+  scale_by_adahessian,
+  spatial_average,
+)
+
+
+def _indefinite(d=20, seed=0):
+  a = np.random.default_rng(seed).normal(size=(d, d))
+  return jnp.asarray((a + a.T) / 2)
+
+
+def test_hutchinson_inside_adahessian_is_unbiased():
+  h = _indefinite()
+  value_fn = lambda w: 0.5 * w @ h @ w
+  params = jnp.zeros(20)
+
+  def first_diagonal(seed):
+    tx = scale_by_adahessian(
+      absolute=False,
+      averaging_axes=None,
+      hessian_diagonal_fn=hutchinson_diagonal_estimator(seed=seed),
+    )
+    _, state = tx.update(params, tx.init(params), params, value_fn=value_fn)
+    return state.diagonal
+
+  n = 20000
+  estimates = jax.vmap(first_diagonal)(jnp.arange(n))
+  bound = 5 * np.sqrt((np.sum(np.asarray(h) ** 2, axis=1) - np.diag(h) ** 2) / n)
+  assert np.all(np.abs(np.mean(estimates, axis=0) - np.diag(h)) <= bound)
+  assert estimates.dtype == jnp.float64
+
+
+@pytest.mark.parametrize("learning_rate", [1.0, 0.3])
+@pytest.mark.parametrize("b2", [0.0, 0.999])
+def test_adahessian_takes_the_diagonal_newton_step_on_a_separable_quadratic(learning_rate, b2):
+  a = jnp.array([0.5, 2.0, 10.0, 3.0])
+  value_fn = lambda w: 0.5 * jnp.sum(a * w**2)
+  params = jnp.array([1.0, -2.0, 0.5, 4.0])
+  opt = curvopt.adahessian(
+    learning_rate, b1=0.0, b2=b2, eps=0.0, hessian_power=1.0, averaging_axes=None
+  )
+  updates, _ = opt.update(jax.grad(value_fn)(params), opt.init(params), params, value_fn=value_fn)
+  np.testing.assert_allclose(updates, -learning_rate * params, rtol=1e-12)  # -lr * H^-1 g
+
+
+def test_hessian_power_zero_is_momentum_sgd():
+  value_fn = lambda w: jnp.sum(w**4)
+  params = jnp.array([1.0, -0.5])
+  opt = curvopt.adahessian(0.1, b1=0.0, hessian_power=0.0, eps=1e-4)
+  updates, _ = opt.update(jax.grad(value_fn)(params), opt.init(params), params, value_fn=value_fn)
+  np.testing.assert_allclose(updates, -0.1 * jax.grad(value_fn)(params) / (1 + 1e-4), rtol=1e-12)
+
+
+def test_spatial_averaging_averages_exactly_the_documented_axes():
+  key = jax.random.key(0)
+  tree = {
+    "conv1d": jax.random.normal(key, (5, 3, 4)),  # flax (width, in, out): axis 0
+    "conv2d": jax.random.normal(key, (3, 3, 2, 4)),  # flax (h, w, in, out): axes (0, 1)
+    "dense": jax.random.normal(key, (6, 4)),  # not averaged
+    "bias": jax.random.normal(key, (4,)),  # not averaged
+  }
+  assert [flax_averaging_axes(tree[k]) for k in ("conv1d", "conv2d", "dense", "bias")] == [
+    (0,),
+    (0, 1),
+    (),
+    (),
+  ]
+  out = spatial_average(tree, flax_averaging_axes)
+  np.testing.assert_allclose(out["conv1d"], np.broadcast_to(tree["conv1d"].mean(0), (5, 3, 4)))
+  np.testing.assert_allclose(
+    out["conv2d"], np.broadcast_to(tree["conv2d"].mean((0, 1)), (3, 3, 2, 4))
+  )
+  np.testing.assert_array_equal(out["dense"], tree["dense"])
+  np.testing.assert_array_equal(out["bias"], tree["bias"])
+  custom = spatial_average(tree, {"conv1d": (0, 1), "conv2d": (), "dense": (1,), "bias": (0,)})
+  np.testing.assert_allclose(
+    custom["dense"], np.broadcast_to(tree["dense"].mean(1, keepdims=True), (6, 4))
+  )
+  np.testing.assert_allclose(custom["bias"], np.full(4, tree["bias"].mean()))
+
+
+def test_adahessian_averages_absolute_values_of_a_conv_kernel():
+  kernel = jnp.ones((5, 2, 3))
+  x = jax.random.normal(jax.random.key(1), (4, 16, 2))
+  value_fn = lambda k: jnp.mean(
+    jnp.tanh(
+      jax.lax.conv_general_dilated(x, k, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+    )
+    ** 2
+  )
+  tx = scale_by_adahessian(hessian_diagonal_fn=hutchinson_diagonal_estimator(seed=3))
+  _, state = tx.update(jax.grad(value_fn)(kernel), tx.init(kernel), kernel, value_fn=value_fn)
+  raw, _ = hutchinson_diagonal_estimator(seed=3).update(
+    kernel, hutchinson_diagonal_estimator(seed=3).init(kernel), kernel, value_fn=value_fn
+  )
+  np.testing.assert_allclose(
+    state.diagonal, np.broadcast_to(np.abs(raw).mean(0), (5, 2, 3)), rtol=1e-12
+  )
+
+
+def _optax_estimator_with_our_probe(seed):
+  """optax's Sophia calls its estimator with `obj_fn`: adapt ours to it."""
+  ours = hutchinson_diagonal_estimator(seed=seed)
+
+  def update(updates, state, params=None, obj_fn=None, **extra):
+    return ours.update(updates, state, params, value_fn=obj_fn)
+
+  return optax.GradientTransformationExtraArgs(ours.init, update)
+
+
+def test_sophia_h_matches_optax_contrib_sophia_update_for_update():
+  h = _indefinite(6, seed=2) + 4 * jnp.eye(6)
+  b = jnp.arange(6.0)
+  value_fn = lambda w: 0.5 * w @ h @ w - b @ w
+  kwargs = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-3, gamma=0.05, clip_threshold=1.0)
+  ours = curvopt.sophia_h(0.05, refresh_every=3, seed=7, **kwargs)
+  theirs = optax.contrib.sophia(
+    0.05, update_interval=3, hessian_diagonal_fn=_optax_estimator_with_our_probe(7), **kwargs
+  )
+  params_a = params_b = jnp.ones(6)
+  state_a, state_b = ours.init(params_a), theirs.init(params_b)
+  for _ in range(12):
+    ua, state_a = ours.update(jax.grad(value_fn)(params_a), state_a, params_a, value_fn=value_fn)
+    ub, state_b = theirs.update(jax.grad(value_fn)(params_b), state_b, params_b, obj_fn=value_fn)
+    chex.assert_trees_all_close(ua, ub, rtol=1e-12, atol=1e-15)
+    params_a, params_b = optax.apply_updates(params_a, ua), optax.apply_updates(params_b, ub)
+
+
+def test_sophia_h_step_is_scaled_newton_or_clipped():
+  a = jnp.array([1.0, 100.0])
+  value_fn = lambda w: 0.5 * jnp.sum(a * w**2)
+  opt = curvopt.sophia_h(1.0, b1=0.0, b2=0.0, gamma=1.0, weight_decay=0.0, refresh_every=1)
+  params = jnp.array([0.5, 3.0])
+  state = opt.init(params)
+  _, state = opt.update(jax.grad(value_fn)(params), state, params, value_fn=value_fn)  # learns h
+  updates, _ = opt.update(jax.grad(value_fn)(params), state, params, value_fn=value_fn)
+  # coordinate 0: |g / h| = 0.5 < 1, a Newton step; coordinate 1: |g / h| = 3 > 1, clipped to lr.
+  np.testing.assert_allclose(updates, [-0.5, -1.0], rtol=1e-12)
+
+
+def test_refresh_every_counts_hessian_products():
+  calls = []
+
+  def counting_estimator():
+    ours = hutchinson_diagonal_estimator()
+
+    def update(updates, state, params=None, **extra):
+      jax.debug.callback(lambda: calls.append(1))
+      return ours.update(updates, state, params, **extra)
+
+    return optax.GradientTransformationExtraArgs(ours.init, update)
+
+  value_fn = lambda w: jnp.sum(w**2)
+  tx = scale_by_adahessian(refresh_every=4, hessian_diagonal_fn=counting_estimator())
+  params, state = jnp.ones(3), tx.init(jnp.ones(3))
+  step = jax.jit(lambda p, s: tx.update(jax.grad(value_fn)(p), s, p, value_fn=value_fn))
+  for _ in range(10):
+    _, state = step(params, state)
+  jax.effects_barrier()
+  assert len(calls) == 3  # steps 0, 4 and 8
+
+
+def test_bad_refresh_interval_is_named():
+  with pytest.raises(ValueError, match="refresh_every must be a positive integer"):
+    curvopt.adahessian(0.1, refresh_every=0)
+  with pytest.raises(TypeError, match="refresh_every must be a positive integer"):
+    curvopt.sophia_h(0.1, refresh_every=2.5)
