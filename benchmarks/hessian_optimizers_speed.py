@@ -68,11 +68,29 @@ def _runners(workload):
   return runners
 
 
+def _use_synthetic_data() -> None:
+  """Random data of the real shapes, for machines without scikit-learn or mnist1d."""
+  import numpy as np
+
+  from curvopt.bench import data
+
+  def fake(n_features):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1438, n_features)).astype(np.float32)
+    y = rng.integers(0, 10, size=1438).astype(np.int32)
+    return lambda **_: data.Dataset(x, y, x[:256], y[:256])
+
+  data.digits, data.mnist1d = fake(64), fake(40)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--blocks", type=int, default=15)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--synthetic", action="store_true", help="random inputs of the real shapes")
   args = parser.parse_args()
+  if args.synthetic:
+    _use_synthetic_data()
   lines = [
     f"Median over {args.blocks} interleaved blocks of {BLOCK} steps, per step; "
     f"jax {jax.__version__}, {jax.default_backend()} ({jax.devices()[0].device_kind}), "

@@ -177,3 +177,28 @@ def test_bad_refresh_interval_is_named():
     curvopt.adahessian(0.1, refresh_every=0)
   with pytest.raises(TypeError, match="refresh_every must be a positive integer"):
     curvopt.sophia_h(0.1, refresh_every=2.5)
+
+
+def test_refresh_with_a_convolution_on_cpu_matches_the_plain_refresh():
+  from curvopt.transforms._cadence import refresh_if_due
+
+  kernel = jax.random.normal(jax.random.key(0), (5, 2, 3))
+  x = jax.random.normal(jax.random.key(1), (4, 16, 2))
+  value_fn = lambda k: jnp.mean(
+    jax.lax.conv_general_dilated(x, k, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")) ** 2
+  )
+  est = hutchinson_diagonal_estimator(seed=5)
+
+  def run(count, kernel):
+    refresh = lambda: est.update(kernel, est.init(kernel), kernel, value_fn=value_fn)
+    keep = lambda: (jnp.zeros_like(kernel), est.init(kernel))
+    return refresh_if_due(count, 2, refresh, keep)
+
+  due = jax.jit(run)(jnp.int32(4), kernel)
+  expected = est.update(kernel, est.init(kernel), kernel, value_fn=value_fn)
+  np.testing.assert_allclose(due[0], expected[0], rtol=1e-12)
+  np.testing.assert_array_equal(
+    jax.random.key_data(due[1].key), jax.random.key_data(expected[1].key)
+  )
+  not_due = jax.jit(run)(jnp.int32(3), kernel)
+  np.testing.assert_array_equal(not_due[0], np.zeros_like(kernel))

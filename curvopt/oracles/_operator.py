@@ -13,11 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from curvopt import _checks, _tree
+from curvopt import _checks, _jaxpr, _tree
 
 SYMMETRIC = "symmetric"
 POSITIVE_SEMIDEFINITE = "positive_semidefinite"
@@ -106,17 +105,7 @@ class LinearOperator:
   def contains_convolution(self) -> bool:
     """Whether the product runs a convolution (decides loop unrolling on CPU)."""
     jaxpr = jax.make_jaxpr(self.matvec)(_tree.zeros(self.in_structure))
-    return _jaxpr_has_primitive(jaxpr.jaxpr, "conv_general_dilated")
-
-
-def _jaxpr_has_primitive(jaxpr: Any, name: str) -> bool:
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == name:
-      return True
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      if _jaxpr_has_primitive(sub, name):
-        return True
-  return False
+    return _jaxpr.contains_primitive(jaxpr.jaxpr, "conv_general_dilated")
 
 
 def is_symmetric(operator: LinearOperator) -> bool:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt import _checks
+from curvopt.transforms._cadence import refresh_if_due
 from curvopt.transforms._hutchinson import hutchinson_diagonal_estimator, spatial_average
 
 PyTree = Any
@@ -35,17 +36,6 @@ class ScaleByAdaHessianState(NamedTuple):
 
 def _float32_like(params: PyTree) -> PyTree:
   return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
-
-
-def refresh_if_due(count, every: int, refresh: Callable[[], Any], keep: Callable[[], Any]):
-  """`refresh()` on steps `0, every, 2 every, ...`, else `keep()`.
-
-  With `every == 1` no `lax.cond` is emitted: a Hessian product inside a
-  conditional loses XLA:CPU's fast convolution path (jax-ml/jax#12868).
-  """
-  if every == 1:
-    return refresh()
-  return jax.lax.cond(count % every == 0, refresh, keep)
 
 
 def scale_by_adahessian(

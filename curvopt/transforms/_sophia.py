@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from curvopt import _checks
-from curvopt.transforms._adahessian import _float32_like, refresh_if_due
+from curvopt.transforms._adahessian import _float32_like
+from curvopt.transforms._cadence import refresh_if_due
 from curvopt.transforms._hutchinson import hutchinson_diagonal_estimator
 
 PyTree = Any
