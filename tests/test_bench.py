@@ -87,6 +87,9 @@ learning_rates = [0.01]
 
 [optimizers.lbfgs]
 learning_rates = [1.0]
+
+[optimizers.adahessian]
+learning_rates = [0.1]
 """
 
 
@@ -101,7 +104,7 @@ def test_end_to_end_writes_every_output_and_report_reproduces_the_table(tmp_path
   with jax.enable_x64(False):
     assert cli.main(["run", str(_write(tmp_path, TINY)), "--out", str(out), "--quiet"]) == 0
   runs = sorted((out / "runs").glob("*.jsonl"))
-  assert len(runs) == 8  # 2 workloads x 4 (optimizer, learning rate) pairs x 1 seed
+  assert len(runs) == 10  # 2 workloads x 5 (optimizer, learning rate) pairs x 1 seed
   assert not list((out / "runs").glob("*.ckpt.npz"))  # checkpoints of finished runs are removed
   for name in ("config.json", "manifest.json", "results.md", "summary.csv"):
     assert (out / name).stat().st_size > 0
@@ -276,3 +279,16 @@ def test_list_names_every_workload_and_optimizer(capsys):
   out = capsys.readouterr().out
   for name in [*WORKLOADS, "sgd", "momentum", "adam", "adamw", "lbfgs"]:
     assert name in out
+
+
+def test_checkpoints_round_trip_prng_keys(tmp_path):
+  from curvopt.bench import runner
+
+  tree = {"w": jnp.arange(3.0), "key": jax.random.key(7), "count": jnp.int32(4)}
+  runner._save_checkpoint(tmp_path / "c.npz", tree, {"step": 4})
+  restored, meta = runner._load_checkpoint(tmp_path / "c.npz", tree)
+  assert meta == {"step": 4}
+  np.testing.assert_array_equal(
+    jax.random.key_data(restored["key"]), jax.random.key_data(tree["key"])
+  )
+  np.testing.assert_array_equal(restored["w"], tree["w"])

@@ -73,33 +73,6 @@ def _lbfgs(learning_rate: float, memory_size: int = 10):
   return optax.lbfgs(learning_rate, memory_size=memory_size)
 
 
-def _adahessian(
-  learning_rate: float,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-4,
-  weight_decay: float = 0.0,
-  hessian_power: float = 1.0,
-  refresh_every: int = 1,
-):
-  return curvopt.adahessian(
-    learning_rate, b1, b2, eps, weight_decay, hessian_power, refresh_every=refresh_every
-  )
-
-
-def _sophia_h(
-  learning_rate: float,
-  b1: float = 0.965,
-  b2: float = 0.99,
-  gamma: float = 0.01,
-  weight_decay: float = 1e-4,
-  refresh_every: int = 10,
-):
-  return curvopt.sophia_h(
-    learning_rate, b1, b2, gamma, weight_decay=weight_decay, refresh_every=refresh_every
-  )
-
-
 OPTIMIZERS: dict[str, OptimizerSpec] = {
   spec.name: spec
   for spec in (
@@ -117,13 +90,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     OptimizerSpec(
       "adahessian",
       "curvopt.adahessian: Adam with a Hutchinson Hessian diagonal (Yao et al. 2021)",
-      _adahessian,
+      curvopt.adahessian,
       extra_args=("value_fn",),
     ),
     OptimizerSpec(
       "sophia_h",
       "curvopt.sophia_h: clipped diagonal Newton, Hessian refreshed every 10 steps",
-      _sophia_h,
+      curvopt.sophia_h,
       extra_args=("value_fn",),
     ),
   )

@@ -63,8 +63,13 @@ def _tree_bytes(tree: Any) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
+def _is_key(x: Any) -> bool:
+  return jnp.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
+
+
 def _save_checkpoint(path: pathlib.Path, tree: Any, meta: dict) -> None:
-  leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+  """Writes the leaves (PRNG keys as their raw data) atomically."""
+  leaves = [np.asarray(jax.random.key_data(x) if _is_key(x) else x) for x in jax.tree.leaves(tree)]
   with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
     np.savez(f, *leaves, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
     f.flush()
@@ -73,11 +78,18 @@ def _save_checkpoint(path: pathlib.Path, tree: Any, meta: dict) -> None:
 
 
 def _load_checkpoint(path: pathlib.Path, like: Any) -> tuple[Any, dict]:
+  """Reads a checkpoint into the structure (and key types) of `like`."""
+  template, treedef = jax.tree.flatten(like)
   with np.load(path) as archive:
-    leaves = [archive[f"arr_{i}"] for i in range(len(jax.tree.leaves(like)))]
+    leaves = [archive[f"arr_{i}"] for i in range(len(template))]
     meta = json.loads(bytes(archive["meta"]).decode())
-  treedef = jax.tree.structure(like)
-  return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]), meta
+  restored = [
+    jax.random.wrap_key_data(jnp.asarray(x), impl=jax.random.key_impl(t))
+    if _is_key(t)
+    else jnp.asarray(x)
+    for x, t in zip(leaves, template, strict=True)
+  ]
+  return jax.tree.unflatten(treedef, restored), meta
 
 
 def run(
