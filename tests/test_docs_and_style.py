@@ -100,16 +100,19 @@ def test_readme_test_command_is_what_ci_runs():
 
 _ALLOWED = {
   "curvopt._checks": set(),
+  "curvopt._jaxpr": set(),
   "curvopt._tree": set(),
-  "curvopt.oracles": {"curvopt._checks", "curvopt._tree", "curvopt.oracles"},
+  "curvopt.oracles": {"curvopt._checks", "curvopt._jaxpr", "curvopt._tree", "curvopt.oracles"},
   "curvopt.estimators": {
     "curvopt._checks",
+    "curvopt._jaxpr",
     "curvopt._tree",
     "curvopt.oracles",
     "curvopt.estimators",
   },
   "curvopt.transforms": {
     "curvopt._checks",
+    "curvopt._jaxpr",
     "curvopt._tree",
     "curvopt.oracles",
     "curvopt.estimators",
@@ -117,6 +120,7 @@ _ALLOWED = {
   },
   "curvopt.alias": {
     "curvopt._checks",
+    "curvopt._jaxpr",
     "curvopt._tree",
     "curvopt.oracles",
     "curvopt.estimators",

@@ -127,7 +127,8 @@ def test_hutchinson_diagonal_is_unbiased():
   op = curvopt.linear_operator(lambda v: jnp.asarray(a) @ v, jnp.zeros(20), symmetric=True)
   est = curvopt.hutchinson_diagonal(op, jax.random.key(0), num_probes=4000, probes_per_step=400)
   z = np.abs(np.asarray(est.diagonal) - np.diag(a)) / np.asarray(est.stderr)
-  assert z.max() < 3.5 and np.mean(z < 3) > 0.95
+  # Every coordinate within 4 standard errors, and the errors' spread is that of N(0, 1).
+  assert z.max() < 4 and 0.4 < np.mean(z**2) < 2.0
   # The standard error matches the theory: sqrt(sum_{j != i} a_ij^2 / n).
   theory = np.sqrt((np.sum(a**2, axis=1) - np.diag(a) ** 2) / 4000)
   np.testing.assert_allclose(est.stderr, theory, rtol=0.15)
