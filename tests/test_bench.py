@@ -132,10 +132,8 @@ def test_rerun_skips_finished_runs(tmp_path):
   with jax.enable_x64(False):
     cli.main(["run", str(cfg), "--out", str(out), "--quiet"])
     logs = {p: p.read_text() for p in (out / "runs").glob("*.jsonl")}
-    start = time.perf_counter()
     cli.main(["run", str(cfg), "--out", str(out), "--quiet"])
-  assert {p: p.read_text() for p in (out / "runs").glob("*.jsonl")} == logs
-  assert time.perf_counter() - start < 5
+  assert {p: p.read_text() for p in (out / "runs").glob("*.jsonl")} == logs  # nothing re-ran
 
 
 RESUME = """
