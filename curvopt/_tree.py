@@ -54,7 +54,11 @@ def cast_like(tree: Any, structure: Any) -> Any:
 
 
 def dot(a: Any, b: Any) -> jax.Array:
-  """Real inner product over all leaves."""
+  """Real inner product over all leaves, at `Precision.HIGHEST`.
+
+  `optax.tree.vdot` has no precision argument, and Krylov methods lose
+  orthogonality with the reduced-precision products accelerators default to.
+  """
   parts = [
     jnp.vdot(x, y, precision=_HIGHEST)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
@@ -64,15 +68,6 @@ def dot(a: Any, b: Any) -> jax.Array:
 
 def norm(a: Any) -> jax.Array:
   return jnp.sqrt(dot(a, a))
-
-
-def axpy(alpha: Any, x: Any, y: Any) -> Any:
-  """alpha * x + y, leaf by leaf."""
-  return jax.tree.map(lambda xi, yi: alpha * xi + yi, x, y)
-
-
-def scale(alpha: Any, x: Any) -> Any:
-  return jax.tree.map(lambda xi: alpha * xi, x)
 
 
 # --- Stacked vectors: a leading axis of length k on every leaf. -------------
@@ -115,7 +110,7 @@ def stacked_head(basis: Any, rows: int) -> Any:
 
 def project_out(basis: Any, v: Any) -> Any:
   """One classical Gram-Schmidt pass: `v - V^T (V v)` for the rows `V` of `basis`."""
-  return axpy(-1.0, stacked_combine(basis, stacked_dot(basis, v)), v)
+  return optax.tree.add_scale(v, -1.0, stacked_combine(basis, stacked_dot(basis, v)))
 
 
 def orthogonalize(basis: Any, v: Any) -> Any:

@@ -7,6 +7,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from curvopt import _checks, _tree
 from curvopt.estimators._loops import LoopMode, iterate, should_unroll
@@ -77,7 +78,7 @@ class _State(NamedTuple):
 
 def _unit(v: PyTree) -> PyTree:
   n = _tree.norm(v)
-  return _tree.scale(1.0 / jnp.where(n > 0, n, 1.0), v)
+  return optax.tree.scale(1.0 / jnp.where(n > 0, n, 1.0), v)
 
 
 def _run(
@@ -105,10 +106,10 @@ def _run(
     alpha = _tree.dot(s.vector, w)
     # The three-term recurrence, then full reorthogonalization against every
     # earlier vector (which the recurrence alone loses in floating point).
-    w = _tree.axpy(-alpha, s.vector, w)
+    w = optax.tree.add_scale(w, -alpha, s.vector)
     if not isinstance(j, int) or j > 0:
       previous = jnp.maximum(j - 1, 0)
-      w = _tree.axpy(-s.betas[previous], _tree.stacked_get(s.basis, previous), w)
+      w = optax.tree.add_scale(w, -s.betas[previous], _tree.stacked_get(s.basis, previous))
     w = _tree.orthogonalize(filled, w)
     beta = _tree.norm(w)
     scale = jnp.maximum(s.scale, jnp.maximum(jnp.abs(alpha), beta))
@@ -119,7 +120,7 @@ def _run(
       return _unit(_tree.project_out(filled, _tree.project_out(filled, fresh)))
 
     def advance() -> PyTree:
-      return _tree.scale(1.0 / jnp.where(breakdown, 1.0, beta), w)
+      return optax.tree.scale(1.0 / jnp.where(breakdown, 1.0, beta), w)
 
     vector = jax.lax.cond(breakdown, restart, advance)
     return _State(
@@ -210,7 +211,7 @@ def _start_vector(operator: LinearOperator, key: jax.Array, warm_start: PyTree |
     warm_start = jax.tree.map(lambda x: jnp.sum(x, axis=0), warm_start)
   _checks.matches_structure("warm_start", warm_start, structure)
   warm = _unit(_tree.cast(warm_start, dtype))
-  return _tree.axpy(_WARM_START_NOISE, _unit(noise), warm)
+  return optax.tree.add_scale(warm, _WARM_START_NOISE, _unit(noise))
 
 
 def lanczos(

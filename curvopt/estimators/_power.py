@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from curvopt import _checks, _tree
 from curvopt.estimators._loops import LoopMode, iterate, should_unroll
@@ -109,7 +110,7 @@ def power_iteration(
   )
   w = _tree.cast(operator.mv(state.vector), dtype)
   eigenvalue = _tree.dot(state.vector, w)
-  residual = _tree.norm(_tree.axpy(-eigenvalue, state.vector, w))
+  residual = _tree.norm(optax.tree.add_scale(w, -eigenvalue, state.vector))
   return PowerIterationResult(
     eigenvalue, state.vector, residual, steps, done(state), operator.num_examples
   )

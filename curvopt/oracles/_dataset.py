@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from curvopt import _checks, _tree
 from curvopt.oracles._operator import LinearOperator
@@ -82,7 +83,7 @@ def dataset_operator(
     out = _tree.zeros(structure, _tree.working_dtype(structure))
     for batch, n in zip(batches, sizes, strict=True):
       product = _tree.cast(operator_fn(params, batch).mv(vector), _tree.working_dtype(structure))
-      out = _tree.axpy(n / total, product, out)
+      out = optax.tree.add_scale(out, n / total, product)
     return out
 
   return LinearOperator(matvec, structure, first.tags, total)
