@@ -43,10 +43,11 @@ def test_docstring_examples_run(name):
 
 
 def _public_functions():
-  for name in curvopt.__all__ if hasattr(curvopt, "__all__") else dir(curvopt):
-    obj = getattr(curvopt, name)
-    if callable(obj) and not name.startswith("_") and not isinstance(obj, type):
-      yield name, obj
+  for module in (curvopt, curvopt.transforms):
+    for name in dir(module):
+      obj = getattr(module, name)
+      if callable(obj) and not name.startswith("_") and not isinstance(obj, type):
+        yield name, obj
 
 
 @pytest.mark.parametrize("name, fn", list(_public_functions()))
@@ -58,6 +59,8 @@ def test_public_functions_have_an_example_and_a_reference(name, fn):
 
 # Plain linear-algebra plumbing with no paper behind it.
 _NO_PAPER = {
+  "flax_averaging_axes",
+  "spatial_average",
   "compose",
   "diagonal",
   "linear_operator",
