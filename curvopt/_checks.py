@@ -123,3 +123,21 @@ def scalar_function(name: str, fn: Callable, *args: Any) -> None:
     )
   if not jnp.issubdtype(out.dtype, jnp.floating):
     raise TypeError(f"{name} must return a floating-point scalar, got dtype {out.dtype}.")
+
+
+def in_range(
+  name: str, value: Any, low: float, high: float, *, high_inclusive: bool = False
+) -> Any:
+  """Checks a hyperparameter given as a Python number (traced values pass through).
+
+  Under `optax.inject_hyperparams` hyperparameters arrive as arrays, which
+  cannot be checked at trace time; plain numbers can, and should fail here
+  rather than as a silent NaN later.
+  """
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    return value
+  above = value > high if high_inclusive else value >= high
+  if value < low or above:
+    bracket = "]" if high_inclusive else ")"
+    raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}.")
+  return value

@@ -202,3 +202,31 @@ def test_refresh_with_a_convolution_on_cpu_matches_the_plain_refresh():
   )
   not_due = jax.jit(run)(jnp.int32(3), kernel)
   np.testing.assert_array_equal(not_due[0], np.zeros_like(kernel))
+
+
+@pytest.mark.parametrize(
+  "make, message",
+  [
+    (lambda: curvopt.adahessian(-0.1), r"learning_rate must be in \[0.0, inf\), got -0.1"),
+    (lambda: curvopt.adahessian(0.1, b2=1.0), r"b2 must be in \[0.0, 1.0\)"),
+    (lambda: curvopt.adahessian(0.1, hessian_power=1.5), r"hessian_power must be in \[0.0, 1.0\]"),
+    (lambda: curvopt.adahessian(0.1, eps=-1e-4), r"eps must be in"),
+    (
+      lambda: curvopt.adahessian(0.1, averaging_axes="torch"),
+      r"averaging_axes must be one of 'flax'",
+    ),
+    (lambda: curvopt.sophia_h(-1e-3), r"learning_rate must be in"),
+    (lambda: curvopt.sophia_h(1e-3, b1=1.2), r"b1 must be in"),
+    (lambda: curvopt.sophia_h(1e-3, gamma=-0.01), r"gamma must be in"),
+  ],
+)
+def test_bad_hyperparameters_are_named(make, message):
+  with pytest.raises(ValueError, match=message):
+    make()
+
+
+def test_schedules_and_injected_hyperparameters_are_not_checked_eagerly():
+  curvopt.adahessian(optax.linear_schedule(0.1, 0.0, 100))
+  optax.inject_hyperparams(curvopt.sophia_h, static_args=("refresh_every", "seed"))(
+    learning_rate=1e-3
+  )

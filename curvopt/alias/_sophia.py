@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import optax
 
+from curvopt import _checks
 from curvopt.transforms import hutchinson_diagonal_estimator, scale_by_sophia_h
 
 
@@ -66,6 +67,14 @@ def sophia_h(
     Liu, Li, Hall, Liang, Ma, "Sophia: A Scalable Stochastic Second-order
     Optimizer for Language Model Pre-training", ICLR 2024.
   """
+  inf = float("inf")
+  _checks.in_range("learning_rate", learning_rate, 0.0, inf)
+  _checks.in_range("b1", b1, 0.0, 1.0)
+  _checks.in_range("b2", b2, 0.0, 1.0)
+  _checks.in_range("gamma", gamma, 0.0, inf)
+  _checks.in_range("eps", eps, 0.0, inf)
+  _checks.in_range("weight_decay", weight_decay, 0.0, inf)
+  _checks.in_range("clip_threshold", clip_threshold, 0.0, inf)
   return optax.chain(
     scale_by_sophia_h(
       b1,
