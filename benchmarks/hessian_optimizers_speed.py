@@ -2,7 +2,8 @@
 
 On `digits_mlp` and `mnist1d_cnn` (batch 128), times full jitted training
 steps (gradient, optimizer update, parameter update) for adam, adahessian and
-sophia_h (k = 10), together with one gradient and one raw `jvp(grad)`.
+sophia_h (k = 10), together with one gradient and one raw `jvp(grad)` (its
+primal and tangent outputs, with a random tangent passed as an argument).
 Steps are timed in blocks of 20 (so Sophia's refresh every 10 steps is
 counted), the blocks interleaved round-robin, and the median block reported
 per step. Targets: AdaHessian's ratio to Adam at most 1.1 x (raw jvp(grad) /
@@ -42,12 +43,14 @@ def _runners(workload):
   params = workload.init_params(jax.random.key(0))
   batches = [jax.tree.map(jnp.asarray, workload.batch(0, i)) for i in range(BLOCK)]
   value_fn = lambda p, b: workload.value_fn(p, b)
-  tangent = jax.tree.map(jnp.ones_like, params)
+  # The tangent is an argument, not a constant XLA could fold (a tangent of ones would be).
+  tangent = curvopt.random_vector(jax.random.key(1), params)
   grad = jax.jit(jax.grad(value_fn))
-  raw = jax.jit(lambda p, b: jax.jvp(jax.grad(lambda q: value_fn(q, b)), (p,), (tangent,))[1])
+  # Both outputs: jvp(grad) gives the gradient with Hz, and an AdaHessian step needs both.
+  raw = jax.jit(lambda p, t, b: jax.jvp(jax.grad(lambda q: value_fn(q, b)), (p,), (t,)))
   runners = {
     "gradient": lambda: [grad(params, b) for b in batches][-1],
-    "raw jvp(grad)": lambda: [raw(params, b) for b in batches][-1],
+    "raw jvp(grad)": lambda: [raw(params, tangent, b) for b in batches][-1],
   }
   for name, opt in {
     "adam": optax.adam(1e-3),

@@ -23,7 +23,8 @@ class ScaleByAdaHessianState(NamedTuple):
     count: steps taken (int32).
     mu: EMA of gradients.
     nu: EMA of squared, spatially averaged Hessian-diagonal estimates.
-    diagonal: the latest averaged estimate (reused between refreshes).
+    diagonal: the latest averaged estimate, reused between refreshes (None
+      when `refresh_every == 1`: nothing is reused).
     estimator: the state of the Hessian-diagonal estimator (its PRNG key).
   """
 
@@ -73,8 +74,9 @@ def scale_by_adahessian(
 
   def init(params: PyTree) -> ScaleByAdaHessianState:
     zeros = _float32_like(params)
+    kept = zeros if refresh_every > 1 else None
     return ScaleByAdaHessianState(
-      jnp.zeros((), jnp.int32), zeros, zeros, zeros, estimator.init(params)
+      jnp.zeros((), jnp.int32), zeros, zeros, kept, estimator.init(params)
     )
 
   def update(updates, state, params=None, **extra_args):
@@ -83,21 +85,25 @@ def scale_by_adahessian(
       raw = jax.tree.map(jnp.abs, raw) if absolute else raw
       return spatial_average(raw, averaging_axes), estimator_state
 
-    diagonal, estimator_state = refresh_if_due(
+    fresh, estimator_state = refresh_if_due(
       state.count, refresh_every, refresh, lambda: (state.diagonal, state.estimator)
     )
     count = optax.safe_increment(state.count)
     grads = jax.tree.map(lambda g, m: g.astype(m.dtype), updates, state.mu)
     mu = optax.tree.update_moment(grads, state.mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(diagonal, state.nu, b2, 2)
+    nu = optax.tree.update_moment_per_elem_norm(fresh, state.nu, b2, 2)
     mu_hat = optax.tree.bias_correction(mu, b1, count)
     nu_hat = optax.tree.bias_correction(nu, b2, count)
+    # One power, not sqrt then power: a float exponent costs a transcendental per entry.
+    square_root = isinstance(hessian_power, int | float) and hessian_power == 1
+    power = jnp.sqrt if square_root else (lambda v: v ** (hessian_power / 2))
     scaled = jax.tree.map(
-      lambda m, v, p: (m / (jnp.sqrt(v) ** hessian_power + eps)).astype(p.dtype),
+      lambda m, v, p: (m / (power(v) + eps)).astype(p.dtype),
       mu_hat,
       nu_hat,
       updates,
     )
-    return scaled, ScaleByAdaHessianState(count, mu, nu, diagonal, estimator_state)
+    kept = fresh if refresh_every > 1 else None
+    return scaled, ScaleByAdaHessianState(count, mu, nu, kept, estimator_state)
 
   return optax.GradientTransformationExtraArgs(init, update)

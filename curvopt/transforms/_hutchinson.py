@@ -20,10 +20,12 @@ class HutchinsonDiagonalState(NamedTuple):
   """State of `hutchinson_diagonal_estimator`.
 
   Attributes:
-    key: the PRNG key of the next probe (split at every call).
+    key: the PRNG key all probes derive from (fixed).
+    count: calls so far; probe `t` is `random_vector(key, params, counter=t)`.
   """
 
   key: jax.Array
+  count: jax.Array
 
 
 def require_value_fn(optimizer: str, value_fn: Any) -> Callable[[PyTree], jax.Array]:
@@ -43,9 +45,11 @@ def hutchinson_diagonal_estimator(
   """A transform whose output is the one-probe estimate `z * (H z)` of `diag(H)`.
 
   `H` is the Hessian of the extra argument `value_fn` at `params`. The input
-  updates are ignored; the probe's key lives in the state and is split at
-  every call, and the probe is one random draw cut into the leaves (the same
-  on every replica). Outputs are float32 (float64 for float64 leaves).
+  updates are ignored; the probe's key and a call counter live in the state,
+  and probe `t` is the counter-based draw `random_vector(key, params,
+  counter=t)`: one hash of an index, cut into the leaves (the same on every
+  replica, and without the threefry loops that cost a small model more than
+  its Hessian-vector product on XLA:CPU). Outputs are float32 (float64 for float64 leaves).
   Unbiased: `E[z * Hz] = diag(H)` for Rademacher and Gaussian probes.
 
   Consumers (`scale_by_adahessian`, `scale_by_sophia_h`) take it as their
@@ -67,19 +71,18 @@ def hutchinson_diagonal_estimator(
 
   def init(params: PyTree) -> HutchinsonDiagonalState:
     del params
-    return HutchinsonDiagonalState(jax.random.key(seed))
+    return HutchinsonDiagonalState(jax.random.key(seed), jnp.zeros((), jnp.int32))
 
   def update(updates, state, params=None, *, value_fn=None, **extra_args):
     del updates, extra_args
     value_fn = require_value_fn(name, value_fn)
     if params is None:
       raise ValueError(f"{name} needs params in update(updates, state, params, ...).")
-    key, probe_key = jax.random.split(state.key)
     dtype = _tree.working_dtype(_tree.structure_of(params))
-    probe = random_vector(probe_key, params, distribution)
+    probe = random_vector(state.key, params, distribution, counter=state.count)
     _, hz = jax.jvp(jax.grad(value_fn), (params,), (probe,))
     diagonal = jax.tree.map(lambda z, h: (z * h).astype(dtype), probe, hz)
-    return diagonal, HutchinsonDiagonalState(key)
+    return diagonal, HutchinsonDiagonalState(state.key, optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init, update)
 
