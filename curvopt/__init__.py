@@ -8,14 +8,19 @@ Layers, each importing only the ones before it:
    stochastic Lanczos quadrature and sharpness on those operators.
 3. `curvopt.transforms`: optax transforms (curvature estimators and the
    `scale_by_*` steps that consume them).
-4. the named optimizers (`curvopt.adahessian`, `curvopt.sophia_h`), each a
-   short `optax.chain` of transforms.
+4. the named optimizers (`curvopt.adahessian`, `curvopt.sophia_h`,
+   `curvopt.shampoo`, `curvopt.soap`), each a short `optax.chain` of
+   transforms.
 """
 
 from curvopt import estimators as estimators
 from curvopt import oracles as oracles
 from curvopt import transforms as transforms
+from curvopt._matrix_roots import InverseRoot as InverseRoot
+from curvopt._matrix_roots import matrix_inverse_root as matrix_inverse_root
 from curvopt.alias import adahessian as adahessian
+from curvopt.alias import shampoo as shampoo
+from curvopt.alias import soap as soap
 from curvopt.alias import sophia_h as sophia_h
 from curvopt.estimators import DiagonalEstimate as DiagonalEstimate
 from curvopt.estimators import Eigenpairs as Eigenpairs

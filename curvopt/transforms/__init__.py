@@ -13,5 +13,11 @@ from curvopt.transforms._hutchinson import (
   hutchinson_diagonal_estimator as hutchinson_diagonal_estimator,
 )
 from curvopt.transforms._hutchinson import spatial_average as spatial_average
+from curvopt.transforms._momentum import EmaMomentumState as EmaMomentumState
+from curvopt.transforms._momentum import ema_momentum as ema_momentum
+from curvopt.transforms._shampoo import ScaleByShampooState as ScaleByShampooState
+from curvopt.transforms._shampoo import scale_by_shampoo as scale_by_shampoo
+from curvopt.transforms._soap import ScaleBySoapState as ScaleBySoapState
+from curvopt.transforms._soap import scale_by_soap as scale_by_soap
 from curvopt.transforms._sophia import ScaleBySophiaState as ScaleBySophiaState
 from curvopt.transforms._sophia import scale_by_sophia_h as scale_by_sophia_h

@@ -1,0 +1,205 @@
+"""Shampoo's scaling: Kronecker-factored preconditioning of blocks, with grafting."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvopt import _checks, _tree
+from curvopt._matrix_roots import ROOT_METHODS, RootMethod, matrix_inverse_root
+from curvopt.transforms._blocks import (
+  BlockLayout,
+  MatrixAxes,
+  block_layout,
+  stacked_identities,
+  to_blocks,
+)
+from curvopt.transforms._blocks import from_blocks as _from_blocks
+from curvopt.transforms._cadence import refresh_if_due
+from curvopt.transforms._grafting import Grafting, grafting_transform
+from curvopt.transforms._kronecker import factor_statistics, mode_product
+
+PyTree = Any
+Factors = tuple[tuple[jax.Array, ...], ...]  # per block shape, per block axis: (n, d, d)
+
+
+class ScaleByShampooState(NamedTuple):
+  """State of `scale_by_shampoo`; float32 whatever the parameter dtype.
+
+  Attributes:
+    count: steps taken (int32).
+    statistics: per block shape (sorted), per block axis, the stacked factor
+      statistics `(n, d, d)` of the `n` blocks of that shape.
+    roots: their inverse roots, same structure, refreshed every
+      `precondition_frequency` steps.
+    failures: root computations rejected so far (non-finite or inaccurate:
+      the previous root was kept), counted per block factor.
+    graft: the grafting transform's state.
+  """
+
+  count: jax.Array
+  statistics: Factors
+  roots: Factors
+  failures: jax.Array
+  graft: optax.OptState
+
+
+def scale_by_shampoo(
+  block_size: int = 1024,
+  beta2: float = 1.0,
+  epsilon: float = 1e-6,
+  *,
+  precondition_frequency: int = 10,
+  start_preconditioning_step: int | None = None,
+  relative_epsilon: bool = True,
+  root_method: RootMethod = "eigh",
+  exponent_override: int | None = None,
+  rank_rtol: float | None = None,
+  failure_threshold: float = 0.1,
+  grafting: Grafting | optax.GradientTransformation | None = "adam",
+  grafting_b2: float = 0.999,
+  grafting_eps: float = 1e-8,
+  merge_dims: bool = True,
+  precondition_1d: bool = False,
+  matrix_axes: MatrixAxes | None = None,
+) -> optax.GradientTransformation:
+  """Preconditions each block by its Kronecker factors' inverse roots, grafted.
+
+  See `curvopt.shampoo` for the algorithm and the arguments.
+
+  Example:
+    >>> import jax.numpy as jnp, curvopt
+    >>> tx = curvopt.transforms.scale_by_shampoo(
+    ...   precondition_frequency=1, start_preconditioning_step=0, grafting=None
+    ... )
+    >>> g = jnp.array([[3.0, 0.0], [0.0, 1.0]])
+    >>> updates, state = tx.update(g, tx.init(g))
+    >>> updates.round(3)  # (G G^T)^(-1/4) G (G^T G)^(-1/4): the polar factor of G
+    Array([[1., 0.],
+           [0., 1.]], dtype=float32)
+
+  References:
+    Gupta, Koren, Singer, "Shampoo: Preconditioned Stochastic Tensor
+    Optimization", ICML 2018; Anil et al., "Scalable Second Order
+    Optimization for Deep Learning", 2020; Shi et al., "A Distributed
+    Data-Parallel PyTorch Implementation of the Distributed Shampoo
+    Optimizer", 2023.
+  """
+  block_size = _checks.positive_int("block_size", block_size)
+  precondition_frequency = _checks.positive_int("precondition_frequency", precondition_frequency)
+  start = (
+    precondition_frequency if start_preconditioning_step is None else start_preconditioning_step
+  )
+  if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+    raise ValueError(f"start_preconditioning_step must be an integer >= 0, got {start!r}.")
+  _checks.one_of("root_method", root_method, ROOT_METHODS)
+  if exponent_override is not None:
+    _checks.positive_int("exponent_override", exponent_override)
+  _checks.in_range("beta2", beta2, 0.0, 1.0, high_inclusive=True)
+  _checks.in_range("epsilon", epsilon, 0.0, float("inf"))
+  graft = grafting_transform(grafting, grafting_b2, grafting_eps)
+
+  def layout_of(tree: PyTree) -> BlockLayout:
+    return block_layout(
+      tree,
+      block_size,
+      merge_dims=merge_dims,
+      precondition_1d=precondition_1d,
+      matrix_axes=matrix_axes,
+    )
+
+  def init(params: PyTree) -> ScaleByShampooState:
+    layout, dtype = layout_of(params), _tree.working_dtype(_tree.structure_of(params))
+    zeros = stacked_identities(layout, params, dtype, 0.0)
+    identities = stacked_identities(layout, params, dtype)
+    graft_state = graft.init(_tree.cast(params, dtype)) if graft is not None else optax.EmptyState()
+    return ScaleByShampooState(
+      jnp.zeros((), jnp.int32), zeros, identities, jnp.zeros((), jnp.int32), graft_state
+    )
+
+  def inverse_roots(layout: BlockLayout, statistics: Factors, roots: Factors, count: jax.Array):
+    """Roots of every factor, batched by (size, exponent); failures keep the old root."""
+    shapes = layout.group_shapes()
+    # Shampoo's statistics with beta2 < 1 are an EMA started at zero: debias before the root.
+    debias = jnp.where(beta2 < 1, 1 - beta2 ** (count + 1), 1.0)
+    jobs: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for g, shape in enumerate(shapes):
+      p = exponent_override or 2 * len(shape)
+      for axis, d in enumerate(shape):
+        jobs.setdefault((d, p), []).append((g, axis))
+    new = [list(group) for group in roots]
+    failed = jnp.zeros((), jnp.int32)
+    for (_, p), members in jobs.items():
+      stacked = jnp.concatenate([statistics[g][a] for g, a in members])
+      stacked = stacked / debias.astype(stacked.dtype)
+      root = jax.vmap(
+        lambda s, p=p: matrix_inverse_root(
+          s,
+          p,
+          method=root_method,
+          epsilon=epsilon,
+          relative_epsilon=relative_epsilon,
+          rank_rtol=rank_rtol,
+        )
+      )(stacked)
+      ok = jnp.isfinite(root.residual) & (root.residual < failure_threshold)
+      ok &= jnp.all(jnp.isfinite(stacked), axis=(1, 2))
+      failed += jnp.sum(~ok).astype(jnp.int32)
+      offset = 0
+      for g, a in members:
+        n = statistics[g][a].shape[0]
+        keep = ok[offset : offset + n, None, None]
+        new[g][a] = jnp.where(keep, root.matrix[offset : offset + n], roots[g][a])
+        offset += n
+    return tuple(tuple(group) for group in new), failed
+
+  def update(updates, state, params=None):
+    del params
+    layout = layout_of(updates)
+    dtype = _tree.working_dtype(_tree.structure_of(updates))
+    grads = _tree.cast(updates, dtype)
+    blocks = to_blocks(layout, grads)
+    weight = jnp.where(beta2 == 1, 1.0, 1 - jnp.asarray(beta2, dtype)).astype(dtype)
+    statistics = tuple(
+      tuple(beta2 * s + weight * f for s, f in zip(old, factor_statistics(b), strict=True))
+      for old, b in zip(state.statistics, blocks, strict=True)
+    )
+
+    def refresh():
+      roots, failed = inverse_roots(layout, statistics, state.roots, state.count)
+      # Non-finite statistics cannot recover by accumulation: restart them from zero.
+      clean = jax.tree.map(lambda s: jnp.where(jnp.isfinite(s), s, 0), statistics)
+      return roots, state.failures + failed, clean
+
+    roots, failures, statistics = refresh_if_due(
+      state.count,
+      precondition_frequency,
+      refresh,
+      lambda: (state.roots, state.failures, statistics),
+    )
+    preconditioned = [mode_product(b, r) for b, r in zip(blocks, roots, strict=True)]
+    if graft is not None:
+      direction, graft_state = graft.update(grads, state.graft)
+      graft_blocks = to_blocks(layout, direction)
+      preconditioned = [
+        x * (_block_norm(u) / (_block_norm(x) + 1e-16))
+        for x, u in zip(preconditioned, graft_blocks, strict=True)
+      ]
+    else:
+      direction, graft_state, graft_blocks = grads, state.graft, blocks
+    warm = state.count < start
+    out = [jnp.where(warm, u, x) for x, u in zip(preconditioned, graft_blocks, strict=True)]
+    new_state = ScaleByShampooState(
+      optax.safe_increment(state.count), statistics, roots, failures, graft_state
+    )
+    return _from_blocks(layout, out, direction, updates), new_state
+
+  return optax.GradientTransformation(init, update)
+
+
+def _block_norm(x: jax.Array) -> jax.Array:
+  """The Frobenius norm of each block of a stack, shaped to broadcast against it."""
+  return jnp.sqrt(jnp.sum(x * x, axis=tuple(range(1, x.ndim)), keepdims=True))

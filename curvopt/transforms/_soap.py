@@ -1,0 +1,174 @@
+"""SOAP's scaling: Adam in the eigenbasis of Shampoo's factors."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvopt import _checks, _tree
+from curvopt.transforms._blocks import (
+  BlockLayout,
+  MatrixAxes,
+  block_layout,
+  from_blocks,
+  stacked_identities,
+  to_blocks,
+)
+from curvopt.transforms._cadence import refresh_if_due
+from curvopt.transforms._kronecker import factor_statistics, mode_product
+
+PyTree = Any
+Factors = tuple[tuple[jax.Array, ...], ...]
+
+
+class ScaleBySoapState(NamedTuple):
+  """State of `scale_by_soap`; float32 whatever the parameter dtype.
+
+  Attributes:
+    count: steps taken (int32).
+    mu: EMA of gradients, in the parameters' own coordinates.
+    nu: EMA of squared gradients in the eigenbasis (shaped like the
+      parameters: each block's rotated entries sit where the block does).
+    statistics: per block shape, per block axis, the EMA factors `(n, d, d)`.
+    eigenbases: their eigenvectors for the next step, refreshed after every
+      `precondition_frequency`-th step (identity before the first refresh).
+  """
+
+  count: jax.Array
+  mu: PyTree
+  nu: PyTree
+  statistics: Factors
+  eigenbases: Factors
+
+
+def scale_by_soap(
+  b1: float = 0.95,
+  b2: float = 0.95,
+  eps: float = 1e-8,
+  shampoo_beta: float | None = None,
+  *,
+  precondition_frequency: int = 10,
+  start_preconditioning_step: int = 0,
+  block_size: int = 1024,
+  merge_dims: bool = True,
+  precondition_1d: bool = False,
+  matrix_axes: MatrixAxes | None = None,
+) -> optax.GradientTransformation:
+  """Adam on each block rotated into the eigenbasis of its Kronecker factors.
+
+  See `curvopt.soap` for the algorithm and the arguments.
+
+  Example:
+    >>> import jax.numpy as jnp, curvopt
+    >>> tx = curvopt.transforms.scale_by_soap()
+    >>> g = jnp.array([[1.0, 2.0, 2.0], [2.0, 4.0, 4.0]])  # rank one: u v^T
+    >>> state = tx.init(g)
+    >>> first, state = tx.update(g, state)  # the identity basis: Adam's sign step
+    >>> second, state = tx.update(g, state)  # the basis of the factors of g
+    >>> (second / second[0, 0]).round(3)  # along g itself, not along its signs
+    Array([[1., 2., 2.],
+           [2., 4., 4.]], dtype=float32)
+
+  References:
+    Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson, Kakade,
+    "SOAP: Improving and Stabilizing Shampoo using Adam", ICLR 2025.
+  """
+  precondition_frequency = _checks.positive_int("precondition_frequency", precondition_frequency)
+  block_size = _checks.positive_int("block_size", block_size)
+  if isinstance(start_preconditioning_step, bool) or not isinstance(
+    start_preconditioning_step, int
+  ):
+    raise TypeError(
+      f"start_preconditioning_step must be an integer, got {start_preconditioning_step!r}."
+    )
+  beta = b2 if shampoo_beta is None else shampoo_beta
+
+  def layout_of(tree: PyTree) -> BlockLayout:
+    return block_layout(
+      tree,
+      block_size,
+      merge_dims=merge_dims,
+      precondition_1d=precondition_1d,
+      matrix_axes=matrix_axes,
+    )
+
+  def init(params: PyTree) -> ScaleBySoapState:
+    layout, dtype = layout_of(params), _tree.working_dtype(params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params)
+    statistics = stacked_identities(layout, params, dtype, 0.0)
+    eigenbases = stacked_identities(layout, params, dtype)
+    return ScaleBySoapState(jnp.zeros((), jnp.int32), zeros, zeros, statistics, eigenbases)
+
+  def update(updates, state, params=None):
+    del params
+    layout = layout_of(updates)
+    grads = _tree.cast_like(updates, state.mu)
+    blocks = to_blocks(layout, grads)
+    statistics = tuple(
+      tuple(beta * s + (1 - beta) * f for s, f in zip(old, factor_statistics(b), strict=True))
+      for old, b in zip(state.statistics, blocks, strict=True)
+    )
+
+    eigenbases = state.eigenbases
+    count = optax.safe_increment(state.count)
+    mu = optax.tree.update_moment(grads, state.mu, b1, 1)
+    rotate = lambda tree: [
+      mode_product(x, q, transpose=True)
+      for x, q in zip(to_blocks(layout, tree), eigenbases, strict=True)
+    ]
+    # Second moments: rotated for the blocks, plain for the leaves without blocks.
+    squares = from_blocks(
+      layout, [r * r for r in rotate(grads)], jax.tree.map(jnp.square, grads), state.nu
+    )
+    nu = optax.tree.update_moment(squares, state.nu, b2, 1)
+    mu_hat = optax.tree.bias_correction(mu, b1, count)
+    nu_hat = optax.tree.bias_correction(nu, b2, count)
+    adam = lambda m, v: m / (jnp.sqrt(v) + eps)
+    rotated_steps = [
+      mode_product(adam(m, v), q)
+      for m, v, q in zip(rotate(mu_hat), to_blocks(layout, nu_hat), eigenbases, strict=True)
+    ]
+    plain_steps = jax.tree.map(adam, mu_hat, nu_hat)
+    out = from_blocks(layout, rotated_steps, plain_steps, updates)
+    # The basis for the next step: never rotate a gradient by a basis fitted to it (the
+    # reference's rule), where round-off entries of a concentrated rotation meet Adam's
+    # normalization and become +-1.
+    refreshed = refresh_if_due(
+      state.count,
+      precondition_frequency,
+      lambda: _eigenbases(statistics, eigenbases),
+      lambda: eigenbases,
+    )
+    eigenbases = jax.tree.map(
+      lambda new, old: jnp.where(state.count >= start_preconditioning_step, new, old),
+      refreshed,
+      eigenbases,
+    )
+    return out, ScaleBySoapState(count, mu, nu, statistics, eigenbases)
+
+  return optax.GradientTransformation(init, update)
+
+
+def _eigenbases(statistics: Factors, previous: Factors) -> Factors:
+  """Eigenvectors of every factor, one batched `eigh` per factor size; non-finite ones are kept."""
+  by_size: dict[int, list[tuple[int, int]]] = {}
+  for g, group in enumerate(statistics):
+    for a, s in enumerate(group):
+      by_size.setdefault(s.shape[-1], []).append((g, a))
+  new = [list(group) for group in previous]
+  for members in by_size.values():
+    stacked = jnp.concatenate([statistics[g][a] for g, a in members])
+    with jax.default_matmul_precision("highest"):
+      _, vectors = jnp.linalg.eigh((stacked + jnp.swapaxes(stacked, -1, -2)) / 2)
+    # Largest eigenvalue first, as the reference orders its basis.
+    vectors = vectors[..., ::-1]
+    ok = jnp.all(jnp.isfinite(vectors), axis=(1, 2))[:, None, None]
+    offset = 0
+    for g, a in members:
+      n = statistics[g][a].shape[0]
+      new[g][a] = jnp.where(ok[offset : offset + n], vectors[offset : offset + n], previous[g][a])
+      offset += n
+  return tuple(tuple(group) for group in new)
