@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -93,9 +93,9 @@ def matrix_inverse_root(
     return _newton_root(a, p, epsilon, relative_epsilon, max_iterations, tolerance)
 
 
-def _damping(lambda_max: jax.Array, epsilon: float, relative: bool, dtype) -> jax.Array:
-  # A zero matrix still gets a finite root: the floor stands in for lambda_max.
-  return epsilon * jnp.maximum(lambda_max, jnp.finfo(dtype).tiny) if relative else epsilon
+def _damping(lambda_max: jax.Array, epsilon: float, relative: bool, dtype: Any) -> jax.Array:
+  # A zero matrix (zero gradients) gets the finite root epsilon^(-1/p) I, as if lambda_max = 1.
+  return epsilon * jnp.where(lambda_max > 0, lambda_max, 1).astype(dtype) if relative else epsilon
 
 
 def _eigh_root(a, p, epsilon, relative, rank_rtol) -> InverseRoot:

@@ -1,0 +1,335 @@
+"""Shampoo and SOAP against exact references (float64): roots, Kronecker structure, blocking."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvopt
+from curvopt.transforms import scale_by_shampoo, scale_by_soap
+
+
+def _spd(d, condition, seed=0):
+  q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
+  return (q * np.logspace(0, -np.log10(condition), d)) @ q.T
+
+
+def _reference_root(a, p, eps):
+  w, u = np.linalg.eigh(a)
+  return (u * (w + eps) ** (-1.0 / p)) @ u.T
+
+
+def _relative_error(actual, expected):
+  return np.linalg.norm(np.asarray(actual) - expected) / np.linalg.norm(expected)
+
+
+# --- Inverse roots. ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+@pytest.mark.parametrize("p", [2, 4])
+def test_inverse_root_equals_the_eigh_reference_when_well_conditioned(method, p):
+  a = _spd(24, 1e2)
+  eps = 1e-6 * np.linalg.eigvalsh(a)[-1]
+  root = curvopt.matrix_inverse_root(jnp.asarray(a), p, method=method)
+  assert _relative_error(root.matrix, _reference_root(a, p, eps)) < 1e-6
+  assert root.residual < 1e-10
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+@pytest.mark.parametrize("p", [2, 4])
+def test_inverse_root_stays_accurate_at_condition_number_1e8(method, p):
+  a = _spd(24, 1e8, seed=1)
+  eps = 1e-6 * np.linalg.eigvalsh(a)[-1]
+  root = curvopt.matrix_inverse_root(jnp.asarray(a), p, method=method)
+  assert np.all(np.isfinite(root.matrix))
+  assert _relative_error(root.matrix, _reference_root(a, p, eps)) < 1e-3
+
+
+def test_absolute_epsilon_and_the_pseudo_inverse_root():
+  v = np.random.default_rng(2).normal(size=(6, 3))
+  a = v @ v.T  # rank 3
+  absolute = curvopt.matrix_inverse_root(jnp.asarray(a), 4, epsilon=1e-3, relative_epsilon=False)
+  np.testing.assert_allclose(absolute.matrix, _reference_root(a, 4, 1e-3), rtol=1e-9)
+  pseudo = curvopt.matrix_inverse_root(jnp.asarray(a), 2, epsilon=0.0, rank_rtol=1e-10)
+  w, u = np.linalg.eigh(a)
+  kept = w > 1e-10 * w[-1]
+  expected = (u[:, kept] * w[kept] ** -0.5) @ u[:, kept].T
+  np.testing.assert_allclose(pseudo.matrix, expected, atol=1e-10)
+
+
+def test_a_zero_matrix_has_a_finite_root():
+  for method in ("eigh", "newton"):
+    root = curvopt.matrix_inverse_root(jnp.zeros((3, 3)), 4, method=method)
+    assert np.all(np.isfinite(root.matrix))
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    ({"a": jnp.zeros((2, 3)), "p": 2}, "square matrix"),
+    ({"a": jnp.eye(2), "p": 0}, "p must be a positive integer"),
+    ({"a": jnp.eye(2), "p": 2, "method": "cholesky"}, "method must be one of"),
+    ({"a": jnp.eye(2), "p": 2, "method": "newton", "rank_rtol": 1e-6}, "rank_rtol"),
+  ],
+)
+def test_bad_root_arguments_fail_clearly(kwargs, message):
+  with pytest.raises((ValueError, TypeError), match=message):
+    curvopt.matrix_inverse_root(**kwargs)
+
+
+# --- Shampoo's preconditioner. -----------------------------------------------
+
+
+def _unvec(x, shape):
+  return np.asarray(x).reshape(shape[::-1]).T  # column-major, as in the spec
+
+
+def _precondition_with_statistics(g, left, right, **kwargs):
+  """One Shampoo step whose statistics after accumulating `g` are exactly (left, right)."""
+  tx = scale_by_shampoo(
+    precondition_frequency=1, start_preconditioning_step=0, grafting=None, **kwargs
+  )
+  state = tx.init(g)
+  statistics = ((jnp.asarray(left - g @ g.T)[None], jnp.asarray(right - g.T @ g)[None]),)
+  updates, state = tx.update(g, state._replace(statistics=statistics))
+  return np.asarray(updates), state
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_kronecker_statistics_give_the_analytic_preconditioner(p):
+  """Spec 2.7.2: L = tr(B) A, R = tr(A) B; p = 2 is full-matrix AdaGrad on B kron A."""
+  m, n = 5, 7
+  a, b = _spd(m, 30, seed=3), _spd(n, 30, seed=4)
+  g = np.random.default_rng(5).normal(size=(m, n))
+  updates, _ = _precondition_with_statistics(
+    jnp.asarray(g), np.trace(b) * a, np.trace(a) * b, epsilon=0.0, exponent_override=p
+  )
+  scale = (np.trace(a) * np.trace(b)) ** (-1.0 / p)
+  if p == 4:
+    expected = scale * _reference_root(a, 4, 0) @ g @ _reference_root(b, 4, 0)
+  else:
+    full = _reference_root(np.kron(b, a), 2, 0)  # (B kron A)^(-1/2) vec(G)
+    expected = scale * _unvec(full @ g.T.reshape(-1), (m, n))
+  np.testing.assert_allclose(updates, expected, rtol=1e-9)
+
+
+def test_converged_statistics_of_kronecker_gradient_noise_match_the_analytic_factors():
+  """Gradients G = A^1/2 Z B^1/2 (the noise of a quadratic with a Kronecker Hessian)."""
+  m, n, steps = 4, 3, 4000
+  a, b = _spd(m, 10, seed=6), _spd(n, 10, seed=7)
+  half = lambda s: _reference_root(s, -2, 0)  # s^(1/2)
+  z = np.random.default_rng(8).normal(size=(steps, m, n))
+  grads = jnp.asarray(half(a) @ z @ half(b))
+  tx = scale_by_shampoo(beta2=1.0, precondition_frequency=steps, grafting=None)
+
+  def body(state, g):
+    return tx.update(g, state)[1], None
+
+  state, _ = jax.lax.scan(body, tx.init(grads[0]), grads)
+  ((left, right),) = state.statistics
+  scale = np.sqrt(np.trace(a) * np.trace(b))  # entries' typical size
+  np.testing.assert_allclose(left[0] / steps, np.trace(b) * a, atol=0.1 * scale)
+  np.testing.assert_allclose(right[0] / steps, np.trace(a) * b, atol=0.1 * scale)
+  # The constant-gradient case of spec 2.7.1 checks the roots themselves exactly.
+
+
+def test_constant_gradient_gives_the_polar_factor():
+  g = jnp.asarray(np.random.default_rng(0).normal(size=(5, 7)))
+  tx = scale_by_shampoo(
+    precondition_frequency=1,
+    start_preconditioning_step=0,
+    grafting=None,
+    epsilon=0.0,
+    rank_rtol=1e-10,
+  )
+  state = tx.init(g)
+  for _ in range(10):
+    updates, state = tx.update(g, state)
+  u, _, vt = np.linalg.svd(np.asarray(g), full_matrices=False)
+  np.testing.assert_allclose(updates, u @ vt / np.sqrt(10), atol=1e-12)
+
+
+def _run(tx, params, grads_list):
+  state, outs = tx.init(params), []
+  for g in grads_list:
+    u, state = tx.update(g, state, params)
+    outs.append(u)
+  return outs, state
+
+
+def _random_grads(structure, steps=4, seed=0):
+  keys = jax.random.split(jax.random.key(seed), steps)
+  return [
+    jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape, x.dtype), structure) for k in keys
+  ]
+
+
+def test_a_block_larger_than_every_dim_equals_no_blocking():
+  params = {"w": jnp.zeros((5, 7)), "k": jnp.zeros((3, 3, 4, 6)), "b": jnp.zeros(6)}
+  grads = _random_grads(params)
+  big, _ = _run(scale_by_shampoo(block_size=64, precondition_frequency=2), params, grads)
+  huge, _ = _run(scale_by_shampoo(block_size=10**6, precondition_frequency=2), params, grads)
+  for a, b in zip(big, huge, strict=True):
+    chex.assert_trees_all_close(a, b, rtol=1e-12)
+
+
+def test_blocks_are_preconditioned_like_separate_parameters():
+  whole = {"w": jnp.zeros((6, 8))}
+  grads = _random_grads(whole)
+  blocked, _ = _run(scale_by_shampoo(block_size=4, precondition_frequency=1), whole, grads)
+  cut = lambda w: {
+    f"{i}{j}": w[4 * i : 4 * i + 4, 4 * j : 4 * j + 4] for i in (0, 1) for j in (0, 1)
+  }
+  separate, _ = _run(
+    scale_by_shampoo(block_size=4, precondition_frequency=1),
+    cut(whole["w"]),
+    [cut(g["w"]) for g in grads],
+  )
+  for a, b in zip(blocked, separate, strict=True):
+    chex.assert_trees_all_close(cut(a["w"]), b, rtol=1e-10)
+
+
+def test_matrix_axes_make_the_other_axes_a_batch_of_blocks():
+  whole = {"w": jnp.zeros((3, 4, 5))}
+  grads = _random_grads(whole)
+  tx = lambda **kw: scale_by_shampoo(precondition_frequency=1, **kw)
+  batched, _ = _run(tx(matrix_axes=lambda shape: ((1,), (2,))), whole, grads)
+  cut = lambda w: {str(i): w[i] for i in range(3)}
+  separate, _ = _run(tx(), cut(whole["w"]), [cut(g["w"]) for g in grads])
+  for a, b in zip(batched, separate, strict=True):
+    chex.assert_trees_all_close(cut(a["w"]), b, rtol=1e-10)
+
+
+def test_before_start_preconditioning_step_the_update_is_the_grafts_exactly():
+  params = {"w": jnp.zeros((5, 7)), "b": jnp.zeros(7)}
+  grads = _random_grads(params, steps=6)
+  shampoo, _ = _run(
+    scale_by_shampoo(precondition_frequency=2, start_preconditioning_step=4), params, grads
+  )
+  graft, _ = _run(
+    optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False, bias_correction=True),
+    params,
+    grads,
+  )
+  for step in range(4):
+    chex.assert_trees_all_equal(shampoo[step], graft[step])
+  assert not np.allclose(shampoo[4]["w"], graft[4]["w"])  # then Shampoo takes over
+  chex.assert_trees_all_equal(shampoo[5]["b"], graft[5]["b"])  # vectors stay grafted
+
+
+def test_grafting_gives_each_block_the_grafts_norm():
+  params = {"w": jnp.zeros((6, 8))}
+  grads = _random_grads(params, steps=3)
+  outs, _ = _run(
+    scale_by_shampoo(block_size=4, precondition_frequency=1, start_preconditioning_step=0),
+    params,
+    grads,
+  )
+  graft, _ = _run(
+    optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False, bias_correction=True),
+    params,
+    grads,
+  )
+  for out, u in zip(outs, graft, strict=True):
+    for i in (0, 4):
+      for j in (0, 4):
+        norm = lambda x, i=i, j=j: np.linalg.norm(np.asarray(x["w"][i : i + 4, j : j + 4]))
+        assert norm(out) == pytest.approx(norm(u), rel=1e-12)
+
+
+def test_same_shaped_blocks_share_one_batched_root_call():
+  layers = {f"layer{i}": jnp.zeros((16, 16)) for i in range(6)}
+  tx = scale_by_shampoo(precondition_frequency=1)
+  jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s))(layers, tx.init(layers))
+  assert str(jaxpr).count("eigh[") == 1  # six layers, twelve factors, one call
+
+
+def test_poisoned_statistics_keep_the_previous_roots_and_count_the_failure():
+  params = {"w": jnp.zeros((4, 3))}
+  grads = _random_grads(params, steps=4)
+  tx = scale_by_shampoo(precondition_frequency=1, start_preconditioning_step=0)
+  state = tx.init(params)
+  for g in grads[:2]:
+    _, state = tx.update(g, state)
+  good_roots = state.roots
+  ((left, right),) = state.statistics
+  poisoned = state._replace(statistics=((left.at[0, 0, 0].set(jnp.nan), right),))
+  updates, state = tx.update(grads[2], poisoned)
+  assert int(state.failures) == 1
+  chex.assert_trees_all_equal(state.roots[0][0], good_roots[0][0])  # kept
+  assert not np.array_equal(state.roots[0][1], good_roots[0][1])  # the clean factor refreshed
+  assert np.all(np.isfinite(updates["w"]))
+  updates, state = tx.update(grads[3], state)  # statistics restarted: training continues
+  assert np.all(np.isfinite(updates["w"])) and int(state.failures) == 1
+  assert np.all(np.isfinite(state.statistics[0][0]))
+
+
+def test_newton_and_eigh_roots_give_the_same_updates():
+  params = {"w": jnp.zeros((6, 5))}
+  grads = _random_grads(params, steps=5)
+  run = lambda method: _run(
+    scale_by_shampoo(precondition_frequency=1, start_preconditioning_step=0, root_method=method),
+    params,
+    grads,
+  )[0]
+  for a, b in zip(run("eigh"), run("newton"), strict=True):
+    chex.assert_trees_all_close(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    ({"block_size": 0}, "block_size must be a positive integer"),
+    ({"grafting": "adamw"}, "grafting must be one of"),
+    ({"root_method": "svd"}, "root_method must be one of"),
+    ({"beta2": 1.5}, r"beta2 must be in \[0.0, 1.0\]"),
+    ({"start_preconditioning_step": -1}, "start_preconditioning_step must be"),
+  ],
+)
+def test_bad_shampoo_arguments_fail_clearly(kwargs, message):
+  with pytest.raises((ValueError, TypeError), match=message):
+    curvopt.shampoo(0.1, **kwargs)
+
+
+# --- SOAP. -------------------------------------------------------------------
+
+
+def test_soap_with_the_identity_basis_is_adamw():
+  params = {"w": jnp.ones((5, 4)), "b": jnp.ones(4)}
+  grads = _random_grads(params, steps=8)
+  kwargs = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01)
+  ours, _ = _run(curvopt.soap(0.1, start_preconditioning_step=10**9, **kwargs), params, grads)
+  adamw, _ = _run(optax.adamw(0.1, **kwargs), params, grads)
+  for a, b in zip(ours, adamw, strict=True):
+    chex.assert_trees_all_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_soap_is_adam_in_the_eigenbasis_of_the_factors():
+  """A fixed basis Q_L, Q_R: SOAP equals Adam run on Q_L^T G Q_R, rotated back."""
+  g0 = jnp.asarray(np.random.default_rng(9).normal(size=(4, 3)))
+  grads = _random_grads(g0, steps=5, seed=1)
+  tx = scale_by_soap(precondition_frequency=10**6)  # refreshed once, after step 0
+  _, state = _run(tx, g0, [g0])
+  ((q_left, q_right),) = state.eigenbases
+  q_left, q_right = np.asarray(q_left[0]), np.asarray(q_right[0])
+  left, right = np.asarray(g0 @ g0.T), np.asarray(g0.T @ g0)
+  # The basis is the eigenbasis of the first step's factors (largest first).
+  np.testing.assert_allclose(
+    q_left.T @ left @ q_left, np.diag(np.linalg.eigvalsh(left)[::-1]), atol=1e-10
+  )
+  np.testing.assert_allclose(
+    q_right.T @ right @ q_right, np.diag(np.linalg.eigvalsh(right)[::-1]), atol=1e-10
+  )
+  adam = optax.scale_by_adam(b1=0.95, b2=0.95, eps=1e-8)
+  rotate = lambda g: q_left.T @ np.asarray(g) @ q_right
+  # Both start afresh in that basis, held fixed (no refresh is ever applied).
+  fixed = scale_by_soap(start_preconditioning_step=10**9)
+  state_adam = adam.init(g0)
+  soap_state = fixed.init(g0)._replace(eigenbases=state.eigenbases)
+  for g in grads:
+    ours, soap_state = fixed.update(g, soap_state)
+    theirs, state_adam = adam.update(jnp.asarray(rotate(g)), state_adam)
+    np.testing.assert_allclose(ours, q_left @ np.asarray(theirs) @ q_right.T, rtol=1e-9)
