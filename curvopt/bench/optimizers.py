@@ -99,5 +99,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
       curvopt.sophia_h,
       extra_args=("value_fn",),
     ),
+    OptimizerSpec(
+      "shampoo",
+      "curvopt.shampoo: Kronecker-factored blocks, roots every 10 steps, Adam grafting",
+      curvopt.shampoo,
+    ),
+    OptimizerSpec(
+      "soap",
+      "curvopt.soap: Adam in Shampoo's eigenbasis, refreshed every 10 steps",
+      curvopt.soap,
+    ),
   )
 }

@@ -20,7 +20,7 @@ from curvopt.transforms._blocks import (
 from curvopt.transforms._blocks import from_blocks as _from_blocks
 from curvopt.transforms._cadence import refresh_if_due
 from curvopt.transforms._grafting import Grafting, grafting_transform
-from curvopt.transforms._kronecker import factor_statistics, mode_product
+from curvopt.transforms._kronecker import factor_statistics, map_factors, mode_product
 
 PyTree = Any
 Factors = tuple[tuple[jax.Array, ...], ...]  # per block shape, per block axis: (n, d, d)
@@ -122,22 +122,15 @@ def scale_by_shampoo(
 
   def inverse_roots(layout: BlockLayout, statistics: Factors, roots: Factors, count: jax.Array):
     """Roots of every factor, batched by (size, exponent); failures keep the old root."""
-    shapes = layout.group_shapes()
     # Shampoo's statistics with beta2 < 1 are an EMA started at zero: debias before the root.
     debias = jnp.where(beta2 < 1, 1 - beta2 ** (count + 1), 1.0)
-    jobs: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for g, shape in enumerate(shapes):
-      p = exponent_override or 2 * len(shape)
-      for axis, d in enumerate(shape):
-        jobs.setdefault((d, p), []).append((g, axis))
-    new = [list(group) for group in roots]
-    failed = jnp.zeros((), jnp.int32)
-    for (_, p), members in jobs.items():
-      stacked = jnp.concatenate([statistics[g][a] for g, a in members])
-      stacked = stacked / debias.astype(stacked.dtype)
+    exponents = [exponent_override or 2 * len(shape) for shape in layout.group_shapes()]
+
+    def roots_of(key, stacked):
+      _, p = key
       root = jax.vmap(
-        lambda s, p=p: matrix_inverse_root(
-          s,
+        lambda s: matrix_inverse_root(
+          s / debias.astype(s.dtype),
           p,
           method=root_method,
           epsilon=epsilon,
@@ -146,15 +139,20 @@ def scale_by_shampoo(
         )
       )(stacked)
       ok = jnp.isfinite(root.residual) & (root.residual < failure_threshold)
-      ok &= jnp.all(jnp.isfinite(stacked), axis=(1, 2))
-      failed += jnp.sum(~ok).astype(jnp.int32)
-      offset = 0
-      for g, a in members:
-        n = statistics[g][a].shape[0]
-        keep = ok[offset : offset + n, None, None]
-        new[g][a] = jnp.where(keep, root.matrix[offset : offset + n], roots[g][a])
-        offset += n
-    return tuple(tuple(group) for group in new), failed
+      return root.matrix, ok & jnp.all(jnp.isfinite(stacked), axis=(1, 2))
+
+    results = map_factors(
+      roots_of, statistics, key=lambda g, a: (statistics[g][a].shape[-1], exponents[g])
+    )
+    new = tuple(
+      tuple(
+        jnp.where(ok[:, None, None], root, old)
+        for (root, ok), old in zip(group_results, group_roots, strict=True)
+      )
+      for group_results, group_roots in zip(results, roots, strict=True)
+    )
+    failed = sum((jnp.sum(~ok) for group in results for _, ok in group), jnp.int32(0))
+    return new, failed.astype(jnp.int32)
 
   def update(updates, state, params=None):
     del params

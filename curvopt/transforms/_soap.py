@@ -18,7 +18,7 @@ from curvopt.transforms._blocks import (
   to_blocks,
 )
 from curvopt.transforms._cadence import refresh_if_due
-from curvopt.transforms._kronecker import factor_statistics, mode_product
+from curvopt.transforms._kronecker import factor_statistics, map_factors, mode_product
 
 PyTree = Any
 Factors = tuple[tuple[jax.Array, ...], ...]
@@ -154,21 +154,17 @@ def scale_by_soap(
 
 def _eigenbases(statistics: Factors, previous: Factors) -> Factors:
   """Eigenvectors of every factor, one batched `eigh` per factor size; non-finite ones are kept."""
-  by_size: dict[int, list[tuple[int, int]]] = {}
-  for g, group in enumerate(statistics):
-    for a, s in enumerate(group):
-      by_size.setdefault(s.shape[-1], []).append((g, a))
-  new = [list(group) for group in previous]
-  for members in by_size.values():
-    stacked = jnp.concatenate([statistics[g][a] for g, a in members])
+
+  def eigenvectors(_, stacked):
     with jax.default_matmul_precision("highest"):
       _, vectors = jnp.linalg.eigh((stacked + jnp.swapaxes(stacked, -1, -2)) / 2)
-    # Largest eigenvalue first, as the reference orders its basis.
-    vectors = vectors[..., ::-1]
-    ok = jnp.all(jnp.isfinite(vectors), axis=(1, 2))[:, None, None]
-    offset = 0
-    for g, a in members:
-      n = statistics[g][a].shape[0]
-      new[g][a] = jnp.where(ok[offset : offset + n], vectors[offset : offset + n], previous[g][a])
-      offset += n
-  return tuple(tuple(group) for group in new)
+    return vectors[..., ::-1]  # largest eigenvalue first, as the reference orders its basis
+
+  fresh = map_factors(eigenvectors, statistics)
+  return tuple(
+    tuple(
+      jnp.where(jnp.all(jnp.isfinite(v), axis=(1, 2), keepdims=True), v, old)
+      for v, old in zip(new_group, old_group, strict=True)
+    )
+    for new_group, old_group in zip(fresh, previous, strict=True)
+  )

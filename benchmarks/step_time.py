@@ -1,0 +1,132 @@
+"""Step time, compile time and state size of runner optimizers against optax.adam, side by side.
+
+Times full jitted training steps (gradient, optimizer update, parameter
+update) on runner workloads, in blocks of 20 steps (so a refresh every 10
+steps is counted), blocks interleaved round-robin across optimizers; reports
+the median block per step, its ratio to Adam's, the first step's compile
+time, and the optimizer state's bytes relative to the parameters'.
+
+Run:  python benchmarks/step_time.py --optimizers shampoo,soap \\
+        --workloads digits_mlp,mnist1d_cnn,char_transformer [--set shampoo.block_size=256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvopt.bench.optimizers import OPTIMIZERS
+from curvopt.bench.workloads import WORKLOADS
+
+BLOCK = 20
+
+
+def train_step(workload, optimizer, extra_args=()):
+  """A jitted step `(params, state, batch) -> (params, state)` passing `value_fn` if asked."""
+
+  def step(params, state, batch):
+    value_fn = lambda p: workload.value_fn(p, batch)
+    grads = jax.grad(value_fn)(params)
+    extra = {"value_fn": value_fn} if "value_fn" in extra_args else {}
+    updates, state = optimizer.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step)
+
+
+def interleaved_medians(runners: dict, blocks: int) -> dict[str, float]:
+  """Median milliseconds per step of each runner (one call = BLOCK steps), interleaved."""
+  samples = {k: [] for k in runners}
+  for _ in range(blocks):
+    for key, run in runners.items():
+      start = time.perf_counter()
+      jax.block_until_ready(run())
+      samples[key].append((time.perf_counter() - start) / BLOCK)
+  return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+
+
+def _nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _measure(workload_name: str, names: list[str], overrides: dict, blocks: int) -> list[str]:
+  workload = WORKLOADS[workload_name]()
+  params = workload.init_params(jax.random.key(0))
+  batches = [jax.tree.map(jnp.asarray, workload.batch(0, i)) for i in range(BLOCK)]
+  runners, compile_s, state_ratio = {}, {}, {}
+  for name in ["adam", *names]:
+    spec = OPTIMIZERS[name]
+    opt = spec.build(1e-3, **overrides.get(name, {}))
+    step = train_step(workload, opt, spec.extra_args)
+    state = opt.init(params)
+    start = time.perf_counter()
+    compiled = step.lower(params, state, batches[0]).compile()
+    compile_s[name] = time.perf_counter() - start
+    state_ratio[name] = _nbytes(state) / _nbytes(params)
+    carry = {"params": params, "state": state}
+
+    def run(compiled=compiled, carry=carry):
+      p, s = carry["params"], carry["state"]
+      for b in batches:
+        p, s = compiled(p, s, b)
+      carry["params"], carry["state"] = p, s
+      return p
+
+    jax.block_until_ready(run())
+    runners[name] = run
+  ms = interleaved_medians(runners, blocks)
+  lines = [
+    f"### {workload_name}",
+    "",
+    "| optimizer | ms per step | x adam | compile s | state bytes / params |",
+    "|---|---:|---:|---:|---:|",
+  ]
+  for name in runners:
+    lines.append(
+      f"| {name} | {ms[name]:.3f} | {ms[name] / ms['adam']:.2f} | {compile_s[name]:.2f} "
+      f"| {state_ratio[name]:.1f} |"
+    )
+  return [*lines, ""]
+
+
+def _overrides(settings: list[str]) -> dict[str, dict]:
+  out: dict[str, dict] = {}
+  for item in settings:
+    key, value = item.split("=", 1)
+    name, field = key.split(".", 1)
+    out.setdefault(name, {})[field] = ast.literal_eval(value)
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--optimizers", default="shampoo,soap")
+  parser.add_argument("--workloads", default="digits_mlp,mnist1d_cnn,char_transformer")
+  parser.add_argument("--set", action="append", default=[], help="optimizer.arg=value")
+  parser.add_argument("--blocks", type=int, default=15)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  overrides = _overrides(args.set)
+  lines = [
+    f"Median over {args.blocks} interleaved blocks of {BLOCK} steps, per step; "
+    f"jax {jax.__version__}, {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+    f"{platform.machine()}. Settings: {overrides or 'defaults'}.",
+    "",
+  ]
+  for name in args.workloads.split(","):
+    lines += _measure(name, args.optimizers.split(","), overrides, args.blocks)
+    print("\n".join(lines[-8:]), flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
