@@ -90,7 +90,11 @@ def _unvec(x, shape):
 def _precondition_with_statistics(g, left, right, **kwargs):
   """One Shampoo step whose statistics after accumulating `g` are exactly (left, right)."""
   tx = scale_by_shampoo(
-    precondition_frequency=1, start_preconditioning_step=0, grafting=None, **kwargs
+    precondition_frequency=1,
+    start_preconditioning_step=0,
+    grafting=None,
+    one_sided=False,
+    **kwargs,
   )
   state = tx.init(g)
   statistics = ((jnp.asarray(left - g @ g.T)[None], jnp.asarray(right - g.T @ g)[None]),)
@@ -123,7 +127,7 @@ def test_converged_statistics_of_kronecker_gradient_noise_match_the_analytic_fac
   half = lambda s: _reference_root(s, -2, 0)  # s^(1/2)
   z = np.random.default_rng(8).normal(size=(steps, m, n))
   grads = jnp.asarray(half(a) @ z @ half(b))
-  tx = scale_by_shampoo(beta2=1.0, precondition_frequency=steps, grafting=None)
+  tx = scale_by_shampoo(beta2=1.0, precondition_frequency=steps, grafting=None, one_sided=False)
 
   def body(state, g):
     return tx.update(g, state)[1], None
@@ -144,12 +148,25 @@ def test_constant_gradient_gives_the_polar_factor():
     grafting=None,
     epsilon=0.0,
     rank_rtol=1e-10,
+    one_sided=False,
   )
   state = tx.init(g)
   for _ in range(10):
     updates, state = tx.update(g, state)
   u, _, vt = np.linalg.svd(np.asarray(g), full_matrices=False)
   np.testing.assert_allclose(updates, u @ vt / np.sqrt(10), atol=1e-12)
+
+
+def test_one_sided_blocks_are_preconditioned_by_their_short_factor_alone():
+  g = jnp.asarray(np.random.default_rng(3).normal(size=(12, 3)))  # 12^2 > 36: no left factor
+  tx = scale_by_shampoo(
+    precondition_frequency=1, start_preconditioning_step=0, grafting=None, epsilon=0.0
+  )
+  state = tx.init(g)
+  assert [f.shape for f in state.statistics[0]] == [(1, 3, 3)]
+  updates, _ = tx.update(g, state)
+  right = np.asarray(g.T @ g)
+  np.testing.assert_allclose(updates, np.asarray(g) @ _reference_root(right, 2, 0), rtol=1e-10)
 
 
 def _run(tx, params, grads_list):
@@ -248,7 +265,7 @@ def test_same_shaped_blocks_share_one_batched_root_call():
 
 
 def test_poisoned_statistics_keep_the_previous_roots_and_count_the_failure():
-  params = {"w": jnp.zeros((4, 3))}
+  params = {"w": jnp.zeros((4, 4))}
   grads = _random_grads(params, steps=4)
   tx = scale_by_shampoo(precondition_frequency=1, start_preconditioning_step=0)
   state = tx.init(params)
@@ -311,7 +328,7 @@ def test_soap_is_adam_in_the_eigenbasis_of_the_factors():
   """A fixed basis Q_L, Q_R: SOAP equals Adam run on Q_L^T G Q_R, rotated back."""
   g0 = jnp.asarray(np.random.default_rng(9).normal(size=(4, 3)))
   grads = _random_grads(g0, steps=5, seed=1)
-  tx = scale_by_soap(precondition_frequency=10**6)  # refreshed once, after step 0
+  tx = scale_by_soap(precondition_frequency=10**6, one_sided=False)  # refreshed once, after step 0
   _, state = _run(tx, g0, [g0])
   ((q_left, q_right),) = state.eigenbases
   q_left, q_right = np.asarray(q_left[0]), np.asarray(q_right[0])
@@ -326,7 +343,7 @@ def test_soap_is_adam_in_the_eigenbasis_of_the_factors():
   adam = optax.scale_by_adam(b1=0.95, b2=0.95, eps=1e-8)
   rotate = lambda g: q_left.T @ np.asarray(g) @ q_right
   # Both start afresh in that basis, held fixed (no refresh is ever applied).
-  fixed = scale_by_soap(start_preconditioning_step=10**9)
+  fixed = scale_by_soap(start_preconditioning_step=10**9, one_sided=False)
   state_adam = adam.init(g0)
   soap_state = fixed.init(g0)._replace(eigenbases=state.eigenbases)
   for g in grads:

@@ -32,6 +32,7 @@ def shampoo(
   merge_dims: bool = True,
   precondition_1d: bool = False,
   matrix_axes: MatrixAxes | None = None,
+  one_sided: bool = True,
 ) -> optax.GradientTransformation:
   r"""Shampoo: each block of each tensor preconditioned by inverse roots of its Kronecker factors.
 
@@ -57,7 +58,11 @@ def shampoo(
   `block_size` is cut into blocks. Blocks of equal shape, from all leaves,
   are stacked: their statistics, roots and products are one batched call,
   so the compiled step grows with the number of distinct block shapes, not
-  with depth. Vectors and scalars follow the graft alone, unless
+  with depth. An axis whose factor would hold more numbers than its block
+  (`d^2 > block size`: the long side of a thin block, such as a `(1280, 10)`
+  classifier head) gets no factor when `one_sided` (the default), and the
+  exponent counts the factored axes only: the head is preconditioned by
+  `R^(-1/2)` on its 10 x 10 side. Vectors and scalars follow the graft alone, unless
   `precondition_1d` (one factor, `p = 2`). `matrix_axes(shape) -> (rows,
   columns)` (or None for the default) chooses the matrix axes of a leaf
   yourself: the leaf becomes a `(prod rows, prod columns)` matrix and the
@@ -103,6 +108,7 @@ def shampoo(
     grafting_eps: epsilon of the grafting optimizer.
     merge_dims: merge small adjacent dims (see above).
     precondition_1d: precondition vectors with one factor.
+    one_sided: see above; False gives every axis a factor.
     matrix_axes: see above. With `optax.inject_hyperparams`, pass the
       integer, boolean, string and function arguments as `static_args`.
 
@@ -149,6 +155,7 @@ def shampoo(
       merge_dims=merge_dims,
       precondition_1d=precondition_1d,
       matrix_axes=matrix_axes,
+      one_sided=one_sided,
     ),
     ema_momentum(b1, nesterov),
     optax.add_decayed_weights(weight_decay),

@@ -23,6 +23,7 @@ def soap(
   merge_dims: bool = True,
   precondition_1d: bool = False,
   matrix_axes: MatrixAxes | None = None,
+  one_sided: bool = True,
 ) -> optax.GradientTransformation:
   r"""SOAP: Adam run in the eigenbasis of each block's Shampoo factors.
 
@@ -62,6 +63,7 @@ def soap(
     merge_dims: merge small adjacent dims.
     precondition_1d: rotate vectors too (one factor).
     matrix_axes: `shape -> (rows, columns)` to choose the matrix axes.
+    one_sided: leave unrotated the long axis of a thin block (see `curvopt.shampoo`).
 
   Returns:
     An optax `GradientTransformation`.
@@ -102,6 +104,7 @@ def soap(
       merge_dims=merge_dims,
       precondition_1d=precondition_1d,
       matrix_axes=matrix_axes,
+      one_sided=one_sided,
     ),
     optax.add_decayed_weights(weight_decay),
     optax.scale_by_learning_rate(learning_rate),

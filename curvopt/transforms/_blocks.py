@@ -54,13 +54,15 @@ class BlockLayout:
   """Every leaf's `LeafLayout`, and the groups of equal-shaped blocks.
 
   `groups[shape]` lists `(leaf index, cell index)` in stacking order; a cell
-  contributes `batch` consecutive blocks.
+  contributes `batch` consecutive blocks. `factor_axes[g]` are the axes of
+  group `g`'s blocks that get a Kronecker factor (see `block_layout`).
   """
 
   leaves: tuple[LeafLayout, ...]
   treedef: Any
   shapes: tuple[tuple[int, ...], ...]
   groups: tuple[tuple[tuple[int, ...], tuple[tuple[int, int], ...]], ...]
+  factor_axes: tuple[tuple[int, ...], ...]  # per group: the block axes that get a factor
 
   def group_shapes(self) -> list[tuple[int, ...]]:
     return [shape for shape, _ in self.groups]
@@ -131,8 +133,15 @@ def block_layout(
   merge_dims: bool = True,
   precondition_1d: bool = False,
   matrix_axes: MatrixAxes | None = None,
+  one_sided: bool = True,
 ) -> BlockLayout:
-  """The static layout of a pytree of arrays (or shape-dtype structs)."""
+  """The static layout of a pytree of arrays (or shape-dtype structs).
+
+  With `one_sided`, an axis of a block of two or more axes gets no factor when
+  the factor would hold more numbers than the block (`d^2 > block size`, i.e.
+  `d` exceeds the product of the other axes): a thin `(128, 10)` block is
+  preconditioned by its `10 x 10` factor alone.
+  """
   leaves, treedef = jax.tree.flatten(tree)
   shapes = tuple(tuple(leaf.shape) for leaf in leaves)
   layouts = tuple(
@@ -151,7 +160,14 @@ def block_layout(
       shape = tuple(s.stop - s.start for s in cell)
       groups.setdefault(shape, []).append((i, j))
   ordered = tuple((shape, tuple(groups[shape])) for shape in sorted(groups))
-  return BlockLayout(layouts, treedef, shapes, ordered)
+  axes = tuple(_factor_axes(shape, one_sided) for shape, _ in ordered)
+  return BlockLayout(layouts, treedef, shapes, ordered, axes)
+
+
+def _factor_axes(shape: tuple[int, ...], one_sided: bool) -> tuple[int, ...]:
+  if len(shape) == 1 or not one_sided:
+    return tuple(range(len(shape)))
+  return tuple(i for i, d in enumerate(shape) if d * d <= math.prod(shape))
 
 
 def _canonical(x: jax.Array, layout: LeafLayout) -> jax.Array:
@@ -203,7 +219,7 @@ def from_blocks(
 
 
 def stacked_identities(layout: BlockLayout, params: PyTree, dtype: Any, scale: float = 1.0):
-  """Per group, per block axis, `scale * I` stacked `(n, d, d)`: the initial factor state.
+  """Per group, per factor axis, `scale * I` stacked `(n, d, d)`: the initial factor state.
 
   `optax.tree.map_params` initializes with a leafless placeholder for the
   parameters; for it these shape-dependent fields become one non-parameter
@@ -212,6 +228,11 @@ def stacked_identities(layout: BlockLayout, params: PyTree, dtype: Any, scale: f
   if not jax.tree.leaves(params):
     return jnp.zeros((0,), dtype)
   return tuple(
-    tuple(scale * jnp.broadcast_to(jnp.eye(d, dtype=dtype), (n, d, d)) for d in shape)
-    for shape, n in zip(layout.group_shapes(), layout.group_sizes(), strict=True)
+    tuple(
+      scale * jnp.broadcast_to(jnp.eye(shape[a], dtype=dtype), (n, shape[a], shape[a]))
+      for a in axes
+    )
+    for shape, n, axes in zip(
+      layout.group_shapes(), layout.group_sizes(), layout.factor_axes, strict=True
+    )
   )

@@ -65,6 +65,7 @@ def scale_by_shampoo(
   merge_dims: bool = True,
   precondition_1d: bool = False,
   matrix_axes: MatrixAxes | None = None,
+  one_sided: bool = True,
 ) -> optax.GradientTransformation:
   """Preconditions each block by its Kronecker factors' inverse roots, grafted.
 
@@ -109,6 +110,7 @@ def scale_by_shampoo(
       merge_dims=merge_dims,
       precondition_1d=precondition_1d,
       matrix_axes=matrix_axes,
+      one_sided=one_sided,
     )
 
   def init(params: PyTree) -> ScaleByShampooState:
@@ -124,7 +126,7 @@ def scale_by_shampoo(
     """Roots of every factor, batched by (size, exponent); failures keep the old root."""
     # Shampoo's statistics with beta2 < 1 are an EMA started at zero: debias before the root.
     debias = jnp.where(beta2 < 1, 1 - beta2 ** (count + 1), 1.0)
-    exponents = [exponent_override or 2 * len(shape) for shape in layout.group_shapes()]
+    exponents = [exponent_override or 2 * len(axes) for axes in layout.factor_axes]
 
     def roots_of(key, stacked):
       _, p = key
@@ -162,8 +164,8 @@ def scale_by_shampoo(
     blocks = to_blocks(layout, grads)
     weight = jnp.where(beta2 == 1, 1.0, 1 - jnp.asarray(beta2, dtype)).astype(dtype)
     statistics = tuple(
-      tuple(beta2 * s + weight * f for s, f in zip(old, factor_statistics(b), strict=True))
-      for old, b in zip(state.statistics, blocks, strict=True)
+      tuple(beta2 * s + weight * f for s, f in zip(old, factor_statistics(b, axes), strict=True))
+      for old, b, axes in zip(state.statistics, blocks, layout.factor_axes, strict=True)
     )
 
     def refresh():
@@ -178,7 +180,9 @@ def scale_by_shampoo(
       refresh,
       lambda: (state.roots, state.failures, statistics),
     )
-    preconditioned = [mode_product(b, r) for b, r in zip(blocks, roots, strict=True)]
+    preconditioned = [
+      mode_product(b, r, axes) for b, r, axes in zip(blocks, roots, layout.factor_axes, strict=True)
+    ]
     if graft is not None:
       direction, graft_state = graft.update(grads, state.graft)
       graft_blocks = to_blocks(layout, direction)

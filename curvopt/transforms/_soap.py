@@ -56,6 +56,7 @@ def scale_by_soap(
   merge_dims: bool = True,
   precondition_1d: bool = False,
   matrix_axes: MatrixAxes | None = None,
+  one_sided: bool = True,
 ) -> optax.GradientTransformation:
   """Adam on each block rotated into the eigenbasis of its Kronecker factors.
 
@@ -93,6 +94,7 @@ def scale_by_soap(
       merge_dims=merge_dims,
       precondition_1d=precondition_1d,
       matrix_axes=matrix_axes,
+      one_sided=one_sided,
     )
 
   def init(params: PyTree) -> ScaleBySoapState:
@@ -108,16 +110,16 @@ def scale_by_soap(
     grads = _tree.cast_like(updates, state.mu)
     blocks = to_blocks(layout, grads)
     statistics = tuple(
-      tuple(beta * s + (1 - beta) * f for s, f in zip(old, factor_statistics(b), strict=True))
-      for old, b in zip(state.statistics, blocks, strict=True)
+      tuple(beta * s + (1 - beta) * f for s, f in zip(old, factor_statistics(b, axes), strict=True))
+      for old, b, axes in zip(state.statistics, blocks, layout.factor_axes, strict=True)
     )
 
     eigenbases = state.eigenbases
     count = optax.safe_increment(state.count)
     mu = optax.tree.update_moment(grads, state.mu, b1, 1)
     rotate = lambda tree: [
-      mode_product(x, q, transpose=True)
-      for x, q in zip(to_blocks(layout, tree), eigenbases, strict=True)
+      mode_product(x, q, axes, transpose=True)
+      for x, q, axes in zip(to_blocks(layout, tree), eigenbases, layout.factor_axes, strict=True)
     ]
     # Second moments: rotated for the blocks, plain for the leaves without blocks.
     squares = from_blocks(
@@ -128,8 +130,10 @@ def scale_by_soap(
     nu_hat = optax.tree.bias_correction(nu, b2, count)
     adam = lambda m, v: m / (jnp.sqrt(v) + eps)
     rotated_steps = [
-      mode_product(adam(m, v), q)
-      for m, v, q in zip(rotate(mu_hat), to_blocks(layout, nu_hat), eigenbases, strict=True)
+      mode_product(adam(m, v), q, axes)
+      for m, v, q, axes in zip(
+        rotate(mu_hat), to_blocks(layout, nu_hat), eigenbases, layout.factor_axes, strict=True
+      )
     ]
     plain_steps = jax.tree.map(adam, mu_hat, nu_hat)
     out = from_blocks(layout, rotated_steps, plain_steps, updates)
