@@ -184,7 +184,7 @@ def to_blocks(layout: BlockLayout, tree: PyTree, dtype: Any = None) -> list[jax.
   stacks = []
   for _, members in layout.groups:
     pieces = [canonical[i][(slice(None), *layout.leaves[i].cells()[j])] for i, j in members]
-    stacks.append(jnp.concatenate(pieces, axis=0))
+    stacks.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0))
   return stacks
 
 
@@ -202,11 +202,14 @@ def from_blocks(
     offset = 0
     for i, j in members:
       lay = layout.leaves[i]
+      piece = stack[offset : offset + lay.batch]
+      offset += lay.batch
+      if len(lay.cells()) == 1:  # one block covers the leaf: no scatter
+        canonical[i] = piece
+        continue
       if i not in canonical:
         canonical[i] = jnp.zeros((lay.batch, *lay.dims), stack.dtype)
-      piece = stack[offset : offset + lay.batch]
       canonical[i] = canonical[i].at[(slice(None), *lay.cells()[j])].set(piece)
-      offset += lay.batch
   out = []
   for i, (lay, shape) in enumerate(zip(layout.leaves, layout.shapes, strict=True)):
     if not lay.preconditioned:

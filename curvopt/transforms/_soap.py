@@ -64,7 +64,7 @@ def scale_by_soap(
 
   Example:
     >>> import jax.numpy as jnp, curvopt
-    >>> tx = curvopt.transforms.scale_by_soap()
+    >>> tx = curvopt.transforms.scale_by_soap(one_sided=False)
     >>> g = jnp.array([[1.0, 2.0, 2.0], [2.0, 4.0, 4.0]])  # rank one: u v^T
     >>> state = tx.init(g)
     >>> first, state = tx.update(g, state)  # the identity basis: Adam's sign step
