@@ -304,11 +304,27 @@ def test_newton_and_eigh_roots_give_the_same_updates():
     ({"root_method": "svd"}, "root_method must be one of"),
     ({"beta2": 1.5}, r"beta2 must be in \[0.0, 1.0\]"),
     ({"start_preconditioning_step": -1}, "start_preconditioning_step must be"),
+    ({"grafting_b2": 1.0}, r"grafting_b2 must be in"),
+    ({"rank_rtol": -1e-3}, r"rank_rtol must be in"),
   ],
 )
 def test_bad_shampoo_arguments_fail_clearly(kwargs, message):
   with pytest.raises((ValueError, TypeError), match=message):
     curvopt.shampoo(0.1, **kwargs)
+
+
+@pytest.mark.parametrize(
+  "matrix_axes, message",
+  [
+    (lambda shape: ((0,), (5,)), "out of range"),
+    (lambda shape: ((0, 1), (1,)), "must be distinct"),
+    (lambda shape: (0, 1), "two tuples of ints"),
+  ],
+)
+def test_bad_matrix_axes_fail_clearly_when_the_layout_is_built(matrix_axes, message):
+  tx = curvopt.shampoo(0.1, matrix_axes=matrix_axes)
+  with pytest.raises((ValueError, TypeError), match=message):
+    tx.init({"w": jnp.zeros((3, 4, 5))})
 
 
 # --- SOAP. -------------------------------------------------------------------

@@ -107,7 +107,7 @@ def leaf_layout(
   ndim = len(shape)
   spec = matrix_axes(shape) if matrix_axes is not None else None
   if spec is not None:
-    rows, columns = (tuple(a % ndim for a in axes) for axes in spec)
+    rows, columns = _checked_matrix_axes(shape, spec)
     batch_axes = tuple(a for a in range(ndim) if a not in rows + columns)
     dims = tuple(math.prod(shape[a] for a in axes) for axes in (rows, columns))
     dims = tuple(d for d in dims if d > 1)
@@ -124,6 +124,24 @@ def leaf_layout(
   if len(dims) == 1 and not precondition_1d:
     dims = ()
   return LeafLayout(tuple(range(ndim)), 1, dims, block_size)
+
+
+def _checked_matrix_axes(shape: tuple[int, ...], spec: Any) -> tuple[tuple[int, ...], ...]:
+  """`spec` as two disjoint tuples of in-range axes, or a clear error naming `matrix_axes`."""
+  ndim = len(shape)
+  try:
+    rows, columns = (tuple(int(a) for a in axes) for axes in spec)
+  except (TypeError, ValueError):
+    raise TypeError(
+      f"matrix_axes must return (row_axes, column_axes), two tuples of ints, or None; "
+      f"got {spec!r} for a leaf of shape {shape}."
+    ) from None
+  if any(not -ndim <= a < ndim for a in rows + columns):
+    raise ValueError(f"matrix_axes returned {spec!r}: an axis out of range for shape {shape}.")
+  rows, columns = tuple(a % ndim for a in rows), tuple(a % ndim for a in columns)
+  if len(set(rows + columns)) != len(rows + columns):
+    raise ValueError(f"matrix_axes returned {spec!r}: row and column axes must be distinct.")
+  return rows, columns
 
 
 def block_layout(

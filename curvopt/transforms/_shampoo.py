@@ -101,6 +101,11 @@ def scale_by_shampoo(
     _checks.positive_int("exponent_override", exponent_override)
   _checks.in_range("beta2", beta2, 0.0, 1.0, high_inclusive=True)
   _checks.in_range("epsilon", epsilon, 0.0, float("inf"))
+  _checks.in_range("failure_threshold", failure_threshold, 0.0, float("inf"))
+  _checks.in_range("grafting_b2", grafting_b2, 0.0, 1.0)
+  _checks.in_range("grafting_eps", grafting_eps, 0.0, float("inf"))
+  if rank_rtol is not None:
+    _checks.in_range("rank_rtol", rank_rtol, 0.0, 1.0)
   graft = grafting_transform(grafting, grafting_b2, grafting_eps)
 
   def layout_of(tree: PyTree) -> BlockLayout:
