@@ -16,27 +16,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
+from step_time import BLOCK, interleaved_medians, train_step  # beside this script
 
 import curvopt
 from curvopt.bench.workloads import WORKLOADS
-
-BLOCK = 20
-
-
-def _train_step(workload, optimizer):
-  def step(params, state, batch):
-    value_fn = lambda p: workload.value_fn(p, batch)
-    grads = jax.grad(value_fn)(params)
-    updates, state = optimizer.update(grads, state, params, value_fn=value_fn)
-    return optax.apply_updates(params, updates), state
-
-  return jax.jit(step)
 
 
 def _runners(workload):
@@ -57,7 +44,7 @@ def _runners(workload):
     "adahessian": curvopt.adahessian(1e-3),
     "sophia_h (k=10)": curvopt.sophia_h(1e-3, refresh_every=10),
   }.items():
-    step = _train_step(workload, opt)
+    step = train_step(workload, opt, ("value_fn",))
     carry = {"params": params, "state": opt.init(params)}
 
     def run(step=step, carry=carry):
@@ -104,13 +91,7 @@ def main() -> None:
     runners = _runners(WORKLOADS[name]())
     for run in runners.values():
       jax.block_until_ready(run())  # compile
-    samples = {k: [] for k in runners}
-    for _ in range(args.blocks):
-      for key, run in runners.items():
-        start = time.perf_counter()
-        jax.block_until_ready(run())
-        samples[key].append((time.perf_counter() - start) / BLOCK)
-    ms = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+    ms = interleaved_medians(runners, args.blocks)
     hvp_ratio = ms["raw jvp(grad)"] / ms["gradient"]
     lines += [
       f"### {name}",

@@ -290,3 +290,25 @@ def test_checkpoints_round_trip_prng_keys(tmp_path):
     jax.random.key_data(restored["key"]), jax.random.key_data(tree["key"])
   )
   np.testing.assert_array_equal(restored["w"], tree["w"])
+
+
+def test_step_time_benchmark_script_runs(tmp_path):
+  """The script behind the README's step-time tables (one short block, one workload)."""
+  out = tmp_path / "step_time.md"
+  done = subprocess.run(
+    [
+      sys.executable,
+      str(ROOT / "benchmarks" / "step_time.py"),
+      "--blocks=1",
+      "--workloads=digits_mlp",
+      "--optimizers=shampoo,soap",
+      "--set=shampoo.block_size=32",
+      f"--out={out}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  table = out.read_text()
+  assert "| shampoo |" in table and "| soap |" in table and "'block_size': 32" in table

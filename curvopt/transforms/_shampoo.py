@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -108,15 +109,14 @@ def scale_by_shampoo(
     _checks.in_range("rank_rtol", rank_rtol, 0.0, 1.0)
   graft = grafting_transform(grafting, grafting_b2, grafting_eps)
 
-  def layout_of(tree: PyTree) -> BlockLayout:
-    return block_layout(
-      tree,
-      block_size,
-      merge_dims=merge_dims,
-      precondition_1d=precondition_1d,
-      matrix_axes=matrix_axes,
-      one_sided=one_sided,
-    )
+  layout_of = functools.partial(
+    block_layout,
+    block_size=block_size,
+    merge_dims=merge_dims,
+    precondition_1d=precondition_1d,
+    matrix_axes=matrix_axes,
+    one_sided=one_sided,
+  )
 
   def init(params: PyTree) -> ScaleByShampooState:
     layout, dtype = layout_of(params), _tree.working_dtype(_tree.structure_of(params))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -10,7 +11,6 @@ import optax
 
 from curvopt import _checks, _tree
 from curvopt.transforms._blocks import (
-  BlockLayout,
   MatrixAxes,
   block_layout,
   from_blocks,
@@ -87,15 +87,14 @@ def scale_by_soap(
     )
   beta = b2 if shampoo_beta is None else shampoo_beta
 
-  def layout_of(tree: PyTree) -> BlockLayout:
-    return block_layout(
-      tree,
-      block_size,
-      merge_dims=merge_dims,
-      precondition_1d=precondition_1d,
-      matrix_axes=matrix_axes,
-      one_sided=one_sided,
-    )
+  layout_of = functools.partial(
+    block_layout,
+    block_size=block_size,
+    merge_dims=merge_dims,
+    precondition_1d=precondition_1d,
+    matrix_axes=matrix_axes,
+    one_sided=one_sided,
+  )
 
   def init(params: PyTree) -> ScaleBySoapState:
     layout, dtype = layout_of(params), _tree.working_dtype(params)
