@@ -282,9 +282,13 @@ def test_poisoned_statistics_keep_the_previous_roots_and_count_the_failure():
   chex.assert_trees_all_equal(state.roots[0][0], good_roots[0][0])  # kept
   assert not np.array_equal(state.roots[0][1], good_roots[0][1])  # the clean factor refreshed
   assert np.all(np.isfinite(updates["w"]))
-  updates, state = tx.update(grads[3], state)  # statistics restarted: training continues
+  chex.assert_trees_all_equal(state.statistics[0][0], jnp.zeros_like(left))  # restarted
+  g = np.asarray(grads[2]["w"])
+  np.testing.assert_allclose(state.statistics[0][1][0], right[0] + g.T @ g, rtol=1e-12)
+  updates, state = tx.update(grads[3], state)  # training continues
   assert np.all(np.isfinite(updates["w"])) and int(state.failures) == 1
-  assert np.all(np.isfinite(state.statistics[0][0]))
+  g = np.asarray(grads[3]["w"])
+  np.testing.assert_allclose(state.statistics[0][0][0], g @ g.T, rtol=1e-12)
 
 
 def test_newton_and_eigh_roots_give_the_same_updates():

@@ -175,8 +175,10 @@ def scale_by_shampoo(
 
     def refresh():
       roots, failed = inverse_roots(layout, statistics, state.roots, state.count)
-      # Non-finite statistics cannot recover by accumulation: restart them from zero.
-      clean = jax.tree.map(lambda s: jnp.where(jnp.isfinite(s), s, 0), statistics)
+      # A non-finite factor cannot recover by accumulation: restart it from zero.
+      clean = jax.tree.map(
+        lambda s: jnp.where(jnp.all(jnp.isfinite(s), axis=(1, 2), keepdims=True), s, 0), statistics
+      )
       return roots, state.failures + failed, clean
 
     roots, failures, statistics = refresh_if_due(
