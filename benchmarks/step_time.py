@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.bench.optimizers import OPTIMIZERS
+from curvopt.bench.runner import tree_bytes
 from curvopt.bench.workloads import WORKLOADS
 
 BLOCK = 20
@@ -52,10 +53,6 @@ def interleaved_medians(runners: dict, blocks: int) -> dict[str, float]:
   return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
 
 
-def _nbytes(tree) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
 def _measure(workload_name: str, names: list[str], overrides: dict, blocks: int) -> list[str]:
   workload = WORKLOADS[workload_name]()
   params = workload.init_params(jax.random.key(0))
@@ -69,7 +66,7 @@ def _measure(workload_name: str, names: list[str], overrides: dict, blocks: int)
     start = time.perf_counter()
     compiled = step.lower(params, state, batches[0]).compile()
     compile_s[name] = time.perf_counter() - start
-    state_ratio[name] = _nbytes(state) / _nbytes(params)
+    state_ratio[name] = tree_bytes(state) / tree_bytes(params)
     carry = {"params": params, "state": state}
 
     def run(compiled=compiled, carry=carry):

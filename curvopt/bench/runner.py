@@ -59,7 +59,8 @@ def make_step(workload: Workload, spec: OptimizerSpec, optimizer: optax.Gradient
   return step
 
 
-def _tree_bytes(tree: Any) -> int:
+def tree_bytes(tree: Any) -> int:
+  """Bytes held by the arrays of a pytree (an optimizer state, parameters)."""
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
@@ -238,7 +239,7 @@ def _summary(
     # The first timed step after a (re)compile can still warm caches: skip it.
     "median_step_ms": 1e3 * statistics.median(times[1:] or times or [math.nan]),
     "compile_s": compile_s,
-    "optimizer_state_bytes": _tree_bytes(state),
+    "optimizer_state_bytes": tree_bytes(state),
     "step_memory_bytes": memory,
     "peak_device_bytes": _peak_device_bytes(),
     "nonfinite_steps": progress["nonfinite"],

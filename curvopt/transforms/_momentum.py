@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from curvopt import _tree
@@ -40,7 +39,7 @@ def ema_momentum(decay: float = 0.9, nesterov: bool = False) -> optax.GradientTr
 
   def init(params: PyTree) -> EmaMomentumState:
     dtype = _tree.working_dtype(_tree.structure_of(params))
-    return EmaMomentumState(jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params))
+    return EmaMomentumState(_tree.zeros(params, dtype))
 
   def update(updates, state, params=None):
     del params

@@ -15,10 +15,10 @@ from curvopt.transforms._blocks import (
   BlockLayout,
   MatrixAxes,
   block_layout,
+  from_blocks,
   stacked_identities,
   to_blocks,
 )
-from curvopt.transforms._blocks import from_blocks as _from_blocks
 from curvopt.transforms._cadence import refresh_if_due
 from curvopt.transforms._grafting import Grafting, grafting_transform
 from curvopt.transforms._kronecker import factor_statistics, map_factors, mode_product
@@ -204,7 +204,7 @@ def scale_by_shampoo(
     new_state = ScaleByShampooState(
       optax.safe_increment(state.count), statistics, roots, failures, graft_state
     )
-    return _from_blocks(layout, out, direction, updates), new_state
+    return from_blocks(layout, out, direction, updates), new_state
 
   return optax.GradientTransformation(init, update)
 

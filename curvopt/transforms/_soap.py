@@ -98,7 +98,7 @@ def scale_by_soap(
 
   def init(params: PyTree) -> ScaleBySoapState:
     layout, dtype = layout_of(params), _tree.working_dtype(params)
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params)
+    zeros = _tree.zeros(params, dtype)
     statistics = stacked_identities(layout, params, dtype, 0.0)
     eigenbases = stacked_identities(layout, params, dtype)
     return ScaleBySoapState(jnp.zeros((), jnp.int32), zeros, zeros, statistics, eigenbases)
