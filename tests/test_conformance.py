@@ -47,6 +47,8 @@ SHAMPOO_STATIC = (
   "precondition_1d",
 )
 
+PSGD_KRON_STATIC = ("fit", "max_size", "max_skew", "geometry", "seed")
+
 OPTIMIZERS = {
   "adahessian": Entry(
     curvopt.adahessian,
@@ -57,6 +59,33 @@ OPTIMIZERS = {
     # take a huge step and diverge. A damped denominator (eps = 1) converges for
     # every seed tried; measured, see the issue note.
     problem_kwargs={"rosenbrock": {"learning_rate": 1.0, "eps": 1.0, "b1": 0.0}},
+  ),
+  "psgd_dense": Entry(
+    curvopt.psgd_dense,
+    {"learning_rate": 0.5},
+    static_args=("fit", "geometry", "seed"),
+    problem_kwargs={"rosenbrock": {"learning_rate": 0.2}},
+  ),
+  "psgd_kron": Entry(
+    curvopt.psgd_kron,
+    {"learning_rate": 0.05},
+    static_args=PSGD_KRON_STATIC,
+    problem_kwargs={"rosenbrock": {"learning_rate": 0.01}},
+    needs_value_fn=False,
+  ),
+  "psgd_kron_newton_eq": Entry(  # Hessian fitting, the paper's triangular geometry
+    curvopt.psgd_kron,
+    {"learning_rate": 0.5, "fit": "newton", "geometry": "EQ", "b1": 0.0},
+    static_args=PSGD_KRON_STATIC,
+    # A diagonal factor (the default for a vector) crawls along the valley; a dense one does not.
+    problem_kwargs={"rosenbrock": {"max_skew": float("inf")}},
+  ),
+  "psgd_lra": Entry(
+    curvopt.psgd_lra,
+    {"learning_rate": 0.05, "rank": 1},
+    static_args=("fit", "rank", "seed"),
+    problem_kwargs={"rosenbrock": {"learning_rate": 0.01}},
+    needs_value_fn=False,
   ),
   "shampoo": Entry(
     curvopt.shampoo,

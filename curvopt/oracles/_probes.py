@@ -94,6 +94,23 @@ def _box_muller(words, n: int, dtype: Any) -> jax.Array:
   return jnp.concatenate([radius * jnp.cos(angle), radius * jnp.sin(angle)])[:n].astype(dtype)
 
 
+def counter_uniform(key: jax.Array, counter: jax.Array | int) -> jax.Array:
+  """A float32 draw, uniform on [0, 1), from the counter-based hash of `(key, counter)`.
+
+  The scalar companion of `random_vector(..., counter=...)`, for per-step
+  coin flips inside a training step (same on every replica, no threefry).
+
+  Example:
+    >>> import jax, curvopt.oracles._probes as probes
+    >>> u = probes.counter_uniform(jax.random.key(0), 3)
+    >>> bool(0.0 <= u < 1.0)
+    True
+  """
+  word = _counter_words(key, counter, 1)[0]
+  # The top 24 bits fill a float32 mantissa exactly.
+  return (word >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+
+
 _GOLDEN = np.uint32(0x9E3779B9)
 
 

@@ -15,6 +15,14 @@ from curvopt.transforms._hutchinson import (
 from curvopt.transforms._hutchinson import spatial_average as spatial_average
 from curvopt.transforms._momentum import EmaMomentumState as EmaMomentumState
 from curvopt.transforms._momentum import ema_momentum as ema_momentum
+from curvopt.transforms._psgd import PreconditionerFamily as PreconditionerFamily
+from curvopt.transforms._psgd import ScaleByPSGDState as ScaleByPSGDState
+from curvopt.transforms._psgd import psgd_update_probability as psgd_update_probability
+from curvopt.transforms._psgd_dense import scale_by_psgd_dense as scale_by_psgd_dense
+from curvopt.transforms._psgd_kron import KronFactors as KronFactors
+from curvopt.transforms._psgd_kron import scale_by_psgd_kron as scale_by_psgd_kron
+from curvopt.transforms._psgd_lra import LowRankFactors as LowRankFactors
+from curvopt.transforms._psgd_lra import scale_by_psgd_lra as scale_by_psgd_lra
 from curvopt.transforms._shampoo import ScaleByShampooState as ScaleByShampooState
 from curvopt.transforms._shampoo import scale_by_shampoo as scale_by_shampoo
 from curvopt.transforms._soap import ScaleBySoapState as ScaleBySoapState

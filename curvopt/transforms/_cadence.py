@@ -28,7 +28,17 @@ def refresh_if_due(
   """
   if every == 1:
     return refresh()
-  due = count % every == 0
+  return refresh_when(count % every == 0, refresh, keep)
+
+
+def refresh_when(due: jax.Array, refresh: Callable[[], Any], keep: Callable[[], Any]):
+  """`refresh()` where the boolean `due` holds, else `keep()`; see `refresh_if_due`.
+
+  Outside `jit` (`due` concrete) this is a Python branch: an eager
+  `lax.cond` would compile a new program on every call.
+  """
+  if not isinstance(due, jax.core.Tracer):
+    return refresh() if bool(due) else keep()
   if jax.default_backend() == "cpu":
     closed = jax.make_jaxpr(refresh)()
     if _jaxpr.contains_primitive(closed.jaxpr, "conv_general_dilated"):

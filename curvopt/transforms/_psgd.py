@@ -1,0 +1,234 @@
+"""PSGD's shared driver: when to fit the preconditioner, on what, and applying it.
+
+A preconditioner family (Kronecker factors, low rank plus diagonal, dense)
+supplies `init`, `rescale`, `fit` and `apply` on its own view of the
+parameters; this module owns the rest: the PRNG key and the coin flip that
+decides each step whether to fit, the probe pair `(v, h)` (a Hessian-vector
+product for Newton-type fitting, the gradient for whitening), damping, the
+initial scale derived from the first pair, and the step-size schedules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvopt import _checks, _tree
+from curvopt.oracles import hvp, random_vector
+from curvopt.oracles._probes import counter_uniform
+from curvopt.transforms._cadence import refresh_when
+from curvopt.transforms._hutchinson import require_value_fn
+
+PyTree = Any
+Fit = Literal["whitening", "newton"]
+FITS = ("whitening", "newton")
+
+
+class PreconditionerFamily(NamedTuple):
+  """What a PSGD preconditioner form supplies to the driver.
+
+  `view(tree) -> x` and `unview(x, like) -> tree` map parameter-shaped trees
+  to the family's own arrays (the identity for Kronecker factors, the
+  flattened vector for dense and low-rank forms). On `x`:
+  `init(x, key) -> state` (the preconditioner `I`), `rescale(state, scales)`
+  (one scale per leaf of `x`: `Q <- s Q`), `fit(state, v, h, step, beta_l,
+  whitening, key) -> state` (one Lie-group step of the fitting criterion),
+  `apply(state, g) -> P g`.
+  """
+
+  view: Callable[[PyTree], PyTree]
+  unview: Callable[[PyTree, PyTree], PyTree]
+  init: Callable[[PyTree, jax.Array], Any]
+  rescale: Callable[[Any, list], Any]
+  fit: Callable[..., Any]
+  apply: Callable[[Any, PyTree], PyTree]
+
+
+class ScaleByPSGDState(NamedTuple):
+  """State of the `scale_by_psgd_*` transforms.
+
+  Attributes:
+    count: steps so far.
+    key: the PRNG key every probe and coin flip of step `t` derives from (fixed;
+      draws are counter-based on `t`, so identical on every replica).
+    fits: how many steps fitted the preconditioner.
+    preconditioner: the family's state (factors of `Q`, Lipschitz estimates).
+  """
+
+  count: jax.Array
+  key: jax.Array
+  fits: jax.Array
+  preconditioner: Any
+
+
+def psgd_update_probability(
+  max_probability: float = 1.0,
+  min_probability: float = 0.03,
+  decay: float = 0.001,
+  flat_steps: int = 500,
+) -> optax.Schedule:
+  """The common preconditioner-update schedule: flat, then decaying exponentially to a floor.
+
+  `p(t) = clip(max_probability * exp(-decay * (t - flat_steps)), min_probability,
+  max_probability)`. The defaults are psgd_jax's: 1 for 500 steps, 0.03 from about
+  step 4000.
+
+  Example:
+    >>> import curvopt
+    >>> p = curvopt.transforms.psgd_update_probability()
+    >>> round(float(p(0)), 3), round(float(p(1500)), 3), round(float(p(10_000)), 3)
+    (1.0, 0.368, 0.03)
+
+  References:
+    Li, "Preconditioned Stochastic Gradient Descent", 2015; psgd_jax's
+    `precond_update_prob_schedule`.
+  """
+  _checks.in_range("max_probability", max_probability, 0.0, 1.0, high_inclusive=True)
+  _checks.in_range("min_probability", min_probability, 0.0, 1.0, high_inclusive=True)
+  _checks.in_range("decay", decay, 0.0, float("inf"))
+
+  def schedule(count):
+    p = max_probability * jnp.exp(-decay * (jnp.asarray(count, jnp.float32) - flat_steps))
+    return jnp.clip(p, min_probability, max_probability)
+
+  return schedule
+
+
+def initial_scales(v: PyTree, h: PyTree, whitening: bool) -> list[jax.Array]:
+  """The scale `s` of the first `Q = s I`, one per leaf, from the first probe pair.
+
+  Whitening: `s = mean(g^4)^(-1/8)` per leaf, so `P = s^2 I` maps the gradient
+  to unit RMS. Newton: one `s = mean(v^2)^(1/4) max_leaf mean(h^4)^(-1/8)` for
+  all leaves (psgd_torch), since the Hessian couples them. A zero `h` gives 1.
+  """
+  leaves_h = jax.tree.leaves(h)
+  inverse_roots = [_inverse_eighth_root_of_mean_fourth_power(x) for x in leaves_h]
+  if whitening:
+    return inverse_roots
+  leaves_v = jax.tree.leaves(v)
+  mean_square = sum(jnp.sum(x * x) for x in leaves_v) / sum(x.size for x in leaves_v)
+  shared = jnp.min(jnp.stack(inverse_roots)) * mean_square**0.25
+  return [shared] * len(leaves_h)
+
+
+def _inverse_eighth_root_of_mean_fourth_power(x: jax.Array) -> jax.Array:
+  # Factoring out max|x| keeps x^4 from overflowing or underflowing in float32.
+  peak = jnp.max(jnp.abs(x))
+  safe_peak = jnp.where(peak > 0, peak, 1.0)
+  ratio = jnp.mean((x / safe_peak) ** 4)
+  root = safe_peak**-0.5 * ratio**-0.125
+  return jnp.where((peak > 0) & jnp.isfinite(root), root, 1.0)
+
+
+def scale_by_psgd(
+  family_for: Callable[[PyTree], PreconditionerFamily],
+  *,
+  fit: Fit,
+  lr_preconditioner: optax.ScalarOrSchedule,
+  update_probability: optax.ScalarOrSchedule,
+  init_scale: float | None,
+  beta_l: float,
+  damping: float,
+  seed: int,
+  name: str,
+) -> optax.GradientTransformationExtraArgs:
+  """The PSGD transform around a preconditioner family: output `P g`.
+
+  Each step, with probability `update_probability(t)` (always at step 0),
+  `Q` takes one normalized Lie-group step on the fitting criterion
+  `E[h^T P h + v^T P^-1 v]`: Newton type, `v ~ N(0, I)` and `h = H v`
+  from the extra argument `value_fn` (minimizer `|H|^-1`); whitening,
+  `h = g` (minimizer `E[g g^T]^-1/2`). `h` is damped as
+  `h + (damping + eps |h|) xi` with `xi ~ N(0, I)`, which bounds `P <= I /
+  damping`. Then the output is `P g` with the fitted `P`.
+  """
+  _checks.one_of("fit", fit, FITS)
+  _checks.in_range("beta_l", beta_l, 0.0, 1.0)
+  _checks.in_range("damping", damping, 0.0, float("inf"))
+  if init_scale is not None:
+    _checks.in_range("init_scale", init_scale, 0.0, float("inf"))
+    if init_scale == 0:
+      raise ValueError("init_scale must be positive (Q = init_scale * I is invertible), got 0.")
+  if not callable(update_probability):
+    _checks.in_range("update_probability", update_probability, 0.0, 1.0, high_inclusive=True)
+  if not callable(lr_preconditioner):
+    _checks.in_range("lr_preconditioner", lr_preconditioner, 0.0, 1.0, high_inclusive=True)
+  whitening = fit == "whitening"
+
+  def init(params: PyTree) -> ScaleByPSGDState:
+    dtype = _tree.working_dtype(_tree.structure_of(params))
+    key = jax.random.key(seed)
+    zero = jnp.zeros((), jnp.int32)
+    if not jax.tree.leaves(params):  # `optax.tree.map_params`'s placeholder
+      return ScaleByPSGDState(zero, key, zero, jnp.zeros((0,), dtype))
+    family = family_for(params)
+    x = family.view(_tree.zeros(_tree.structure_of(params), dtype))
+    preconditioner = family.init(x, jax.random.fold_in(key, 1))
+    if init_scale is not None:
+      preconditioner = family.rescale(
+        preconditioner, [jnp.asarray(init_scale, dtype)] * len(jax.tree.leaves(x))
+      )
+    return ScaleByPSGDState(zero, key, zero, preconditioner)
+
+  def update(updates, state, params=None, *, value_fn=None, **extra_args):
+    del extra_args
+    if not whitening:
+      value_fn = require_value_fn(name, value_fn)
+      if params is None:
+        raise ValueError(
+          f"{name} with fit='newton' needs params in update(updates, state, params)."
+        )
+    family = family_for(updates)
+    dtype = _tree.working_dtype(_tree.structure_of(updates))
+    grads = _tree.cast(updates, dtype)
+    count = state.count
+    probability = _value_at(update_probability, count)
+    due = (count == 0) | (counter_uniform(state.key, 3 * count + 2) < probability)
+
+    def fit_preconditioner():
+      v = random_vector(state.key, grads, "gaussian", dtype, counter=3 * count)
+      if whitening:
+        h = grads
+      else:
+        tangent = _tree.cast_like(v, _tree.structure_of(params))
+        h = _tree.cast(hvp(value_fn, params, tangent), dtype)
+      xv, xh = family.view(v), family.view(h)
+      preconditioner = state.preconditioner
+      if init_scale is None:  # from the undamped pair: a zero gradient gives scale 1
+        first = family.rescale(preconditioner, initial_scales(xv, xh, whitening))
+        preconditioner = jax.tree.map(
+          lambda a, b: jnp.where(count == 0, a, b), first, preconditioner
+        )
+      noise = random_vector(state.key, grads, "gaussian", dtype, counter=3 * count + 1)
+      xh = family.view(_damped(h, damping, noise))
+      step = _value_at(lr_preconditioner, count)
+      coin_key = jax.random.fold_in(state.key, 2)  # fixed; the family mixes in the count
+      return family.fit(preconditioner, xv, xh, step, beta_l, whitening, coin_key, count)
+
+    preconditioner = refresh_when(due, fit_preconditioner, lambda: state.preconditioner)
+    direction = family.unview(family.apply(preconditioner, family.view(grads)), updates)
+    new_state = ScaleByPSGDState(
+      optax.safe_increment(count),
+      state.key,
+      state.fits + due.astype(jnp.int32),
+      preconditioner,
+    )
+    return _tree.cast_like(direction, _tree.structure_of(updates)), new_state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _value_at(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
+  return value(count) if callable(value) else value
+
+
+def _damped(h: PyTree, damping: float, noise: PyTree) -> PyTree:
+  def damp(x, xi):
+    eps = jnp.finfo(x.dtype).eps
+    return x + (damping + eps * jnp.abs(x)) * xi
+
+  return jax.tree.map(damp, h, noise)
