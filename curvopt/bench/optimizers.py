@@ -73,6 +73,23 @@ def _lbfgs(learning_rate: float, memory_size: int = 10):
   return optax.lbfgs(learning_rate, memory_size=memory_size)
 
 
+def _psgd_kron_newton(
+  learning_rate: float,
+  b1: float = 0.9,
+  weight_decay: float = 0.0,
+  update_probability: float | None = None,
+  lr_preconditioner: float = 0.1,
+):
+  return curvopt.psgd_kron(
+    learning_rate,
+    b1,
+    weight_decay,
+    fit="newton",
+    update_probability=update_probability,
+    lr_preconditioner=lr_preconditioner,
+  )
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
   spec.name: spec
   for spec in (
@@ -103,6 +120,22 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
       "shampoo",
       "curvopt.shampoo: Kronecker-factored blocks, roots every 10 steps, Adam grafting",
       curvopt.shampoo,
+    ),
+    OptimizerSpec(
+      "psgd_kron",
+      "curvopt.psgd_kron: Kronecker factors fitted to whiten the gradient (PSGD)",
+      curvopt.psgd_kron,
+    ),
+    OptimizerSpec(
+      "psgd_kron_newton",
+      "curvopt.psgd_kron(fit='newton'): Kronecker factors fitted to Hessian products",
+      _psgd_kron_newton,
+      extra_args=("value_fn",),
+    ),
+    OptimizerSpec(
+      "psgd_lra",
+      "curvopt.psgd_lra: low-rank-plus-diagonal Q fitted to whiten the gradient (PSGD)",
+      curvopt.psgd_lra,
     ),
     OptimizerSpec(
       "soap",

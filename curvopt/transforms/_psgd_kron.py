@@ -75,6 +75,8 @@ def _mode_product(x: jax.Array, m: jax.Array, axis: int) -> jax.Array:
   """`m` applied along `axis` of `x`; a vector `m` is a diagonal matrix."""
   if m.ndim == 1:
     return x * m.reshape(m.shape + (1,) * (x.ndim - axis - 1))
+  if axis == x.ndim - 1:  # no transposes for the common last axis
+    return jnp.matmul(x, m.T, precision=_HIGHEST)
   return jnp.moveaxis(jnp.tensordot(m, x, axes=(1, axis), precision=_HIGHEST), 0, axis)
 
 
