@@ -10,8 +10,8 @@ Layers, each importing only the ones before it:
    `scale_by_*` steps that consume them).
 4. the named optimizers (`curvopt.adahessian`, `curvopt.sophia_h`,
    `curvopt.shampoo`, `curvopt.soap`, `curvopt.psgd_kron`,
-   `curvopt.psgd_lra`, `curvopt.psgd_dense`), each a short `optax.chain` of
-   transforms.
+   `curvopt.psgd_lra`, `curvopt.psgd_dense`, `curvopt.sam`, `curvopt.gam`),
+   each a short `optax.chain` of transforms.
 """
 
 from curvopt import estimators as estimators
@@ -20,9 +20,11 @@ from curvopt import transforms as transforms
 from curvopt._matrix_roots import InverseRoot as InverseRoot
 from curvopt._matrix_roots import matrix_inverse_root as matrix_inverse_root
 from curvopt.alias import adahessian as adahessian
+from curvopt.alias import gam as gam
 from curvopt.alias import psgd_dense as psgd_dense
 from curvopt.alias import psgd_kron as psgd_kron
 from curvopt.alias import psgd_lra as psgd_lra
+from curvopt.alias import sam as sam
 from curvopt.alias import shampoo as shampoo
 from curvopt.alias import soap as soap
 from curvopt.alias import sophia_h as sophia_h

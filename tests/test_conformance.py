@@ -47,6 +47,24 @@ SHAMPOO_STATIC = (
   "precondition_1d",
 )
 
+
+def _sgd(learning_rate):
+  # SAM keeps no statistics of its own; this base keeps float32 ones and
+  # returns updates in the parameters' dtype (optax.sgd's trace does neither).
+  return optax.chain(
+    curvopt.transforms.ema_momentum(0.9), optax.scale_by_learning_rate(learning_rate)
+  )
+
+
+def _sam_sgd(learning_rate, rho=0.05, adaptive=False):
+  """SAM around SGD with momentum, the papers' base optimizer."""
+  return curvopt.sam(_sgd(learning_rate), rho, adaptive=adaptive)
+
+
+def _gam_sgd(learning_rate, rho=0.03, grad_norm_rho=0.2, gamma=0.05):
+  return curvopt.gam(_sgd(learning_rate), rho, grad_norm_rho, gamma=gamma)
+
+
 PSGD_KRON_STATIC = ("fit", "max_size", "max_skew", "geometry", "seed")
 
 OPTIMIZERS = {
@@ -86,6 +104,25 @@ OPTIMIZERS = {
     static_args=("fit", "rank", "seed"),
     problem_kwargs={"rosenbrock": {"learning_rate": 0.01}},
     needs_value_fn=False,
+  ),
+  # SAM-type methods settle at a distance of about rho from a minimum (the
+  # perturbed gradient vanishes there, not the gradient): small radii here.
+  "sam": Entry(
+    _sam_sgd,
+    {"learning_rate": 0.1, "rho": 0.01},
+    static_args=("adaptive",),
+    problem_kwargs={"rosenbrock": {"learning_rate": 0.01, "rho": 0.001}},
+  ),
+  "asam": Entry(
+    _sam_sgd,
+    {"learning_rate": 0.1, "rho": 0.005, "adaptive": True},
+    static_args=("adaptive",),
+    problem_kwargs={"rosenbrock": {"learning_rate": 0.01, "rho": 0.0005}},
+  ),
+  "gam": Entry(
+    _gam_sgd,
+    {"learning_rate": 0.1, "rho": 0.005, "grad_norm_rho": 0.01},
+    problem_kwargs={"rosenbrock": {"learning_rate": 0.01, "rho": 0.0005, "grad_norm_rho": 0.001}},
   ),
   "shampoo": Entry(
     curvopt.shampoo,

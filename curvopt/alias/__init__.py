@@ -4,6 +4,8 @@ from curvopt.alias._adahessian import adahessian as adahessian
 from curvopt.alias._psgd import psgd_dense as psgd_dense
 from curvopt.alias._psgd import psgd_kron as psgd_kron
 from curvopt.alias._psgd import psgd_lra as psgd_lra
+from curvopt.alias._sam import gam as gam
+from curvopt.alias._sam import sam as sam
 from curvopt.alias._shampoo import shampoo as shampoo
 from curvopt.alias._soap import soap as soap
 from curvopt.alias._sophia import sophia_h as sophia_h

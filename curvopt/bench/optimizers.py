@@ -90,6 +90,25 @@ def _psgd_kron_newton(
   )
 
 
+def _sam(learning_rate: float, rho: float = 0.05, momentum: float = 0.9):
+  return curvopt.sam(optax.sgd(learning_rate, momentum=momentum), rho)
+
+
+def _asam(learning_rate: float, rho: float = 0.5, eta: float = 0.01, momentum: float = 0.9):
+  return curvopt.sam(optax.sgd(learning_rate, momentum=momentum), rho, adaptive=True, eta=eta)
+
+
+def _gam(
+  learning_rate: float,
+  rho: float = 0.03,
+  grad_norm_rho: float = 0.2,
+  gamma: float = 0.05,
+  momentum: float = 0.9,
+):
+  base = optax.sgd(learning_rate, momentum=momentum)
+  return curvopt.gam(base, rho, grad_norm_rho, gamma=gamma)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
   spec.name: spec
   for spec in (
@@ -136,6 +155,24 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
       "psgd_lra",
       "curvopt.psgd_lra: low-rank-plus-diagonal Q fitted to whiten the gradient (PSGD)",
       curvopt.psgd_lra,
+    ),
+    OptimizerSpec(
+      "sam",
+      "curvopt.sam around SGD with momentum 0.9 (Foret et al. 2021), rho 0.05",
+      _sam,
+      extra_args=("value_fn",),
+    ),
+    OptimizerSpec(
+      "asam",
+      "curvopt.sam(adaptive=True) around SGD with momentum 0.9 (Kwon et al. 2021), rho 0.5",
+      _asam,
+      extra_args=("value_fn",),
+    ),
+    OptimizerSpec(
+      "gam",
+      "curvopt.gam around SGD with momentum 0.9 (Zhang et al. 2023)",
+      _gam,
+      extra_args=("value_fn",),
     ),
     OptimizerSpec(
       "soap",

@@ -23,6 +23,9 @@ from curvopt.transforms._psgd_kron import KronFactors as KronFactors
 from curvopt.transforms._psgd_kron import scale_by_psgd_kron as scale_by_psgd_kron
 from curvopt.transforms._psgd_lra import LowRankFactors as LowRankFactors
 from curvopt.transforms._psgd_lra import scale_by_psgd_lra as scale_by_psgd_lra
+from curvopt.transforms._sam import SharpnessAwareState as SharpnessAwareState
+from curvopt.transforms._sam import gam_gradient as gam_gradient
+from curvopt.transforms._sam import sam_gradient as sam_gradient
 from curvopt.transforms._shampoo import ScaleByShampooState as ScaleByShampooState
 from curvopt.transforms._shampoo import scale_by_shampoo as scale_by_shampoo
 from curvopt.transforms._soap import ScaleBySoapState as ScaleBySoapState
