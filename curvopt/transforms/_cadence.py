@@ -13,6 +13,11 @@ import numpy as np
 from curvopt import _jaxpr
 
 
+def value_at(value: Any, count: jax.Array) -> Any:
+  """A hyperparameter given as a number or as an optax schedule, at step `count`."""
+  return value(count) if callable(value) else value
+
+
 def refresh_if_due(
   count: jax.Array, every: int, refresh: Callable[[], Any], keep: Callable[[], Any]
 ):

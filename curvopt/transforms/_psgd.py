@@ -20,7 +20,7 @@ import optax
 from curvopt import _checks, _tree
 from curvopt.oracles import hvp, random_vector
 from curvopt.oracles._probes import counter_uniform
-from curvopt.transforms._cadence import refresh_when
+from curvopt.transforms._cadence import refresh_when, value_at
 from curvopt.transforms._hutchinson import require_value_fn
 
 PyTree = Any
@@ -186,7 +186,7 @@ def scale_by_psgd(
     dtype = _tree.working_dtype(_tree.structure_of(updates))
     grads = _tree.cast(updates, dtype)
     count = state.count
-    probability = _value_at(update_probability, count)
+    probability = value_at(update_probability, count)
     due = (count == 0) | (counter_uniform(state.key, 3 * count + 2) < probability)
 
     def fit_preconditioner():
@@ -205,7 +205,7 @@ def scale_by_psgd(
         )
       noise = random_vector(state.key, grads, "gaussian", dtype, counter=3 * count + 1)
       xh = family.view(_damped(h, damping, noise))
-      step = _value_at(lr_preconditioner, count)
+      step = value_at(lr_preconditioner, count)
       coin_key = jax.random.fold_in(state.key, 2)  # fixed; the family mixes in the count
       return family.fit(preconditioner, xv, xh, step, beta_l, whitening, coin_key, count)
 
@@ -220,10 +220,6 @@ def scale_by_psgd(
     return _tree.cast_like(direction, _tree.structure_of(updates)), new_state
 
   return optax.GradientTransformationExtraArgs(init, update)
-
-
-def _value_at(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  return value(count) if callable(value) else value
 
 
 def _damped(h: PyTree, damping: float, noise: PyTree) -> PyTree:

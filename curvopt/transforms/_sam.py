@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt import _checks, _tree
+from curvopt.transforms._cadence import value_at
 from curvopt.transforms._hutchinson import require_value_fn
 
 PyTree = Any
@@ -46,10 +47,6 @@ def _ascent(g: PyTree, radius: jax.Array, scale: PyTree | None, eps: float) -> P
 
 def _shifted(params: PyTree, delta: PyTree) -> PyTree:
   return jax.tree.map(lambda w, d: (w + d).astype(w.dtype), params, delta)
-
-
-def _value_at(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  return value(count) if callable(value) else value
 
 
 def sam_gradient(
@@ -109,7 +106,7 @@ def sam_gradient(
     value_fn = require_value_fn("sam", value_fn)
     if params is None:
       raise ValueError("sam needs params in update(updates, state, params, ...).")
-    radius = _value_at(rho, state.count)
+    radius = value_at(rho, state.count)
     g = _tree.cast_like(updates, _tree.structure_of(params))
     e = _ascent(g, radius, _normalizer(params, adaptive, eta), eps)
     perturbed = _gradient_of(value_fn, has_aux)(_shifted(params, e))
@@ -196,7 +193,7 @@ def gam_gradient(
     if params is None:
       raise ValueError("gam needs params in update(updates, state, params, ...).")
     grad = _gradient_of(value_fn, has_aux)
-    radius = _value_at(rho, state.count)
+    radius = value_at(rho, state.count)
     scale = _normalizer(params, adaptive, 0.0)
     g0 = _tree.cast_like(updates, _tree.structure_of(params))
     g1 = grad(_shifted(params, _ascent(g0, radius, scale, eps)))
