@@ -217,3 +217,41 @@ def test_bad_arguments_and_missing_value_fn_fail_clearly():
   w = jnp.ones(3)
   with pytest.raises(TypeError, match="sam needs the loss as an extra argument"):
     opt.update(w, opt.init(w), w)
+
+
+def test_per_group_perturbations_average_the_groups_sam_gradients():
+  # Spec 6.5 test 5: m-sharpness with b/m groups equals the mean of per-group SAM gradients.
+  rng = np.random.default_rng(0)
+  mats = [np.diag(rng.uniform(0.5, 3.0, 3)) for _ in range(2)]
+  vecs = [rng.normal(size=3) for _ in range(2)]
+  group_loss = lambda w, i: (
+    0.5 * w @ jnp.asarray(np.stack(mats))[i] @ w - jnp.asarray(np.stack(vecs))[i] @ w
+  )
+  w = np.array([0.3, -1.0, 2.0])
+  expected = []
+  for a, b in zip(mats, vecs, strict=True):
+    g = a @ w - b
+    expected.append(a @ (w + 0.1 * g / np.linalg.norm(g)) - b)
+  tx = sam_gradient(0.1, perturbation="per_group", num_groups=2)
+  g_global = jnp.zeros(3)  # not used by per-group perturbations
+  out, _ = tx.update(g_global, tx.init(w), jnp.asarray(w), group_value_fn=group_loss)
+  np.testing.assert_allclose(out, np.mean(expected, axis=0), rtol=1e-12)
+
+
+def test_one_group_is_global_sam():
+  w = jnp.array([0.3, -1.0, 2.0])
+  g = jax.grad(_quadratic)(w)
+  one = sam_gradient(0.1, perturbation="per_group", num_groups=1)
+  plain = sam_gradient(0.1)
+  a, _ = one.update(g, one.init(w), w, group_value_fn=lambda p, i: _quadratic(p))
+  b, _ = plain.update(g, plain.init(w), w, value_fn=_quadratic)
+  np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_per_group_without_group_value_fn_fails_clearly():
+  opt = curvopt.sam(_base(), perturbation="per_group", num_groups=4)
+  w = jnp.ones(3)
+  with pytest.raises(TypeError, match="needs the extra argument group_value_fn"):
+    opt.update(w, opt.init(w), w, value_fn=_quadratic)
+  with pytest.raises(ValueError, match="perturbation must be one of"):
+    curvopt.sam(_base(), perturbation="local")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import optax
 
 from curvopt.transforms import gam_gradient, sam_gradient
+from curvopt.transforms._sam import Perturbation
 
 
 def sam(
@@ -15,6 +16,8 @@ def sam(
   eta: float = 0.01,
   eps: float = 1e-12,
   has_aux: bool = False,
+  perturbation: Perturbation = "global",
+  num_groups: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Sharpness-aware minimization: `base_optimizer` applied to `grad L(w + e)` (ASAM: `adaptive`).
 
@@ -34,10 +37,12 @@ def sam(
       official default is 0.5.
     - Weight decay belongs to the base optimizer (davda54), which sees the
       perturbed gradient; an L2 term inside `value_fn` (google-sam) also works.
-    - One global perturbation from the gradient passed in: under `jit` with
-      a sharded batch that gradient is already the global mean, so every
-      replica perturbs alike (davda54's DDP behaviour). Per-shard
-      perturbations (m-sharpness, google-sam's default) are not built yet.
+    - Under data parallelism the choice is named (spec 8 row 15):
+      `perturbation="global"` (default; davda54's DDP behaviour) perturbs
+      with the gradient passed in, which under `jit` with a sharded batch is
+      already the global mean; `perturbation="per_group"` with `num_groups`
+      and the extra argument `group_value_fn(params, i)` gives every group
+      (a shard) its own perturbation, m-sharpness as in google-sam.
 
   Models with state (batch statistics): compute the first pass in your
   step with the state updated, and pass a `value_fn` that uses the updated
@@ -48,7 +53,8 @@ def sam(
   Args:
     base_optimizer: any optax transform (its extra arguments are forwarded).
     rho: the radius; a float or a schedule.
-    adaptive, eta, eps, has_aux: see `curvopt.transforms.sam_gradient`.
+    adaptive, eta, eps, has_aux, perturbation, num_groups: see
+      `curvopt.transforms.sam_gradient`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, curvopt
@@ -67,7 +73,16 @@ def sam(
     "ASAM: Adaptive Sharpness-Aware Minimization", ICML 2021.
   """
   return optax.chain(
-    sam_gradient(rho, adaptive=adaptive, eta=eta, eps=eps, has_aux=has_aux), base_optimizer
+    sam_gradient(
+      rho,
+      adaptive=adaptive,
+      eta=eta,
+      eps=eps,
+      has_aux=has_aux,
+      perturbation=perturbation,
+      num_groups=num_groups,
+    ),
+    base_optimizer,
   )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,8 @@ from curvopt.transforms._cadence import value_at
 from curvopt.transforms._hutchinson import require_value_fn
 
 PyTree = Any
+Perturbation = Literal["global", "per_group"]
+PERTURBATIONS = ("global", "per_group")
 
 
 class SharpnessAwareState(NamedTuple):
@@ -56,6 +58,8 @@ def sam_gradient(
   eta: float = 0.01,
   eps: float = 1e-12,
   has_aux: bool = False,
+  perturbation: Perturbation = "global",
+  num_groups: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The sharpness-aware gradient `grad L(w + e)`, `e` the worst-case step of radius `rho`.
 
@@ -70,6 +74,16 @@ def sam_gradient(
   gradient gives `e = 0` (optax's SAM divides by zero there). `rho = 0`
   returns the input gradient itself.
 
+  `perturbation="per_group"` is m-sharpness (Foret et al. section 4.1;
+  google-sam's default under data parallelism, one perturbation per device):
+  the batch is `num_groups` groups, each perturbed along its own gradient,
+  and the output is the mean of the groups' perturbed gradients. It needs
+  the extra argument `group_value_fn(params, i)`, the loss on group `i`
+  (for data-parallel shards: the shard's slice of the batch); the groups'
+  first-pass gradients are recomputed, so a step costs three gradients'
+  work instead of two. `"global"` (default) perturbs all replicas alike
+  with the gradient passed in, which under `jit` is the global mean.
+
   Args:
     rho: the radius; a float or a schedule of the step.
     adaptive: ASAM's scale-invariant perturbation.
@@ -78,6 +92,8 @@ def sam_gradient(
     has_aux: `value_fn` returns `(loss, aux)`; the second pass's `aux` is
       dropped, so state such as batch statistics is updated by the caller's
       first pass only.
+    perturbation: "global" or "per_group" (m-sharpness); see above.
+    num_groups: the number of groups for "per_group".
 
   Example:
     >>> import jax.numpy as jnp, curvopt
@@ -96,20 +112,41 @@ def sam_gradient(
   _checks.in_range("rho", rho, 0.0, float("inf"))
   _checks.in_range("eta", eta, 0.0, float("inf"))
   _checks.in_range("eps", eps, 0.0, float("inf"))
+  _checks.one_of("perturbation", perturbation, PERTURBATIONS)
+  _checks.positive_int("num_groups", num_groups)
 
   def init(params: PyTree) -> SharpnessAwareState:
     del params
     return SharpnessAwareState(jnp.zeros((), jnp.int32))
 
-  def update(updates, state, params=None, *, value_fn=None, **extra_args):
+  def per_group(params, radius, group_value_fn):
+    if group_value_fn is None:
+      raise TypeError(
+        "sam with perturbation='per_group' needs the extra argument "
+        "group_value_fn(params, i): the loss on group i of the batch, 0 <= i < num_groups."
+      )
+    _checks.callable_arg("group_value_fn", group_value_fn)
+    scale = _normalizer(params, adaptive, eta)
+    total = None
+    # Unrolled, not a lax loop: on XLA:CPU a convolution inside a loop loses its fast path.
+    for i in range(num_groups):
+      grad = _gradient_of(lambda p, i=i: group_value_fn(p, i), has_aux)
+      g_i = grad(_shifted(params, _ascent(grad(params), radius, scale, eps)))
+      total = g_i if total is None else jax.tree.map(jnp.add, total, g_i)
+    return jax.tree.map(lambda x: x / num_groups, total)
+
+  def update(updates, state, params=None, *, value_fn=None, group_value_fn=None, **extra_args):
     del extra_args
-    value_fn = require_value_fn("sam", value_fn)
     if params is None:
       raise ValueError("sam needs params in update(updates, state, params, ...).")
     radius = value_at(rho, state.count)
-    g = _tree.cast_like(updates, _tree.structure_of(params))
-    e = _ascent(g, radius, _normalizer(params, adaptive, eta), eps)
-    perturbed = _gradient_of(value_fn, has_aux)(_shifted(params, e))
+    if perturbation == "per_group":
+      perturbed = per_group(params, radius, group_value_fn)
+    else:
+      value_fn = require_value_fn("sam", value_fn)
+      g = _tree.cast_like(updates, _tree.structure_of(params))
+      e = _ascent(g, radius, _normalizer(params, adaptive, eta), eps)
+      perturbed = _gradient_of(value_fn, has_aux)(_shifted(params, e))
     out = jax.tree.map(
       lambda a, b: jnp.where(radius == 0, a, b), updates, _tree.cast_like(perturbed, updates)
     )
