@@ -129,7 +129,7 @@ def scale_by_psgd(
   *,
   fit: Fit,
   lr_preconditioner: optax.ScalarOrSchedule,
-  update_probability: optax.ScalarOrSchedule,
+  update_probability: optax.ScalarOrSchedule | None,
   init_scale: float | None,
   beta_l: float,
   damping: float,
@@ -153,6 +153,8 @@ def scale_by_psgd(
     _checks.in_range("init_scale", init_scale, 0.0, float("inf"))
     if init_scale == 0:
       raise ValueError("init_scale must be positive (Q = init_scale * I is invertible), got 0.")
+  if update_probability is None:
+    update_probability = psgd_update_probability()
   if not callable(update_probability):
     _checks.in_range("update_probability", update_probability, 0.0, 1.0, high_inclusive=True)
   if not callable(lr_preconditioner):

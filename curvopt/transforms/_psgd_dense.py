@@ -5,7 +5,7 @@ from __future__ import annotations
 import optax
 
 from curvopt import _checks
-from curvopt.transforms._psgd import Fit, psgd_update_probability, scale_by_psgd
+from curvopt.transforms._psgd import Fit, scale_by_psgd
 from curvopt.transforms._psgd_kron import GEOMETRIES, Geometry, kron_family
 
 
@@ -48,9 +48,7 @@ def scale_by_psgd_dense(
     lambda tree: kron_family(tree, geometry=geometry, max_size=None, max_skew=1.0, flatten=True),
     fit=fit,
     lr_preconditioner=lr_preconditioner,
-    update_probability=psgd_update_probability()
-    if update_probability is None
-    else update_probability,
+    update_probability=update_probability,
     init_scale=init_scale,
     beta_l=beta_l,
     damping=damping,

@@ -11,12 +11,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from curvopt import _checks
-from curvopt.transforms._psgd import (
-  Fit,
-  PreconditionerFamily,
-  psgd_update_probability,
-  scale_by_psgd,
-)
+from curvopt.transforms._psgd import Fit, PreconditionerFamily, scale_by_psgd
 
 PyTree = Any
 Geometry = Literal["Q0.5EQ1.5", "QE", "EQ"]
@@ -320,9 +315,7 @@ def scale_by_psgd_kron(
     lambda tree: kron_family(tree, geometry=geometry, max_size=max_size, max_skew=max_skew),
     fit=fit,
     lr_preconditioner=lr_preconditioner,
-    update_probability=psgd_update_probability()
-    if update_probability is None
-    else update_probability,
+    update_probability=update_probability,
     init_scale=init_scale,
     beta_l=beta_l,
     damping=damping,

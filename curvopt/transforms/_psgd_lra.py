@@ -10,12 +10,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from curvopt.oracles._probes import counter_uniform
-from curvopt.transforms._psgd import (
-  Fit,
-  PreconditionerFamily,
-  psgd_update_probability,
-  scale_by_psgd,
-)
+from curvopt.transforms._psgd import Fit, PreconditionerFamily, scale_by_psgd
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -197,9 +192,7 @@ def scale_by_psgd_lra(
     lambda tree: lra_family(tree, rank=rank),
     fit=fit,
     lr_preconditioner=lr_preconditioner,
-    update_probability=psgd_update_probability()
-    if update_probability is None
-    else update_probability,
+    update_probability=update_probability,
     init_scale=init_scale,
     beta_l=beta_l,
     damping=damping,
