@@ -10,7 +10,8 @@ Layers, each importing only the ones before it:
    `scale_by_*` steps that consume them).
 4. the named optimizers (`curvopt.adahessian`, `curvopt.sophia_h`,
    `curvopt.shampoo`, `curvopt.soap`, `curvopt.psgd_kron`,
-   `curvopt.psgd_lra`, `curvopt.psgd_dense`, `curvopt.sam`, `curvopt.gam`),
+   `curvopt.psgd_lra`, `curvopt.psgd_dense`, `curvopt.sam`, `curvopt.gam`,
+   `curvopt.egn`),
    each a short `optax.chain` of transforms.
 """
 
@@ -20,6 +21,7 @@ from curvopt import transforms as transforms
 from curvopt._matrix_roots import InverseRoot as InverseRoot
 from curvopt._matrix_roots import matrix_inverse_root as matrix_inverse_root
 from curvopt.alias import adahessian as adahessian
+from curvopt.alias import egn as egn
 from curvopt.alias import gam as gam
 from curvopt.alias import psgd_dense as psgd_dense
 from curvopt.alias import psgd_kron as psgd_kron
@@ -52,6 +54,7 @@ from curvopt.oracles import dataset_operator as dataset_operator
 from curvopt.oracles import diagonal as diagonal
 from curvopt.oracles import empirical_fisher as empirical_fisher
 from curvopt.oracles import gauss_newton as gauss_newton
+from curvopt.oracles import gauss_newton_factor as gauss_newton_factor
 from curvopt.oracles import hessian as hessian
 from curvopt.oracles import hvp as hvp
 from curvopt.oracles import is_positive_semidefinite as is_positive_semidefinite

@@ -141,3 +141,12 @@ def in_range(
     bracket = "]" if high_inclusive else ")"
     raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}.")
   return value
+
+
+def positive(name: str, value: Any, why: str = "") -> Any:
+  """Checks that a hyperparameter given as a Python number is > 0 (traced values pass through)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    return value
+  if not value > 0 or value == float("inf"):
+    raise ValueError(f"{name} must be a finite number > 0{why}, got {value}.")
+  return value

@@ -1,6 +1,7 @@
 """Layer 4: the named optimizers, each a short `optax.chain` of layer-3 transforms."""
 
 from curvopt.alias._adahessian import adahessian as adahessian
+from curvopt.alias._egn import egn as egn
 from curvopt.alias._psgd import psgd_dense as psgd_dense
 from curvopt.alias._psgd import psgd_kron as psgd_kron
 from curvopt.alias._psgd import psgd_lra as psgd_lra

@@ -7,12 +7,23 @@ take them as an argument.
 
 from curvopt.transforms._adahessian import ScaleByAdaHessianState as ScaleByAdaHessianState
 from curvopt.transforms._adahessian import scale_by_adahessian as scale_by_adahessian
+from curvopt.transforms._egn import scale_by_egn as scale_by_egn
+from curvopt.transforms._gauss_newton_model import GaussNewtonModel as GaussNewtonModel
 from curvopt.transforms._hutchinson import HutchinsonDiagonalState as HutchinsonDiagonalState
 from curvopt.transforms._hutchinson import flax_averaging_axes as flax_averaging_axes
 from curvopt.transforms._hutchinson import (
   hutchinson_diagonal_estimator as hutchinson_diagonal_estimator,
 )
 from curvopt.transforms._hutchinson import spatial_average as spatial_average
+from curvopt.transforms._levenberg_marquardt import (
+  LevenbergMarquardtState as LevenbergMarquardtState,
+)
+from curvopt.transforms._levenberg_marquardt import levenberg_marquardt as levenberg_marquardt
+from curvopt.transforms._line_search import ArmijoState as ArmijoState
+from curvopt.transforms._line_search import gauss_newton_objective as gauss_newton_objective
+from curvopt.transforms._line_search import (
+  scale_by_armijo_backtracking as scale_by_armijo_backtracking,
+)
 from curvopt.transforms._momentum import EmaMomentumState as EmaMomentumState
 from curvopt.transforms._momentum import ema_momentum as ema_momentum
 from curvopt.transforms._psgd import PreconditionerFamily as PreconditionerFamily
