@@ -62,9 +62,11 @@ def levenberg_marquardt(
   `damping *= increase`; `rho > high`: `damping *= decrease`; `rho` clipped
   to `+-gain_ratio_clip`, the damping to `[min_damping, max_damping]`, and
   left alone when `rho` is not finite or `pred <= 1e-16`. A step with
-  `rho <= reject_below` (by default: the loss went up), or a non-finite
-  loss after it, is rejected: the update is zero and the damping rises.
-  `None` never rejects (somax v1). `inner`'s state advances either way.
+  `rho <= reject_below` (by default: the loss went up) is rejected: the
+  update is zero and the damping rises (`None` never rejects on `rho`, as
+  somax v1). So is a step after which the loss is not finite, or rose where
+  `pred <= 1e-16` left nothing to measure (a step too long for the model,
+  e.g. from momentum). `inner`'s state advances either way.
 
   Args:
     inner: the damped transform; reads the extra argument `damping`.
@@ -140,14 +142,14 @@ def levenberg_marquardt(
     predicted = model.predicted_decrease(working, s, state.damping).astype(state.damping.dtype)
     ratio = ((before - after) / predicted).astype(state.damping.dtype)
     measured = jnp.isfinite(ratio) & (predicted > 1e-16)
-    blew_up = ~jnp.isfinite(after)
-    rejected = blew_up | (
-      measured & (ratio <= reject_below) if reject_below is not None else jnp.array(False)
-    )
+    # The loss rose (or became non-finite) where the model saw no decrease to measure.
+    failed = ~jnp.isfinite(after) | (~measured & (after > before))
+    rejected = failed
+    if reject_below is not None:
+      rejected = rejected | (measured & (ratio <= reject_below))
     clipped = jnp.clip(ratio, -gain_ratio_clip, gain_ratio_clip)
     factor = jnp.where(clipped < low, increase, jnp.where(clipped > high, decrease, 1.0))
-    factor = jnp.where(measured, factor, 1.0)
-    factor = jnp.where(blew_up, increase, factor)
+    factor = jnp.where(measured, factor, jnp.where(failed, increase, 1.0))
     damping = jnp.clip(state.damping * factor, min_damping, max_damping).astype(state.damping.dtype)
     step = jax.tree.map(lambda u: jnp.where(rejected, jnp.zeros_like(u), u), step)
     new_state = LevenbergMarquardtState(

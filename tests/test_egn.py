@@ -1,0 +1,370 @@
+"""EGN: the batch-space direction against dense parameter-space solves (float64)."""
+
+from __future__ import annotations
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import dense_ggn, mlp_problem, ravel
+
+import curvopt
+from curvopt.oracles import SigmoidCrossEntropy, SoftmaxCrossEntropy, SquaredError
+from curvopt.transforms import levenberg_marquardt, scale_by_armijo_backtracking, scale_by_egn
+
+SOLVERS = ("cholesky", "parameter_cholesky", "cg")
+
+
+def _direction(problem, damping, loss_fn=None, **kwargs):
+  tx = scale_by_egn(damping, **kwargs)
+  grads = jax.grad(problem.value_fn)(problem.params)
+  direction, _ = tx.update(
+    grads,
+    tx.init(problem.params),
+    problem.params,
+    model_fn=problem.model_fn,
+    loss_fn=loss_fn or problem.loss_fn,
+  )
+  return ravel(direction)
+
+
+def _dense_direction(problem, damping, l2=0.0, mask=None):
+  """`(J^T H J + l2 M + damping I)^{-1} (g + l2 M p)` from `jax.hessian` and `jax.jacfwd`."""
+  flat = ravel(problem.params)
+  m = np.ones_like(flat) if mask is None else mask
+  ggn = dense_ggn(problem.model_fn, problem.loss_fn, problem.params)
+  grad = ravel(jax.grad(problem.value_fn)(problem.params)) + l2 * m * flat
+  return np.linalg.solve(ggn + np.diag(l2 * m + damping), grad)
+
+
+def _relative_error(a, b):
+  return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+def _closed_form(problem, loss):
+  return SoftmaxCrossEntropy(problem.targets) if loss == "xent" else SquaredError(problem.targets)
+
+
+@pytest.mark.parametrize("loss", ["xent", "mse"])
+@pytest.mark.parametrize("closed_form", [False, True])
+@pytest.mark.parametrize("solver", ["cholesky", "parameter_cholesky"])
+def test_batch_space_direction_equals_the_parameter_space_solve(loss, closed_form, solver):
+  problem = mlp_problem(loss, n=6)  # 18 rows, 291 parameters
+  loss_fn = _closed_form(problem, loss) if closed_form else None
+  for damping in (1e-2, 1.0):
+    expected = _dense_direction(problem, damping)
+    got = _direction(problem, damping, loss_fn, solver=solver)
+    assert _relative_error(got, expected) < 1e-8, (damping, _relative_error(got, expected))
+
+
+@pytest.mark.parametrize("loss", ["xent", "mse"])
+def test_cg_agrees_with_cholesky(loss):
+  problem = mlp_problem(loss, n=6)
+  cholesky = _direction(problem, 1e-2, solver="cholesky")
+  cg = _direction(problem, 1e-2, solver="cg", cg_tol=1e-12, cg_maxiter=200)
+  assert _relative_error(cg, cholesky) < 1e-6
+
+
+def test_cg_with_the_default_budget_is_close_on_a_well_damped_problem():
+  problem = mlp_problem("xent", n=16)
+  cholesky = _direction(problem, 0.1, solver="cholesky")
+  assert _relative_error(_direction(problem, 0.1, solver="cg"), cholesky) < 1e-4
+
+
+def test_closed_form_output_curvature_matches_autodiff():
+  problem = mlp_problem("xent", n=5)
+  outputs = problem.model_fn(problem.params)
+  for loss in (SoftmaxCrossEntropy(problem.targets), SquaredError(outputs * 0.3)):
+    closed = curvopt.oracles.output_curvature(loss, outputs)
+    auto = curvopt.oracles.output_curvature(lambda f, loss=loss: loss(f), outputs)
+    blocks = lambda c: jnp.einsum("bik,bjk->bij", c.root, c.root)
+    gradient = lambda c: (
+      jnp.einsum("bck,bk->bc", c.root, c.coefficients)
+      + (0.0 if c.null_gradient is None else c.null_gradient)
+    )
+    chex.assert_trees_all_close(blocks(closed), blocks(auto), atol=1e-12)
+    chex.assert_trees_all_close(gradient(closed), gradient(auto), atol=1e-12)
+    chex.assert_trees_all_close(gradient(closed), jax.grad(loss)(outputs), atol=1e-14)
+
+
+def test_sigmoid_cross_entropy_closed_form_matches_autodiff_even_for_saturated_logits():
+  logits = jnp.array([[-40.0], [-2.0], [0.0], [3.0], [40.0]])
+  labels = jnp.array([1.0, 0.0, 1.0, 1.0, 0.0])
+  loss = SigmoidCrossEntropy(labels)
+  curvature = curvopt.oracles.output_curvature(loss, logits)
+  hessian = jax.hessian(lambda f: loss(f.reshape(5, 1)))(logits.ravel())
+  # Autodiff's s (1 - s) rounds to 0 at logit 40; the closed form keeps 4e-18.
+  chex.assert_trees_all_close(
+    curvature.root[:, 0, 0] ** 2, jnp.diag(hessian), rtol=1e-10, atol=1e-17
+  )
+  gradient = curvature.root[:, 0, 0] * curvature.coefficients[:, 0]
+  chex.assert_trees_all_close(gradient, jax.grad(loss)(logits)[:, 0], rtol=1e-10)
+  assert bool(jnp.all(jnp.isfinite(curvature.coefficients)))
+
+
+def test_a_loss_without_curvature_in_some_outputs_is_still_solved_exactly():
+  # Output 1 enters linearly: zero curvature there, a nonzero gradient (the null part).
+  problem = mlp_problem("mse", n=5)
+  y = problem.targets
+  loss_fn = lambda f: jnp.mean((f[:, 0] - y[:, 0]) ** 2 + f[:, 1] + 0.5 * f[:, 2] ** 2)
+  problem = problem._replace(loss_fn=loss_fn, value_fn=lambda p: loss_fn(problem.model_fn(p)))
+  curvature = curvopt.oracles.output_curvature(loss_fn, problem.model_fn(problem.params))
+  assert float(jnp.max(jnp.abs(curvature.null_gradient[:, 1]))) > 0.1
+  expected = _dense_direction(problem, 0.05)
+  assert _relative_error(_direction(problem, 0.05, solver="cholesky"), expected) < 1e-8
+  assert _relative_error(_direction(problem, 0.05, solver="cg", cg_tol=1e-12), expected) < 1e-6
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_coupled_l2_enters_gradient_and_curvature_exactly(solver):
+  problem = mlp_problem("xent", n=6)
+  mask = {name: {"w": True, "b": False} for name in problem.params}
+  flat_mask = ravel(jax.tree.map(lambda m, p: jnp.full(p.shape, float(m)), mask, problem.params))
+  expected = _dense_direction(problem, 1e-2, l2=0.3, mask=np.asarray(flat_mask))
+  got = _direction(
+    problem, 1e-2, solver=solver, l2_regularization=0.3, l2_mask=mask, cg_tol=1e-12, cg_maxiter=300
+  )
+  assert _relative_error(got, expected) < (1e-6 if solver == "cg" else 1e-8)
+
+
+def _least_squares(b=8, d=30, seed=0):
+  rng = np.random.default_rng(seed)
+  x, y = jnp.asarray(rng.normal(size=(b, d))), jnp.asarray(rng.normal(size=b))
+  return x, y, (lambda w: x @ w), SquaredError(y)
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "cg"])  # the batch space: b = 8 < d = 30
+def test_one_undamped_step_reaches_the_minimum_norm_least_squares_solution(solver):
+  x, y, model_fn, loss_fn = _least_squares()
+  w0 = jnp.zeros(30)
+  minimum_norm = np.linalg.pinv(np.asarray(x)) @ np.asarray(y)
+  residuals = []
+  for damping in (1e-2, 1e-6, 1e-10):
+    opt = curvopt.egn(1.0, damping, adaptive_damping=False, solver=solver, cg_tol=1e-14)
+    grads = jax.grad(lambda w: loss_fn(model_fn(w)))(w0)
+    updates, _ = opt.update(grads, opt.init(w0), w0, model_fn=model_fn, loss_fn=loss_fn)
+    w1 = w0 + updates
+    residuals.append(float(jnp.linalg.norm(x @ w1 - y)))
+    if damping == 1e-10:
+      np.testing.assert_allclose(w1, minimum_norm, rtol=1e-7, atol=1e-9)
+  # The residual is proportional to the damping (spec test 2), down to round-off.
+  assert residuals[0] > 1e3 * residuals[1] > 1e6 * residuals[2] or residuals[2] < 1e-8, residuals
+
+
+def test_linear_model_with_more_examples_than_parameters_takes_the_newton_step():
+  rng = np.random.default_rng(1)
+  x, y = jnp.asarray(rng.normal(size=(40, 5))), jnp.asarray(rng.normal(size=40))
+  value_fn = lambda w: SquaredError(y)(x @ w)
+  w0 = jnp.asarray(rng.normal(size=5))
+  newton = w0 - jnp.linalg.solve(jax.hessian(value_fn)(w0), jax.grad(value_fn)(w0))
+  for solver in ("parameter_cholesky", "auto"):  # b = 40 > d = 5: the parameter space
+    opt = curvopt.egn(1.0, 1e-12, adaptive_damping=False, solver=solver)
+    updates, _ = opt.update(
+      jax.grad(value_fn)(w0), opt.init(w0), w0, model_fn=lambda w: x @ w, loss_fn=SquaredError(y)
+    )
+    np.testing.assert_allclose(w0 + updates, newton, rtol=1e-9)
+
+
+def test_large_damping_gives_the_gradient_over_damping():
+  problem = mlp_problem("xent", n=6)
+  grad = ravel(jax.grad(problem.value_fn)(problem.params))
+  got = _direction(problem, 1e8, solver="cholesky")
+  assert _relative_error(got, grad / 1e8) < 1e-6
+
+
+def test_identity_output_hessian_through_autodiff_equals_the_closed_form_mse():
+  problem = mlp_problem("mse", n=6)
+  closed = _direction(problem, 1e-2, SquaredError(problem.targets), solver="cholesky")
+  auto = _direction(problem, 1e-2, solver="cholesky")
+  assert _relative_error(auto, closed) < 1e-12
+
+
+def _logistic_problem():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(20, 3)))
+  labels = jnp.asarray(rng.integers(0, 2, size=20).astype(np.float64))
+  model_fn, loss_fn = (lambda w: x @ w), SigmoidCrossEntropy(labels)
+  return model_fn, loss_fn, jnp.asarray(rng.normal(size=3))
+
+
+def _lm_rule(ratio, damping):
+  if ratio < 0.25:
+    return damping * 1.5
+  return damping * 0.5 if ratio > 0.75 else damping
+
+
+def test_damping_follows_the_gain_ratio_rule_on_every_branch():
+  model_fn, loss_fn, w = _logistic_problem()
+  value_fn = lambda w: loss_fn(model_fn(w))
+  ggn, grad = dense_ggn(model_fn, loss_fn, w), jax.grad(value_fn)(w)
+  damping = 0.1
+  seen = set()
+  for learning_rate in (0.3, 1.0, 1.4, 1.8, 3.0):  # rho 1.07, 0.68, 0.21, -1.1, unmeasured
+    inner = optax.chain(scale_by_egn(), optax.scale_by_learning_rate(learning_rate))
+    step = -learning_rate * np.linalg.solve(ggn + damping * np.eye(3), grad)
+    actual = value_fn(w) - value_fn(w + step)
+    predicted = -(grad @ step + 0.5 * (step @ ggn @ step + damping * step @ step))
+    tx = levenberg_marquardt(inner, damping)
+    updates, state = tx.update(grad, tx.init(w), w, model_fn=model_fn, loss_fn=loss_fn)
+    if predicted <= 1e-16:  # nothing to measure: rejected (and damped) if the loss rose
+      assert bool(jnp.isnan(state.gain_ratio))
+      ratio = -np.inf if actual < 0 else 0.5
+    else:
+      ratio = float(actual / predicted)
+      np.testing.assert_allclose(state.gain_ratio, ratio, rtol=1e-9)
+    np.testing.assert_allclose(state.damping, _lm_rule(ratio, damping), rtol=1e-12)
+    rejected = ratio <= 0
+    assert int(state.rejected) == int(rejected)
+    np.testing.assert_allclose(updates, 0.0 if rejected else step, rtol=1e-9)
+    seen.add("rejected" if rejected else "up" if ratio < 0.25 else "down" if ratio > 0.75 else "=")
+  assert {"rejected", "up", "=", "down"} <= seen, seen
+
+
+def test_a_step_that_raises_the_loss_where_nothing_is_predicted_is_rejected():
+  # On a quadratic, a step longer than twice Newton's has pred < 0 (not measurable).
+  _x, _y, model_fn, loss_fn = _least_squares(b=8, d=5)
+  inner = optax.chain(scale_by_egn(), optax.scale_by_learning_rate(3.0))
+  tx = levenberg_marquardt(inner, 1e-6)
+  w = jnp.zeros(5)
+  updates, state = tx.update(w, tx.init(w), w, model_fn=model_fn, loss_fn=loss_fn)
+  assert bool(jnp.isnan(state.gain_ratio)) and int(state.rejected) == 1
+  assert float(jnp.max(jnp.abs(updates))) == 0.0
+  np.testing.assert_allclose(state.damping, 1.5e-6)
+
+
+def test_damping_is_clamped_and_untouched_when_the_prediction_is_zero():
+  _x, _y, model_fn, loss_fn = _least_squares(b=8, d=5)
+  tx = levenberg_marquardt(optax.chain(scale_by_egn(), optax.scale(-1.0)), 1e-12, min_damping=1e-12)
+  w = jnp.zeros(5)
+  _, state = tx.update(w, tx.init(w), w, model_fn=model_fn, loss_fn=loss_fn)
+  assert float(state.damping) == 1e-12  # rho = 1 asks for 5e-13; clamped
+  flat_loss = lambda f: 0.0 * jnp.sum(f)
+  _, state = tx.update(w, tx.init(w), w, model_fn=model_fn, loss_fn=flat_loss)
+  assert float(state.damping) == 1e-12 and bool(jnp.isnan(state.gain_ratio))
+
+
+def test_line_search_never_accepts_an_increase():
+  value_fn = lambda w: jnp.sum(w**2) + jnp.sum(jnp.sin(5 * w))
+  tx = scale_by_armijo_backtracking(max_learning_rate=10.0, max_steps=3)
+  w = jnp.array([0.3, -1.2, 2.0])
+  state = tx.init(w)
+  for direction_sign in (-1.0, 1.0):  # a descent direction, then an ascent one
+    for _ in range(20):
+      u = direction_sign * jax.grad(value_fn)(w)
+      step, state = tx.update(u, state, w, value_fn=value_fn)
+      new_w = w + step
+      assert float(value_fn(new_w)) <= float(value_fn(w))
+      w = new_w
+  assert int(state.failures) > 0  # the ascent direction was refused
+
+
+def test_line_search_accepts_the_armijo_step_and_grows_the_next_first_trial():
+  value_fn = lambda w: 0.5 * jnp.sum(w**2)
+  tx = scale_by_armijo_backtracking(max_learning_rate=1.0)
+  w = jnp.array([2.0, -1.0])
+  state = tx.init(w)
+  step, state = tx.update(-w, state, w, value_fn=value_fn)
+  np.testing.assert_allclose(w + step, 0.0)  # the first trial (1.0) is exact
+  assert float(state.learning_rate) == 1.0 and int(state.failures) == 0
+
+
+def test_egn_with_line_search_and_momentum_trains_a_classifier():
+  problem = mlp_problem("xent", n=32)
+  loss_fn = SoftmaxCrossEntropy(problem.targets)
+  opt = curvopt.egn(1.0, 1e-2, line_search=True, momentum=0.5)
+  params, state = problem.params, opt.init(problem.params)
+  losses = []
+
+  @jax.jit
+  def step(params, state):
+    value, grads = jax.value_and_grad(problem.value_fn)(params)
+    updates, state = opt.update(grads, state, params, model_fn=problem.model_fn, loss_fn=loss_fn)
+    return optax.apply_updates(params, updates), state, value
+
+  for _ in range(15):
+    params, state, value = step(params, state)
+    losses.append(float(value))
+  assert losses[-1] < 0.05 * losses[0]
+  assert all(b <= a + 1e-12 for a, b in itertools.pairwise(losses))
+
+
+def test_momentum_is_a_bias_corrected_average_of_directions():
+  tx = curvopt.transforms.ema_momentum(0.9, debias=True)
+  state = tx.init(jnp.zeros(2))
+  out, state = tx.update(jnp.array([1.0, 2.0]), state)
+  np.testing.assert_allclose(out, [1.0, 2.0], rtol=1e-12)  # first step: the direction itself
+  out, state = tx.update(jnp.array([3.0, 0.0]), state)
+  np.testing.assert_allclose(out, (0.09 * np.array([1, 2]) + 0.1 * np.array([3, 0])) / 0.19)
+
+
+def test_missing_model_or_loss_fails_clearly():
+  problem = mlp_problem("xent", n=4)
+  opt = curvopt.egn()
+  grads = jax.grad(problem.value_fn)(problem.params)
+  with pytest.raises(TypeError, match=r"model_fn and loss_fn.*loss_fn missing"):
+    opt.update(grads, opt.init(problem.params), problem.params, model_fn=problem.model_fn)
+  with pytest.raises(TypeError, match="model_fn and loss_fn missing"):
+    opt.update(grads, opt.init(problem.params), problem.params, value_fn=problem.value_fn)
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    ({"damping": 0.0}, "damping must be a finite number > 0"),
+    ({"damping": -1.0}, "damping must be a finite number > 0"),
+    ({"solver": "lu"}, "solver must be one of"),
+    ({"max_factor_size": 0}, "max_factor_size must be a positive integer"),
+    ({"cg_maxiter": 2.5}, "cg_maxiter must be a positive integer"),
+    ({"l2_regularization": -1.0}, "l2_regularization must be in"),
+  ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    curvopt.egn(**kwargs)
+
+
+def test_outputs_must_be_one_array_with_an_example_axis():
+  opt = curvopt.egn()
+  w = jnp.ones(3)
+  with pytest.raises(ValueError, match="model_fn must return one array of outputs"):
+    opt.update(w, opt.init(w), w, model_fn=lambda w: {"a": w}, loss_fn=lambda f: jnp.sum(f["a"]))
+  with pytest.raises(ValueError, match="loss_fn must return a scalar"):
+    opt.update(w, opt.init(w), w, model_fn=lambda w: w, loss_fn=lambda f: f)
+
+
+def test_mismatched_l2_mask_is_named():
+  problem = mlp_problem("mse", n=4)
+  opt = curvopt.egn(l2_regularization=0.1, l2_mask={"w": True})
+  grads = jax.grad(problem.value_fn)(problem.params)
+  with pytest.raises(ValueError, match="l2_mask must be a pytree of booleans"):
+    opt.update(
+      grads,
+      opt.init(problem.params),
+      problem.params,
+      model_fn=problem.model_fn,
+      loss_fn=problem.loss_fn,
+    )
+
+
+def test_auto_solver_factors_the_smaller_space_then_falls_back_to_cg():
+  choose = curvopt.transforms._egn.choose_solver
+  assert choose(30, 455, 1024) == "parameter_cholesky"
+  assert choose(5000, 640, 1024) == "cholesky"
+  assert choose(5000, 1280, 1024) == "cg"
+
+
+def test_bfloat16_parameters_get_bfloat16_updates_from_a_float32_solve():
+  problem = mlp_problem("xent", n=6, dtype=jnp.float32)
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), problem.params)
+  model_fn = lambda p: problem.model_fn(jax.tree.map(lambda q: q.astype(jnp.float32), p))
+  opt = curvopt.egn(1.0, 1e-2)
+  grads = jax.grad(lambda p: problem.loss_fn(model_fn(p)))(params)
+  updates, state = opt.update(
+    grads, opt.init(params), params, model_fn=model_fn, loss_fn=problem.loss_fn
+  )
+  chex.assert_trees_all_equal_dtypes(updates, params)
+  assert state.damping.dtype == jnp.float32
