@@ -2,7 +2,9 @@
 
 `OPTIMIZERS` is the registry later optimizers join: a factory (keyword
 hyperparameters, learning rate included) and the extra arguments its
-`update` needs, built from the loss by `extra_args(value_fn)`.
+`update` needs, built by `extra_args(model_fn, loss_fn)`. Every problem is a
+least-squares one, `loss_fn(model_fn(params))`, so Gauss-Newton methods see
+the model and the loss apart while the others see `value_fn`.
 """
 
 from __future__ import annotations
@@ -65,6 +67,17 @@ def _gam_sgd(learning_rate, rho=0.03, grad_norm_rho=0.2, gamma=0.05):
   return curvopt.gam(_sgd(learning_rate), rho, grad_norm_rho, gamma=gamma)
 
 
+# Python-level settings of EGN (momentum 0 removes a transform from the chain).
+EGN_STATIC = (
+  "adaptive_damping",
+  "line_search",
+  "solver",
+  "momentum",
+  "max_factor_size",
+  "cg_maxiter",
+  "l2_mask",
+)
+
 PSGD_KRON_STATIC = ("fit", "max_size", "max_skew", "geometry", "seed")
 
 OPTIMIZERS = {
@@ -119,6 +132,25 @@ OPTIMIZERS = {
     static_args=("adaptive",),
     problem_kwargs={"rosenbrock": {"learning_rate": 0.01, "rho": 0.0005}},
   ),
+  "egn": Entry(
+    curvopt.egn,
+    {"learning_rate": 1.0, "damping": 1e-2},
+    static_args=EGN_STATIC,
+    needs_value_fn=False,
+  ),
+  "egn_cg_line_search": Entry(  # matrix-free solve, Armijo steps, momentum, fixed damping
+    curvopt.egn,
+    {
+      "learning_rate": 1.0,
+      "damping": 1e-2,
+      "momentum": 0.5,
+      "solver": "cg",
+      "line_search": True,
+      "adaptive_damping": False,
+    },
+    static_args=EGN_STATIC,
+    needs_value_fn=False,
+  ),
   "gam": Entry(
     _gam_sgd,
     {"learning_rate": 0.1, "rho": 0.005, "grad_norm_rho": 0.01},
@@ -154,30 +186,34 @@ OPTIMIZERS = {
 }
 
 
-def extra_args(value_fn):
+def sum_of_squares(residuals):
+  return jnp.sum(residuals**2)
+
+
+def extra_args(model_fn, loss_fn=sum_of_squares):
   """What every curvopt optimizer may need: one vocabulary, no special cases."""
-  return {"value_fn": value_fn}
+  return {"value_fn": lambda p: loss_fn(model_fn(p)), "model_fn": model_fn, "loss_fn": loss_fn}
 
 
 def _parabola():
   target = jnp.array([1.0, -2.0, 0.5])
-  return {"w": jnp.zeros(3)}, lambda p: jnp.sum((p["w"] - target) ** 2), {"w": target}
+  return {"w": jnp.zeros(3)}, lambda p: p["w"] - target, {"w": target}
 
 
 def _rosenbrock():
-  loss = lambda p: (1 - p["x"][0]) ** 2 + 100 * (p["x"][1] - p["x"][0] ** 2) ** 2
-  return {"x": jnp.array([-0.5, 0.5])}, loss, {"x": jnp.ones(2)}
+  residuals = lambda p: jnp.stack([1 - p["x"][0], 10 * (p["x"][1] - p["x"][0] ** 2)])
+  return {"x": jnp.array([-0.5, 0.5])}, residuals, {"x": jnp.ones(2)}
 
 
-def _matrix_parabola():
+def _matrix_parabola():  # outputs (2, 3): two examples of three outputs
   target = jnp.arange(6.0).reshape(2, 3) / 6
-  return {"m": jnp.zeros((2, 3))}, lambda p: jnp.sum((p["m"] - target) ** 2), {"m": target}
+  return {"m": jnp.zeros((2, 3))}, lambda p: p["m"] - target, {"m": target}
 
 
 def _mixed_tree():
   target = {"b": jnp.array([0.5, -0.5]), "k": jnp.full((2, 2), 0.3)}
-  loss = lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in target)
-  return {"b": jnp.zeros(2), "k": jnp.zeros((2, 2))}, loss, target
+  residuals = lambda p: jnp.concatenate([(p[k] - target[k]).ravel() for k in target])
+  return {"b": jnp.zeros(2), "k": jnp.zeros((2, 2))}, residuals, target
 
 
 PROBLEMS = {  # name -> (problem, steps)
@@ -188,11 +224,13 @@ PROBLEMS = {  # name -> (problem, steps)
 }
 
 
-def _run(opt, params, loss, steps):
+def _run(opt, params, model_fn, steps, loss_fn=sum_of_squares):
+  extra = extra_args(model_fn, loss_fn)
+
   @jax.jit
   def step(params, state):
-    grads = jax.grad(loss)(params)
-    updates, state = opt.update(grads, state, params, **extra_args(loss))
+    grads = jax.grad(extra["value_fn"])(params)
+    updates, state = opt.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
 
   state = opt.init(params)
@@ -206,23 +244,23 @@ def _run(opt, params, loss, steps):
 def test_converges(name, problem):
   with jax.enable_x64(False):
     make_problem, steps = PROBLEMS[problem]
-    params, loss, optimum = make_problem()
+    params, model_fn, optimum = make_problem()
     entry = OPTIMIZERS[name]
-    final, _ = _run(entry.make(**entry.problem_kwargs.get(problem, {})), params, loss, steps)
+    final, _ = _run(entry.make(**entry.problem_kwargs.get(problem, {})), params, model_fn, steps)
     chex.assert_trees_all_close(final, optimum, atol=3e-2)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_accepts_an_unexpected_extra_argument_and_does_not_recompile(name):
   with jax.enable_x64(False):
-    params, loss, _ = _parabola()
+    params, model_fn, _ = _parabola()
     opt = OPTIMIZERS[name].make()
+    extra = extra_args(model_fn)
 
     @jax.jit
     def step(params, state):
-      updates, state = opt.update(
-        jax.grad(loss)(params), state, params, value_fn=loss, batch_index=3
-      )
+      grads = jax.grad(extra["value_fn"])(params)
+      updates, state = opt.update(grads, state, params, **extra, batch_index=3)
       return optax.apply_updates(params, updates), state
 
     state = opt.init(params)
@@ -235,8 +273,9 @@ def test_accepts_an_unexpected_extra_argument_and_does_not_recompile(name):
 
 @pytest.mark.parametrize("name", sorted(n for n, e in OPTIMIZERS.items() if e.needs_value_fn))
 def test_missing_value_fn_fails_clearly_at_trace_time(name):
-  params, loss, _ = _parabola()
+  params, model_fn, _ = _parabola()
   opt = OPTIMIZERS[name].make()
+  loss = extra_args(model_fn)["value_fn"]
   with pytest.raises(TypeError, match=r"needs the loss as an extra argument.*value_fn"):
     jax.jit(lambda p, s: opt.update(jax.grad(loss)(p), s, p))(params, opt.init(params))
 
@@ -245,15 +284,16 @@ def test_missing_value_fn_fails_clearly_at_trace_time(name):
 def test_inject_hyperparams_gives_the_same_updates_and_states(name):
   # float64 (x64 is on in tests), so float32 rounding of injected values cannot hide a difference.
   entry = OPTIMIZERS[name]
-  params, loss, _ = _parabola()
+  params, model_fn, _ = _parabola()
   params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+  extra = extra_args(model_fn)
   plain = entry.make()
   injected = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(**entry.kwargs)
   state_a, state_b = plain.init(params), injected.init(params)
   for _ in range(5):
-    grads = jax.grad(loss)(params)
-    ua, state_a = plain.update(grads, state_a, params, value_fn=loss)
-    ub, state_b = injected.update(grads, state_b, params, value_fn=loss)
+    grads = jax.grad(extra["value_fn"])(params)
+    ua, state_a = plain.update(grads, state_a, params, **extra)
+    ub, state_b = injected.update(grads, state_b, params, **extra)
     chex.assert_trees_all_close(ua, ub, rtol=1e-12)
     params = optax.apply_updates(params, ua)
   chex.assert_trees_all_close(_unwrap_keys(state_a), _unwrap_keys(state_b.inner_state), rtol=1e-12)
@@ -277,12 +317,14 @@ def test_map_params_works_on_the_state(name):
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_bfloat16_params_give_bfloat16_updates_and_float32_statistics(name):
   params = {"w": jnp.ones(4, jnp.bfloat16), "k": jnp.ones((2, 3), jnp.bfloat16)}
-  loss = lambda p: (
-    jnp.sum(p["w"].astype(jnp.float32) ** 2) + jnp.sum(p["k"].astype(jnp.float32) ** 4)
+  # sum(w^2) + sum(k^4), as residuals (w, k^2)
+  model_fn = lambda p: jnp.concatenate(
+    [p["w"].astype(jnp.float32), (p["k"].astype(jnp.float32) ** 2).ravel()]
   )
+  extra = extra_args(model_fn)
   opt = OPTIMIZERS[name].make()
-  params, state = _run(opt, params, loss, 3)
-  updates, _ = opt.update(jax.grad(loss)(params), state, params, value_fn=loss)
+  params, state = _run(opt, params, model_fn, 3)
+  updates, _ = opt.update(jax.grad(extra["value_fn"])(params), state, params, **extra)
   chex.assert_trees_all_equal_dtypes(updates, params)
   floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
   assert floats and all(x.dtype == jnp.float32 for x in floats)
@@ -290,9 +332,9 @@ def test_bfloat16_params_give_bfloat16_updates_and_float32_statistics(name):
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_float64_works_when_enabled(name):
-  params, loss, optimum = _parabola()
+  params, model_fn, optimum = _parabola()
   params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
-  final, _ = _run(OPTIMIZERS[name].make(), params, loss, 400)
+  final, _ = _run(OPTIMIZERS[name].make(), params, model_fn, 400)
   assert final["w"].dtype == jnp.float64
   chex.assert_trees_all_close(
     final, jax.tree.map(lambda x: x.astype(jnp.float64), optimum), atol=3e-2
@@ -302,20 +344,22 @@ def test_float64_works_when_enabled(name):
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_zero_gradient_and_zero_hessian_give_a_finite_update(name):
   params = {"w": jnp.ones(3), "k": jnp.ones((2, 2))}
-  flat = lambda p: 0.0 * sum(jnp.sum(x) for x in jax.tree.leaves(p))
+  # Zero residuals with a zero Jacobian: zero gradient, zero Hessian, zero Gauss-Newton.
+  model_fn = lambda p: 0.0 * jnp.concatenate([x.ravel() for x in jax.tree.leaves(p)])
+  extra = extra_args(model_fn)
   opt = OPTIMIZERS[name].make()
   state = opt.init(params)
   for _ in range(3):
-    updates, state = opt.update(jax.grad(flat)(params), state, params, value_fn=flat)
+    updates, state = opt.update(jax.grad(extra["value_fn"])(params), state, params, **extra)
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_works_after_clip_by_global_norm_in_a_chain(name):
   with jax.enable_x64(False):
-    params, loss, optimum = _parabola()
+    params, model_fn, optimum = _parabola()
     opt = optax.chain(optax.clip_by_global_norm(1.0), OPTIMIZERS[name].make())
-    final, _ = _run(opt, params, loss, 400)
+    final, _ = _run(opt, params, model_fn, 400)
     chex.assert_trees_all_close(final, optimum, atol=3e-2)
 
 
@@ -329,16 +373,19 @@ def test_works_inside_flax_nnx_optimizer(name):
     graphdef, _ = nnx.split(model, nnx.Param)
     optimizer = nnx.Optimizer(model, OPTIMIZERS[name].make(), wrt=nnx.Param)
 
-    def loss_of(model):
-      return jnp.mean((model(x) - y) ** 2)
+    def loss_fn(outputs):
+      return jnp.mean((outputs - y) ** 2)
 
-    def value_fn(param_state):
-      return loss_of(nnx.merge(graphdef, param_state))
+    def loss_of(model):
+      return loss_fn(model(x))
+
+    def model_fn(param_state):
+      return nnx.merge(graphdef, param_state)(x)
 
     @nnx.jit
     def train_step(model, optimizer):
       grads = nnx.grad(loss_of)(model)
-      optimizer.update(model, grads, value_fn=value_fn)
+      optimizer.update(model, grads, **extra_args(model_fn, loss_fn))
 
     before = float(loss_of(model))
     for _ in range(300):

@@ -35,7 +35,21 @@ def value_fn_objective(extra_args: dict) -> Callable[[PyTree], jax.Array]:
 
 
 def gauss_newton_objective(l2_regularization: Any = 0.0, l2_mask: Any = None) -> Objective:
-  """The objective is `loss_fn(model_fn(p))` (plus an L2 term), from those extra arguments."""
+  """The objective is `loss_fn(model_fn(p))` (plus an L2 term), from those extra arguments.
+
+  For `scale_by_armijo_backtracking(objective=...)` in Gauss-Newton methods,
+  whose callers pass the model and the loss apart rather than `value_fn`.
+
+  Example:
+    >>> import jax.numpy as jnp, curvopt
+    >>> objective = curvopt.transforms.gauss_newton_objective(l2_regularization=2.0)
+    >>> value_fn = objective({"model_fn": lambda w: 3 * w, "loss_fn": jnp.sum})
+    >>> value_fn(jnp.array([1.0]))  # 3 + (2/2) * 1^2
+    Array(4., dtype=float32)
+
+  References:
+    Korbit, Adeoye, Bemporad, Zanon 2024 (the line search of EGN).
+  """
 
   def objective(extra_args: dict) -> Callable[[PyTree], jax.Array]:
     model_fn, loss_fn = require_model_and_loss(
