@@ -23,19 +23,27 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.bench.optimizers import OPTIMIZERS
-from curvopt.bench.runner import tree_bytes
+from curvopt.bench.runner import build_optimizer, tree_bytes
 from curvopt.bench.workloads import WORKLOADS
 
 BLOCK = 20
 
 
 def train_step(workload, optimizer, extra_args=()):
-  """A jitted step `(params, state, batch) -> (params, state)` passing `value_fn` if asked."""
+  """A jitted step `(params, state, batch) -> (params, state)` passing the extra arguments asked."""
 
   def step(params, state, batch):
+    inputs, targets = batch
     value_fn = lambda p: workload.value_fn(p, batch)
-    grads = jax.grad(value_fn)(params)
-    extra = {"value_fn": value_fn} if "value_fn" in extra_args else {}
+    value, grads = jax.value_and_grad(value_fn)(params)
+    available = {
+      "value": value,
+      "grad": grads,
+      "value_fn": value_fn,
+      "model_fn": lambda p: workload.model_fn(p, inputs),
+      "loss_fn": lambda outputs: workload.loss_fn(outputs, targets),
+    }
+    extra = {name: available[name] for name in extra_args}
     updates, state = optimizer.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
 
@@ -60,7 +68,7 @@ def _measure(workload_name: str, names: list[str], overrides: dict, blocks: int)
   runners, compile_s, state_ratio = {}, {}, {}
   for name in ["adam", *names]:
     spec = OPTIMIZERS[name]
-    opt = spec.build(1e-3, **overrides.get(name, {}))
+    opt = build_optimizer(spec, workload, 1e-3, dict(overrides.get(name, {})))
     step = train_step(workload, opt, spec.extra_args)
     state = opt.init(params)
     start = time.perf_counter()

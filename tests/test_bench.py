@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from curvopt.bench import cli, config
+from curvopt.bench import cli, config, runner
+from curvopt.bench.optimizers import OPTIMIZERS
 from curvopt.bench.workloads import WORKLOADS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -312,3 +313,19 @@ def test_step_time_benchmark_script_runs(tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   table = out.read_text()
   assert "| shampoo |" in table and "| soap |" in table and "'block_size': 32" in table
+
+
+def test_egn_sees_the_workload_penalty_and_solves_regularized_logistic_regression():
+  workload = WORKLOADS["breast_cancer_logreg"]()
+  spec = OPTIMIZERS["egn"]
+  optimizer = runner.build_optimizer(spec, workload, 1.0, {"damping": 1e-3})
+  step = jax.jit(runner.make_step(workload, spec, optimizer))
+  batch = jax.tree.map(jnp.asarray, workload.batch(0, 0))
+  params = workload.init_params(jax.random.key(0))
+  state = optimizer.init(params)
+  for _ in range(40):
+    params, state, _, finite = step(params, state, batch)
+    assert bool(finite)
+  grad = jax.grad(lambda p: workload.value_fn(p, batch))(params)
+  # Without the penalty EGN would chase the unregularized optimum: the gradient would not vanish.
+  assert float(optax.tree.norm(grad)) < 1e-5

@@ -25,6 +25,9 @@ class OptimizerSpec:
       the runner passes exactly these (optax's line searches reject others).
     value_and_grad_from_state: reuse the value and gradient its line search
       already computed (`optax.value_and_grad_from_state`).
+    takes_l2: the factory takes `l2_regularization` and `l2_mask`, which the
+      runner sets from the workload's penalty (a Gauss-Newton method sees the
+      loss on outputs only, so it must be told about the penalty).
   """
 
   name: str
@@ -32,6 +35,7 @@ class OptimizerSpec:
   factory: Callable[..., optax.GradientTransformation]
   extra_args: tuple[str, ...] = ()
   value_and_grad_from_state: bool = False
+  takes_l2: bool = False
 
   @property
   def hyperparameters(self) -> dict[str, object]:
@@ -39,7 +43,7 @@ class OptimizerSpec:
     return {
       name: p.default
       for name, p in inspect.signature(self.factory).parameters.items()
-      if name != "learning_rate"
+      if name not in ("learning_rate", "l2_regularization", "l2_mask")
     }
 
   def build(self, learning_rate: float, **hyperparameters) -> optax.GradientTransformation:
@@ -87,6 +91,26 @@ def _psgd_kron_newton(
     fit="newton",
     update_probability=update_probability,
     lr_preconditioner=lr_preconditioner,
+  )
+
+
+def _egn(
+  learning_rate: float,
+  damping: float = 1.0,
+  momentum: float = 0.0,
+  line_search: bool = False,
+  solver: str = "auto",
+  l2_regularization: float = 0.0,
+  l2_mask=None,
+):
+  return curvopt.egn(
+    learning_rate,
+    damping,
+    momentum=momentum,
+    line_search=line_search,
+    solver=solver,
+    l2_regularization=l2_regularization,
+    l2_mask=l2_mask,
   )
 
 
@@ -173,6 +197,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
       "curvopt.gam around SGD with momentum 0.9 (Zhang et al. 2023)",
       _gam,
       extra_args=("value_fn",),
+    ),
+    OptimizerSpec(
+      "egn",
+      "curvopt.egn: exact Gauss-Newton in the batch space, Levenberg-Marquardt damping",
+      _egn,
+      extra_args=("model_fn", "loss_fn"),
+      takes_l2=True,
     ),
     OptimizerSpec(
       "soap",

@@ -39,6 +39,19 @@ def _extra_args(spec: OptimizerSpec, workload: Workload, batch, value, grad) -> 
   return {name: available[name] for name in spec.extra_args}
 
 
+def build_optimizer(
+  spec: OptimizerSpec, workload: Workload, learning_rate: float, hyperparameters: dict
+) -> optax.GradientTransformation:
+  """`spec`'s optimizer, told the workload's L2 penalty when it must see it apart."""
+  if spec.takes_l2:
+    hyperparameters = {
+      **hyperparameters,
+      "l2_regularization": workload.l2,
+      "l2_mask": workload.l2_mask,
+    }
+  return spec.build(learning_rate, **hyperparameters)
+
+
 def make_step(workload: Workload, spec: OptimizerSpec, optimizer: optax.GradientTransformation):
   """`(params, state, batch) -> (params, state, loss, finite)`, one optimizer step."""
 
@@ -108,7 +121,7 @@ def run(
 
   workload = WORKLOADS[spec.workload](**dict(spec.workload_options))
   opt_spec = OPTIMIZERS[spec.optimizer]
-  optimizer = opt_spec.build(spec.learning_rate, **dict(spec.hyperparameters))
+  optimizer = build_optimizer(opt_spec, workload, spec.learning_rate, dict(spec.hyperparameters))
   target = workload.target if spec.target is None else spec.target
   params = workload.init_params(jax.random.key(spec.seed))
   state = optimizer.init(params)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 Params = Any
@@ -32,7 +33,8 @@ class Workload:
     test_metric_fn: `params -> scalar` on held-out data (or the optimum).
     higher_is_better: direction of the test metric.
     target: the default training-loss target for steps- and time-to-target.
-    penalty_fn: `params -> scalar` added to the loss (L2 regularization), or None.
+    l2: strength of an L2 penalty `(l2/2) ||mask * params||^2` added to the loss.
+    l2_mask: `params -> pytree of booleans` choosing the penalized leaves (None: all).
     sample_batch: `(seed, step) -> batch` when batches are not subsets of `train`.
     train_eval_batch: the batch the reported training loss is measured on.
   """
@@ -49,7 +51,8 @@ class Workload:
   test_metric_fn: Callable[[Params], jax.Array]
   higher_is_better: bool
   target: float
-  penalty_fn: Callable[[Params], jax.Array] | None = None
+  l2: float = 0.0
+  l2_mask: Callable[[Params], Any] | None = None
   sample_batch: Callable[[int, int], Batch] | None = None
   train_eval_batch: Batch | None = None
 
@@ -61,7 +64,11 @@ class Workload:
     """The training objective on `batch`: the mean loss plus the penalty."""
     inputs, targets = batch
     value = self.loss_fn(self.model_fn(params, inputs), targets)
-    return value if self.penalty_fn is None else value + self.penalty_fn(params)
+    if not self.l2:
+      return value
+    mask = jax.tree.map(lambda _: True, params) if self.l2_mask is None else self.l2_mask(params)
+    leaves = zip(jax.tree.leaves(params), jax.tree.leaves(mask), strict=True)
+    return value + 0.5 * self.l2 * sum(jnp.sum(p**2) for p, m in leaves if m)
 
   def batch(self, seed: int, step: int) -> Batch:
     """The batch of `step`, a function of `(seed, step)` only, so runs resume exactly."""

@@ -69,5 +69,6 @@ def breast_cancer_logreg(l2: float = 1e-3) -> Workload:
     test_metric_fn=lambda p: jnp.mean((model(p, x_test)[:, 0] > 0) == (y_test == 1)),
     higher_is_better=True,
     target=0.07,
-    penalty_fn=lambda p: 0.5 * l2 * jnp.sum(p["w"] ** 2),
+    l2=l2,
+    l2_mask=lambda p: {"w": True, "b": False},
   )
