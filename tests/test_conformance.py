@@ -132,9 +132,9 @@ OPTIMIZERS = {
     static_args=("adaptive",),
     problem_kwargs={"rosenbrock": {"learning_rate": 0.01, "rho": 0.0005}},
   ),
-  "egn": Entry(
+  "egn": Entry(  # the Cholesky solve with Levenberg-Marquardt damping
     curvopt.egn,
-    {"learning_rate": 1.0, "damping": 1e-2},
+    {"learning_rate": 1.0, "damping": 1e-2, "adaptive_damping": True},
     static_args=EGN_STATIC,
     needs_value_fn=False,
   ),

@@ -361,7 +361,7 @@ def test_bfloat16_parameters_get_bfloat16_updates_from_a_float32_solve():
   problem = mlp_problem("xent", n=6, dtype=jnp.float32)
   params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), problem.params)
   model_fn = lambda p: problem.model_fn(jax.tree.map(lambda q: q.astype(jnp.float32), p))
-  opt = curvopt.egn(1.0, 1e-2)
+  opt = curvopt.egn(1.0, 1e-2, adaptive_damping=True)
   grads = jax.grad(lambda p: problem.loss_fn(model_fn(p)))(params)
   updates, state = opt.update(
     grads, opt.init(params), params, model_fn=model_fn, loss_fn=problem.loss_fn

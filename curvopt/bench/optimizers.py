@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -94,26 +95,6 @@ def _psgd_kron_newton(
   )
 
 
-def _egn(
-  learning_rate: float,
-  damping: float = 1.0,
-  momentum: float = 0.0,
-  line_search: bool = False,
-  solver: str = "auto",
-  l2_regularization: float = 0.0,
-  l2_mask=None,
-):
-  return curvopt.egn(
-    learning_rate,
-    damping,
-    momentum=momentum,
-    line_search=line_search,
-    solver=solver,
-    l2_regularization=l2_regularization,
-    l2_mask=l2_mask,
-  )
-
-
 def _sam(learning_rate: float, rho: float = 0.05, momentum: float = 0.9):
   return curvopt.sam(optax.sgd(learning_rate, momentum=momentum), rho)
 
@@ -200,8 +181,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     ),
     OptimizerSpec(
       "egn",
-      "curvopt.egn: exact Gauss-Newton in the batch space, Levenberg-Marquardt damping",
-      _egn,
+      "curvopt.egn: exact Gauss-Newton in the batch space, fixed damping 0.1",
+      curvopt.egn,
+      extra_args=("model_fn", "loss_fn"),
+      takes_l2=True,
+    ),
+    OptimizerSpec(
+      "egn_lm",
+      "curvopt.egn(adaptive_damping=True): Levenberg-Marquardt damping from 1.0",
+      functools.partial(curvopt.egn, damping=1.0, adaptive_damping=True),
       extra_args=("model_fn", "loss_fn"),
       takes_l2=True,
     ),
