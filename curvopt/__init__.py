@@ -11,18 +11,21 @@ Layers, each importing only the ones before it:
 4. the named optimizers (`curvopt.adahessian`, `curvopt.sophia_h`,
    `curvopt.shampoo`, `curvopt.soap`, `curvopt.psgd_kron`,
    `curvopt.psgd_lra`, `curvopt.psgd_dense`, `curvopt.sam`, `curvopt.gam`,
-   `curvopt.egn`),
+   `curvopt.egn`, `curvopt.lazy_newton`),
    each a short `optax.chain` of transforms.
 """
 
 from curvopt import estimators as estimators
 from curvopt import oracles as oracles
 from curvopt import transforms as transforms
+from curvopt._cubic_subproblem import cubic_subproblem as cubic_subproblem
+from curvopt._cubic_subproblem import regularized_newton_step as regularized_newton_step
 from curvopt._matrix_roots import InverseRoot as InverseRoot
 from curvopt._matrix_roots import matrix_inverse_root as matrix_inverse_root
 from curvopt.alias import adahessian as adahessian
 from curvopt.alias import egn as egn
 from curvopt.alias import gam as gam
+from curvopt.alias import lazy_newton as lazy_newton
 from curvopt.alias import psgd_dense as psgd_dense
 from curvopt.alias import psgd_kron as psgd_kron
 from curvopt.alias import psgd_lra as psgd_lra

@@ -15,6 +15,8 @@ from curvopt.transforms._hutchinson import (
   hutchinson_diagonal_estimator as hutchinson_diagonal_estimator,
 )
 from curvopt.transforms._hutchinson import spatial_average as spatial_average
+from curvopt.transforms._lazy_newton import LazyNewtonState as LazyNewtonState
+from curvopt.transforms._lazy_newton import scale_by_lazy_newton as scale_by_lazy_newton
 from curvopt.transforms._levenberg_marquardt import (
   LevenbergMarquardtState as LevenbergMarquardtState,
 )
