@@ -78,6 +78,17 @@ EGN_STATIC = (
   "l2_mask",
 )
 
+LAZY_NEWTON_STATIC = (
+  "hessian_every",
+  "mode",
+  "kind",
+  "adaptive",
+  "max_doublings",
+  "krylov_dim",
+  "max_dense_size",
+  "seed",
+)
+
 PSGD_KRON_STATIC = ("fit", "max_size", "max_skew", "geometry", "seed")
 
 OPTIMIZERS = {
@@ -150,6 +161,16 @@ OPTIMIZERS = {
     },
     static_args=EGN_STATIC,
     needs_value_fn=False,
+  ),
+  "lazy_newton": Entry(
+    curvopt.lazy_newton,
+    {"learning_rate": 1.0, "regularization": 1.0},
+    static_args=LAZY_NEWTON_STATIC,
+  ),
+  "lazy_newton_matrix_free": Entry(  # a one-vector Krylov basis plus the fresh gradient
+    curvopt.lazy_newton,
+    {"learning_rate": 1.0, "regularization": 1.0, "mode": "matrix_free", "krylov_dim": 1},
+    static_args=LAZY_NEWTON_STATIC,
   ),
   "gam": Entry(
     _gam_sgd,

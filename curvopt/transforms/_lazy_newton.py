@@ -103,7 +103,7 @@ def scale_by_lazy_newton(
   the paper's Algorithm 2; convex objectives only).
 
   With `adaptive`, a step is accepted when `f(p + h) <= f(p) - M ||h||^3 / 12`
-  (Nesterov and Polyak's sufficient decrease), else `M` doubles and only the
+  (Nesterov and Polyak's sufficient decrease, up to 16 ulps of `f`), else `M` doubles and only the
   O(d^2) subproblem is re-solved, at most `max_doublings` times (then the
   step is zero); `M` is divided by 4 at every new snapshot, down to
   `min_regularization`. Outputs are `-h` (so `scale_by_learning_rate(1.0)`
@@ -213,12 +213,15 @@ def scale_by_lazy_newton(
 
     if adaptive:
       value = value_fn(params_w).astype(dtype)
+      # Decreases below rounding cannot be measured: without this slack M doubles
+      # at every step near the optimum.
+      slack = 16 * jnp.finfo(dtype).eps * jnp.abs(value)
 
       def insufficient(carry):
         m, step, trials = carry
-        trial = unravel_w(flat_params + step)
-        cubed = jnp.linalg.norm(step) ** 3
-        return (value_fn(trial).astype(dtype) > value - m * cubed / 12) & (trials < max_doublings)
+        trial = value_fn(unravel_w(flat_params + step)).astype(dtype)
+        required = value - m * jnp.linalg.norm(step) ** 3 / 12 + slack
+        return (trial > required) & (trials < max_doublings)
 
       def double(carry):
         m, _, trials = carry
@@ -267,8 +270,13 @@ def _krylov_solver(values, basis, snapshot, g, value_fn, unravel, kind):
   """Matrix-free mode: the Krylov basis plus the gradient's remainder, curvature at the snapshot."""
   coefficients = jnp.matmul(basis, g, precision=_HIGHEST)
   remainder = g - jnp.matmul(basis.T, coefficients, precision=_HIGHEST)
+  # Twice, and dropped at round-off size: a "remainder" of rounding errors
+  # lies inside the basis and would make the subspace degenerate.
+  remainder = remainder - jnp.matmul(basis.T, basis @ remainder, precision=_HIGHEST)
   norm = jnp.linalg.norm(remainder)
-  u = jnp.where(norm > 0, remainder / jnp.where(norm > 0, norm, 1.0), 0.0)
+  kept = norm > 1e3 * jnp.finfo(g.dtype).eps * jnp.linalg.norm(g)
+  u = jnp.where(kept, remainder / jnp.where(kept, norm, 1.0), 0.0)
+  norm = jnp.where(kept, norm, 0.0)
   hu = ravel_pytree(hvp(value_fn, unravel(snapshot), unravel(u)))[0].astype(g.dtype)
   cross = jnp.matmul(basis, hu, precision=_HIGHEST)
   k = values.size

@@ -1,0 +1,280 @@
+"""Lazy-Hessian cubic Newton against independent float64 solutions of the cubic subproblem."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import quadratic_with_spectrum
+
+import curvopt
+
+
+def _reference_cubic_step(a, g, m, iterations=200):
+  """Bisection on `||(A + M r/2)^{-1} g|| = r` with dense solves (no eigenbasis), easy case."""
+  lowest = np.linalg.eigvalsh(a)[0]
+  lo = max(0.0, -2 * lowest / m) * (1 + 1e-15) + 1e-300
+  hi = lo + np.sqrt(2 * np.linalg.norm(g) / m) + 1.0
+  step = lambda r: np.linalg.solve(a + 0.5 * m * r * np.eye(len(g)), -g)
+  for _ in range(iterations):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if np.linalg.norm(step(mid)) > mid else (lo, mid)
+  return step(hi)
+
+
+def _cubic_model(a, g, m, h):
+  return g @ h + 0.5 * h @ a @ h + m / 6 * np.linalg.norm(h) ** 3
+
+
+def _solve_in_eigenbasis(a, g, m):
+  values, vectors = np.linalg.eigh(a)
+  return vectors @ np.asarray(curvopt.cubic_subproblem(values, vectors.T @ g, m))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cubic_subproblem_matches_an_independent_solution_on_indefinite_matrices(seed):
+  rng = np.random.default_rng(seed)
+  values = np.concatenate([rng.uniform(-2, -0.1, 3), rng.uniform(0.1, 5, 5)])
+  _, a = quadratic_with_spectrum(values, seed)
+  g = rng.normal(size=8)
+  for m in (0.1, 1.0, 10.0):
+    expected = _reference_cubic_step(a, g, m)
+    got = _solve_in_eigenbasis(a, g, m)
+    np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_spec_subproblem_optimality():
+  values = np.array([3, 1, 0.5, -0.7, 2, -0.1])
+  _, a = quadratic_with_spectrum(values, 0)
+  g = np.random.default_rng(1).normal(size=6)
+  h = _solve_in_eigenbasis(a, g, 2.0)
+  r = np.linalg.norm(h)
+  assert np.linalg.norm(a @ h + r * h + g) < 1e-12  # (A + M r/2) h = -g, M = 2
+  assert np.linalg.eigvalsh(a)[0] + r > 0.5  # the spec measures 0.52
+  best = _cubic_model(a, g, 2.0, h)
+  nearby = h + 0.3 * np.random.default_rng(2).normal(size=(20000, 6))
+  trial = np.einsum("ni,i->n", nearby, g) + 0.5 * np.einsum("ni,ij,nj->n", nearby, a, nearby)
+  trial += 2.0 / 6 * np.linalg.norm(nearby, axis=1) ** 3
+  assert best <= trial.min()
+
+
+def test_one_dimensional_closed_form():
+  for a, g, m in [(1.0, 4.0, 1.0), (-2.0, 0.5, 3.0), (0.0, -1.0, 2.0)]:
+    expected = -np.sign(g) * 2 * abs(g) / (a + np.sqrt(a * a + 2 * m * abs(g)))
+    got = curvopt.cubic_subproblem(jnp.array([a]), jnp.array([g]), m)
+    np.testing.assert_allclose(got, [expected], rtol=1e-12)
+
+
+def test_hard_case_moves_along_the_lowest_eigenvector_to_radius_two_over_m():
+  h = np.asarray(curvopt.cubic_subproblem(jnp.array([-1.0, 2.0]), jnp.array([0.0, 1.0]), 1.0))
+  np.testing.assert_allclose(np.linalg.norm(h), 2.0, rtol=1e-12)  # r = -2 lambda_min / M
+  np.testing.assert_allclose(h[1], -1 / 3, rtol=1e-12)  # -g_2 / (lambda_2 - lambda_min)
+  assert abs(h[0]) > 1.9
+  a, g = np.diag([-1.0, 2.0]), np.array([0.0, 1.0])
+  other = np.array([-h[0], h[1]])  # both signs are global minimizers
+  np.testing.assert_allclose(_cubic_model(a, g, 1.0, h), _cubic_model(a, g, 1.0, other))
+  grid = np.stack(np.meshgrid(np.linspace(-3, 3, 301), np.linspace(-3, 3, 301)), -1).reshape(-1, 2)
+  values = grid @ g + 0.5 * np.einsum("ni,ij,nj->n", grid, a, grid)
+  values += np.linalg.norm(grid, axis=1) ** 3 / 6
+  assert _cubic_model(a, g, 1.0, h) <= values.min() + 1e-12
+
+
+def test_hard_case_in_a_rotated_basis_is_still_solved():
+  # g orthogonal to the lowest eigenvector up to round-off after rotation.
+  _, a = quadratic_with_spectrum([-1.0, 2.0, 3.0], 4)
+  _values, vectors = np.linalg.eigh(a)
+  g = vectors[:, 1] + vectors[:, 2]
+  h = _solve_in_eigenbasis(a, g, 1.0)
+  r = np.linalg.norm(h)
+  np.testing.assert_allclose(r, 2.0, rtol=1e-8)
+  assert np.linalg.norm(a @ h + 0.5 * r * h + g) < 1e-7
+
+
+def test_small_regularization_gives_the_newton_step():
+  _, a = quadratic_with_spectrum([1.0, 2.0, 5.0], 0)
+  g = np.array([1.0, -1.0, 0.5])
+  np.testing.assert_allclose(_solve_in_eigenbasis(a, g, 1e-9), -np.linalg.solve(a, g), rtol=1e-7)
+
+
+def test_zero_gradient_and_zero_matrix_give_a_zero_step():
+  for dtype in (jnp.float32, jnp.float64):
+    h = curvopt.cubic_subproblem(jnp.zeros(3, dtype), jnp.zeros(3, dtype), 1.0)
+    assert h.dtype == dtype and not bool(jnp.any(h))
+
+
+def _nonconvex(w):
+  return jnp.sum(jnp.cos(3 * w)) + 0.1 * jnp.sum(w**4) + w[0] * w[1]
+
+
+def _run(opt, value_fn, w, steps):
+  state = opt.init(w)
+  iterates = [w]
+  step = jax.jit(lambda w, s: opt.update(jax.grad(value_fn)(w), s, w, value_fn=value_fn))
+  for _ in range(steps):
+    updates, state = step(w, state)
+    w = optax.apply_updates(w, updates)
+    iterates.append(w)
+  return iterates, state
+
+
+def test_every_step_hessian_is_cubic_newton_iterate_for_iterate():
+  w = jnp.array([0.4, -0.3, 1.1])  # the Hessian is indefinite along the way
+  m = 2.0
+  iterates, _ = _run(curvopt.lazy_newton(1.0, m, hessian_every=1, adaptive=False), _nonconvex, w, 6)
+  x = np.asarray(w)
+  for got in iterates[1:]:
+    a = np.asarray(jax.hessian(_nonconvex)(x))
+    g = np.asarray(jax.grad(_nonconvex)(x))
+    assert np.linalg.eigvalsh(a)[0] < 0 or x is not w
+    x = x + _reference_cubic_step(0.5 * (a + a.T), g, m)
+    np.testing.assert_allclose(got, x, rtol=1e-8, atol=1e-10)
+
+
+def test_hard_case_through_the_optimizer():
+  value_fn = lambda w: 0.5 * (-(w[0] ** 2) + 2 * w[1] ** 2) + w[1]  # H = diag(-1, 2), g = (0, 1)
+  opt = curvopt.lazy_newton(1.0, 1.0, hessian_every=1, adaptive=False)
+  updates, _ = opt.update(
+    jax.grad(value_fn)(jnp.zeros(2)), opt.init(jnp.zeros(2)), jnp.zeros(2), value_fn=value_fn
+  )
+  np.testing.assert_allclose(jnp.linalg.norm(updates), 2.0, rtol=1e-12)
+  np.testing.assert_allclose(updates[1], -1 / 3, rtol=1e-12)
+
+
+@pytest.mark.parametrize("every", [1, 2, 5])
+def test_any_period_gives_the_same_iterates_on_a_quadratic(every):
+  value_fn, _a = quadratic_with_spectrum([0.5, 1.0, 4.0, 9.0], 1)
+  value_fn = lambda w, value_fn=value_fn: value_fn(w) + w[0]
+  opt = curvopt.lazy_newton(1.0, 0.3, hessian_every=every, adaptive=False)
+  reference = curvopt.lazy_newton(1.0, 0.3, hessian_every=1, adaptive=False)
+  w = jnp.array([1.0, -1.0, 2.0, 0.5])
+  got, _ = _run(opt, value_fn, w, 5)
+  expected, _ = _run(reference, value_fn, w, 5)
+  np.testing.assert_allclose(np.stack(got), np.stack(expected), rtol=1e-10, atol=1e-12)
+
+
+def test_one_step_with_vanishing_regularization_minimizes_a_strongly_convex_quadratic():
+  value_fn, a = quadratic_with_spectrum([0.1, 1.0, 30.0], 2)
+  b = jnp.array([1.0, 2.0, -3.0])
+  f = lambda w: value_fn(w) - b @ w
+  opt = curvopt.lazy_newton(1.0, 1e-12, adaptive=False)
+  w0 = jnp.array([5.0, -5.0, 5.0])
+  (_, w1), _ = _run(opt, f, w0, 1)
+  np.testing.assert_allclose(w1, np.linalg.solve(a, b), rtol=1e-8)
+
+
+def test_hessians_are_computed_exactly_every_m_steps():
+  calls = []
+
+  def value_fn(w):
+    # The dense Hessian is the only place value_fn is differentiated twice.
+    return jnp.sum(jnp.logaddexp(0.0, w)) + 0.5 * jnp.sum(w**2)
+
+  # A small learning rate keeps the iterates (so the Hessians) changing for ten steps.
+  opt = curvopt.lazy_newton(0.1, 1.0, hessian_every=3, adaptive=False)
+  w = jnp.linspace(-1.0, 1.0, 4)
+  state = opt.init(w)
+
+  @jax.jit
+  def step(w, state):
+    updates, state = opt.update(jax.grad(value_fn)(w), state, w, value_fn=value_fn)
+    jax.debug.callback(lambda n: calls.append(int(n)), state[0].hessians)
+    return optax.apply_updates(w, updates), state
+
+  snapshots = []
+  for _ in range(10):
+    w, state = step(w, state)
+    snapshots.append(np.asarray(state[0].eigenvalues))
+  assert calls == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4]  # steps 0, 3, 6, 9
+  changed = [not np.array_equal(a, b) for a, b in itertools.pairwise(snapshots)]
+  assert changed == [False, False, True, False, False, True, False, False, True]
+
+
+def test_default_period_is_the_dimension():
+  value_fn = lambda w: jnp.sum(jnp.logaddexp(0.0, w)) + 0.5 * jnp.sum(w**2)
+  _, state = _run(curvopt.lazy_newton(), value_fn, jnp.ones(5), 11)
+  assert int(state[0].hessians) == 3  # steps 0, 5, 10
+
+
+def _breast_cancer():
+  from curvopt.bench.workloads import WORKLOADS
+
+  workload = WORKLOADS["breast_cancer_logreg"]()
+  batch = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), workload.train)
+  params = jax.tree.map(lambda x: x.astype(jnp.float64), workload.init_params(jax.random.key(0)))
+  return (lambda p: workload.value_fn(p, batch)), params
+
+
+@pytest.mark.parametrize("every", [1, 6, None])  # m = 1, about sqrt(d), d = 31
+def test_converges_on_regularized_logistic_regression_to_gradient_norm_1e_8(every):
+  value_fn, params = _breast_cancer()
+  opt = curvopt.lazy_newton(hessian_every=every)
+  iterates, _ = _run(opt, value_fn, params, 80)  # measured: 9, 24 and 65 steps
+  grad_norm = float(optax.tree.norm(jax.grad(value_fn)(iterates[-1])))
+  assert grad_norm < 1e-8, grad_norm
+
+
+def test_adaptive_search_keeps_sufficient_decrease():
+  w = jnp.array([0.4, -0.3, 1.1])
+  opt = curvopt.lazy_newton(1.0, 1e-4, hessian_every=3)  # far too small an M at first
+  iterates, state = _run(opt, _nonconvex, w, 12)
+  values = [float(_nonconvex(x)) for x in iterates]
+  assert all(b <= a for a, b in itertools.pairwise(values))
+  assert int(state[0].function_values) > 12  # some steps needed more than one trial
+  assert float(state[0].regularization) > 1e-4
+
+
+def test_quadratic_kind_is_gradient_regularized_newton():
+  value_fn, a = quadratic_with_spectrum([1.0, 2.0, 3.0], 3)
+  w = jnp.array([1.0, 0.0, -1.0])
+  g = np.asarray(jax.grad(value_fn)(w))
+  opt = curvopt.lazy_newton(1.0, 4.0, kind="quadratic", adaptive=False)
+  (_, w1), _ = _run(opt, value_fn, w, 1)
+  lam = np.sqrt(4.0 * np.linalg.norm(g))
+  np.testing.assert_allclose(w1, w - np.linalg.solve(a + lam * np.eye(3), g), rtol=1e-10)
+
+
+def test_matrix_free_mode_with_a_full_krylov_basis_equals_dense_mode():
+  value_fn, _ = _breast_cancer()
+  _, params = _breast_cancer()
+  dense = curvopt.lazy_newton(1.0, 1.0, hessian_every=4, adaptive=False)
+  krylov = curvopt.lazy_newton(
+    1.0, 1.0, hessian_every=4, adaptive=False, mode="matrix_free", krylov_dim=31
+  )
+  got, _ = _run(krylov, value_fn, params, 6)
+  expected, _ = _run(dense, value_fn, params, 6)
+  for a, b in zip(got[1:], expected[1:], strict=True):
+    np.testing.assert_allclose(optax.tree.norm(optax.tree.sub(a, b)), 0.0, atol=1e-8)
+
+
+def test_matrix_free_mode_with_a_small_basis_converges():
+  value_fn, params = _breast_cancer()
+  opt = curvopt.lazy_newton(mode="matrix_free", krylov_dim=8)
+  iterates, state = _run(opt, value_fn, params, 80)
+  assert float(optax.tree.norm(jax.grad(value_fn)(iterates[-1]))) < 1e-6
+  assert state[0].eigenvectors.shape == (8, 31)  # no d x d state
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    ({"regularization": 0.0}, "regularization must be a finite number > 0"),
+    ({"mode": "sparse"}, "mode must be one of"),
+    ({"kind": "quartic"}, "kind must be one of"),
+    ({"hessian_every": 0}, "hessian_every must be a positive integer"),
+    ({"krylov_dim": 1.5}, "krylov_dim must be a positive integer"),
+  ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    curvopt.lazy_newton(**kwargs)
+
+
+def test_missing_value_fn_fails_clearly():
+  opt = curvopt.lazy_newton()
+  w = jnp.ones(2)
+  with pytest.raises(TypeError, match="lazy_newton needs the loss as an extra argument"):
+    opt.update(w, opt.init(w), w)
