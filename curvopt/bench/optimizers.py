@@ -194,6 +194,12 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
       takes_l2=True,
     ),
     OptimizerSpec(
+      "lazy_newton",
+      "curvopt.lazy_newton: cubic Newton, one Hessian per d steps (full-batch problems)",
+      curvopt.lazy_newton,
+      extra_args=("value_fn",),
+    ),
+    OptimizerSpec(
       "soap",
       "curvopt.soap: Adam in Shampoo's eigenbasis, refreshed every 10 steps",
       curvopt.soap,
