@@ -38,12 +38,12 @@ import curvopt
 from curvopt.bench import data
 
 digits = data.digits()
-n = fast_or_full(300, 1000)
-width = fast_or_full(64, 200)
+n = fast_or_full(500, 1000)
+width = fast_or_full(100, 200)
 x, y = jnp.asarray(digits.x_train[:n]), jnp.asarray(digits.y_train[:n])
-step_sizes = fast_or_full([0.4, 0.3], [0.1, 0.09])
-control = fast_or_full(0.1, 0.05)
-steps = fast_or_full(800, 3000)
+step_sizes = fast_or_full([0.15, 0.135], [0.1, 0.09])
+control = fast_or_full(0.04, 0.05)
+steps = fast_or_full(1500, 3000)
 every = 25
 loss_fn = lambda p: half_mse(mlp(p, x), y)
 params0 = init_mlp(jax.random.key(0), (64, width, width, 10))
@@ -61,9 +61,7 @@ def gd_block(params, eta):
   return jax.lax.scan(step, params, None, length=every)
 
 
-sharpness = jax.jit(
-  lambda p, key: curvopt.sharpness(loss_fn, p, key=key, num_iterations=20)
-)
+sharpness = jax.jit(lambda p, key: curvopt.sharpness(loss_fn, p, key=key, num_iterations=20))
 
 
 def train(eta):

@@ -135,8 +135,13 @@ print(f"full batch: {full_top:.3f}")
 numbers["minibatch"] = {"full": full_top, **{str(b): v[0] for b, v in batch_top.items()}}
 
 fig, ax = plt.subplots(figsize=(6, 3.5))
-ax.errorbar(batch_sizes, [batch_top[b][0] for b in batch_sizes],
-            yerr=[batch_top[b][1] for b in batch_sizes], fmt="o-", label="mini-batch")
+ax.errorbar(
+  batch_sizes,
+  [batch_top[b][0] for b in batch_sizes],
+  yerr=[batch_top[b][1] for b in batch_sizes],
+  fmt="o-",
+  label="mini-batch",
+)
 ax.axhline(full_top, color="k", linestyle="--", label="full data set")
 ax.set(xscale="log", xlabel="batch size B", ylabel="top Hessian eigenvalue")
 ax.legend()
@@ -162,7 +167,10 @@ sgd_loss = lambda p, idx: cross_entropy(mlp(p, xr[idx]), yr[idx])
 
 @jax.jit
 def sgd_steps(p, indices):
-  step = lambda p, idx: (jax.tree.map(lambda w, g: w - 0.1 * g, p, jax.grad(sgd_loss)(p, idx)), None)
+  step = lambda p, idx: (
+    jax.tree.map(lambda w, g: w - 0.1 * g, p, jax.grad(sgd_loss)(p, idx)),
+    None,
+  )
   return jax.lax.scan(step, p, indices)[0]
 
 
@@ -189,15 +197,26 @@ for step in checkpoints:
   fraction = float(np.sum((vectors[:10] @ g) ** 2) / np.sum(g**2))
   overlap = None if previous is None else float(np.sum((vectors[:10] @ previous.T) ** 2) / 10)
   previous = vectors[:10]
-  subspace.append({"step": step, "f10": fraction, "overlap": overlap,
-                   "gap_10_11": float(values[9] / values[10])})
+  subspace.append(
+    {
+      "step": step,
+      "f10": fraction,
+      "overlap": overlap,
+      "gap_9_10": float(values[8] / values[9]),
+      "gap_10_11": float(values[9] / values[10]),
+    }
+  )
   print(subspace[-1], "top eigenvalues", np.round(values[:12], 3))
 numbers["tiny_subspace"] = subspace
 
 fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.plot([s["step"] for s in subspace], [s["f10"] for s in subspace], "o-", label="f_10 (gradient)")
-ax.plot([s["step"] for s in subspace[1:]], [s["overlap"] for s in subspace[1:]], "s--",
-        label="top-10 overlap with previous")
+ax.plot(
+  [s["step"] for s in subspace[1:]],
+  [s["overlap"] for s in subspace[1:]],
+  "s--",
+  label="top-10 overlap with previous",
+)
 ax.set(xlabel="SGD step", ylim=(0, 1.05), title="Gradient in the top-10 Hessian eigenspace")
 ax.legend()
 save_figure(fig, "02_tiny_subspace")
@@ -211,11 +230,12 @@ save_figure(fig, "02_tiny_subspace")
 # 2. Every mini-batch top eigenvalue lies above the full-data one and the
 #    excess shrinks as `B` grows, as Granziol et al. predict; at small `B`
 #    the excess is several times the full value.
-# 3. On raw digits the spectrum has about 9-10 outliers (the ratio of the
-#    10th to the 11th eigenvalue is recorded), the top-10 eigenspace holds
-#    most of the gradient after the first few hundred steps, and it changes
-#    little between checkpoints. With standardized inputs (not shown; see
-#    the anchors) the outliers and the effect disappear: Gur-Ari et al.'s
+# 3. On raw digits the spectrum has about `C - 1 = 9` outliers (the ratios
+#    of the 9th to the 10th and the 10th to the 11th eigenvalue are
+#    recorded), the top-10 eigenspace holds most of the gradient after
+#    the first few hundred steps, and it changes little between
+#    checkpoints. With standardized inputs (not shown; see the anchors)
+#    the outliers and the effect disappear: Gur-Ari et al.'s
 #    claim depends on the class structure of the inputs.
 
 # %%

@@ -22,15 +22,14 @@
 # **Setup**: 512 standardized digits; bias-free MLP 64-N-N-10 tanh with
 # `N(0, 1)` weights and multipliers `1/sqrt(fan_in)` (NTK), or the same with
 # a `1/fan_in` readout (muP); the square loss; full-batch GD for 400 steps,
-# `eta = 6` at every width under NTK and `eta = 6 N / 64` under muP (muP's
-# SGD scaling, normalized to agree at `N = 64`). Biases are left out: under
+# `eta = 6` at every width under NTK and `eta = 6 N` under muP (muP's SGD
+# learning-rate scaling in this multiplier form). Biases are left out: under
 # muP a bias needs its own width-free learning rate. We report the
 # normalized sharpness `eta * lambda_max` (the sharpness of the
 # preconditioned Hessian `eta H`, whose stability threshold is 2 at every
 # width; it is the quantity Noci et al. plot), by `curvopt.sharpness`.
 
 # %%
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +50,7 @@ base_eta = 6.0
 
 
 def learning_rate(parameterization, width):
-  return base_eta * width / 64 if parameterization == "mup" else base_eta
+  return base_eta * width if parameterization == "mup" else base_eta
 
 
 def run(parameterization, width):
@@ -95,7 +94,7 @@ for pz in late:
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-for ax, pz in zip(axes, ("mup", "ntk")):
+for ax, pz in zip(axes, ("mup", "ntk"), strict=True):
   for w in widths:
     trace, _ = runs[(pz, w)]
     ax.plot(np.arange(len(trace)) * every, trace, label=f"N={w}")

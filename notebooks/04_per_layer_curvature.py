@@ -87,7 +87,7 @@ for m in probe_counts:
   for label, i, leaf in blocks:
     mask = [{k: (j == i and k == leaf) for k in layer} for j, layer in enumerate(params)]
     result = curvopt.hutchinson_trace(
-      curvopt.restrict(operator, mask), jax.random.key(m + 7 * i), num_probes=m
+      curvopt.restrict(operator, mask), jax.random.key(m + 7 * i), num_probes=m, probes_per_step=10
     )
     estimates[(label, m)] = (float(result.trace), float(result.stderr))
 
@@ -104,7 +104,7 @@ for label, _, _ in blocks:
       f"stderr={stderr:.4f} theory sd={sd:.4f} |error|/sd={z:.2f}"
     )
 
-sizes = {name: leaf.size for name, leaf in zip(leaf_names, jax.tree.leaves(params))}
+sizes = {name: leaf.size for name, leaf in zip(leaf_names, jax.tree.leaves(params), strict=True)}
 exact_rank = sorted(exact, key=lambda k: -exact[k] / sizes[k])
 largest = probe_counts[-1]
 estimated_rank = sorted(exact, key=lambda k: -estimates[(k, largest)][0] / sizes[k])
@@ -113,7 +113,7 @@ estimated_rank = sorted(exact, key=lambda k: -estimates[(k, largest)][0] / sizes
 fig, ax = plt.subplots(figsize=(9, 4))
 positions = np.arange(len(blocks))
 ax.bar(positions, [exact[b[0]] / sizes[b[0]] for b in blocks], color="lightgray", label="exact")
-for offset, m in zip(np.linspace(-0.25, 0.25, len(probe_counts)), probe_counts):
+for offset, m in zip(np.linspace(-0.25, 0.25, len(probe_counts)), probe_counts, strict=True):
   means = [estimates[(b[0], m)][0] / sizes[b[0]] for b in blocks]
   errors = [estimates[(b[0], m)][1] / sizes[b[0]] for b in blocks]
   ax.errorbar(positions + offset, means, yerr=errors, fmt="o", capsize=3, label=f"{m} probes")

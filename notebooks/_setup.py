@@ -7,6 +7,7 @@ PNG figures and one JSON file of key numbers per notebook.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
@@ -50,7 +51,9 @@ def init_mlp(key, sizes, parameterization="sp", bias=True):
   multiplier form of Noci et al. 2024).
   """
   params = []
-  for k, (m, n) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes, sizes[1:])):
+  for k, (m, n) in zip(
+    jax.random.split(key, len(sizes) - 1), itertools.pairwise(sizes), strict=True
+  ):
     scale = 1 / jnp.sqrt(m) if parameterization == "sp" else 1.0
     layer = {"w": scale * jax.random.normal(k, (m, n))}
     if bias:

@@ -112,7 +112,7 @@ def best_per_optimizer(summaries: list[dict]) -> dict[str, dict[str, dict]]:
       "target": runs[0]["target"],
     }
     current = best.setdefault(workload, {}).get(optimizer)
-    if current is None or _rank_key(entry) < _rank_key(current):
+    if current is None or rank_key(entry) < rank_key(current):
       best[workload][optimizer] = entry
   return best
 
@@ -121,7 +121,8 @@ def _finite(x: Any) -> bool:
   return isinstance(x, int | float) and math.isfinite(x)
 
 
-def _rank_key(entry: dict) -> tuple[float, float]:
+def rank_key(entry: dict) -> tuple[float, float]:
+  """How the tables rank optimizers: time to target, then final training loss."""
   return entry["time_to_target_s"], entry["final_train_loss"]
 
 
@@ -135,7 +136,7 @@ def markdown_table(summaries: list[dict]) -> str:
   """Optimizers ranked per workload at their best learning rate."""
   lines = []
   for workload, entries in sorted(best_per_optimizer(summaries).items()):
-    ranked = sorted(entries.values(), key=_rank_key)
+    ranked = sorted(entries.values(), key=rank_key)
     first = ranked[0]
     lines += [
       f"### {workload} (target: train loss <= {first['target']:g}; "
