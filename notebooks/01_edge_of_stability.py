@@ -117,14 +117,19 @@ save_figure(fig, "01_edge_of_stability")
 # %% [markdown]
 # ## What we measured
 #
-# Full mode, 2 CPU cores: at `eta` = 0.1 and 0.09 the sharpness rises from
-# about 16 and reaches 90% of `2/eta` within the first thousand steps; from
-# 200 steps later it hovers at `2/eta` (the mean late ratios are recorded
-# below and in `figures/01_edge_of_stability.json`; the issue asks for
-# within 10%), while the loss keeps falling with some upward intervals. The
-# control at `eta = 0.05` ends well below `2/eta = 40`. As in the paper, with
-# the square loss the sharpness sits at or just above `2/eta`; where our
-# numbers differ from the paper's CIFAR-10 runs is only in scale.
+# Full mode, 2 CPU cores (`figures/01_edge_of_stability.json`): the initial
+# sharpness is 18.1. At `eta = 0.09` (`2/eta = 22.2`) it rises to 90% of
+# `2/eta` by step 750 and from 200 steps later averages **1.003** times
+# `2/eta` (range 0.95 to 1.04); at `eta = 0.1` (`2/eta = 20`) it starts
+# within 10% of the threshold, goes to it at once and averages **0.991**
+# times `2/eta` (range 0.81 to 1.06). Both are within the 10% the issue
+# asks, and the loss rose in 13% and 26% of the 25-step intervals while
+# falling to 0.6% of its initial value overall: the non-monotone descent
+# the paper describes. The control at `eta = 0.05` sharpens to 23.9, far
+# below `2/eta = 40`, and its loss falls monotonically. As in the paper
+# with the square loss, the sharpness hovers at or just above `2/eta`; our
+# initial sharpness is already close to the threshold at `eta = 0.1`, so
+# that run shows the hovering more than the progressive sharpening.
 
 # %%
 record(

@@ -107,13 +107,14 @@ save_figure(fig, "03_mup_sharpness")
 # %% [markdown]
 # ## What we measured
 #
-# Under muP the normalized sharpness climbs to the edge of stability and
-# holds about 2 at every width (max/min ratio across widths recorded below;
-# the issue asks for under 1.1). Under NTK it stays well below 2 and falls
-# with width (the wider network barely sharpens), so its ratio is larger.
-# This matches the paper's picture. One difference: our muP runs overshoot
-# (a catapult) early on before settling; the paper's smoother curves come
-# from larger models trained longer.
+# Full mode (`figures/03_mup_sharpness.json`): under muP the normalized
+# sharpness over the last quarter of training is **2.012 / 2.024 / 2.017**
+# at widths 64 / 256 / 1024, a max/min ratio of **1.006** (the issue asks
+# for under 1.1): every width sits at the edge of stability. Under NTK it
+# is **0.837 / 0.619 / 0.538**, a ratio of **1.55**, falling with width:
+# the wider network barely sharpens. This is the paper's picture. One
+# difference: our muP runs overshoot early (a catapult above 2) before
+# settling; the paper's smoother curves come from larger models.
 
 # %%
 record(

@@ -59,6 +59,7 @@ def test_public_functions_have_an_example_and_a_reference(name, fn):
 
 # Plain linear-algebra plumbing with no paper behind it.
 _NO_PAPER = {
+  "all_finite",
   "flax_averaging_axes",
   "spatial_average",
   "compose",

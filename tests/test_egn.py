@@ -367,4 +367,4 @@ def test_bfloat16_parameters_get_bfloat16_updates_from_a_float32_solve():
     grads, opt.init(params), params, model_fn=model_fn, loss_fn=problem.loss_fn
   )
   chex.assert_trees_all_equal_dtypes(updates, params)
-  assert state.damping.dtype == jnp.float32
+  assert state.inner_state.damping.dtype == jnp.float32

@@ -181,13 +181,13 @@ def test_hessians_are_computed_exactly_every_m_steps():
   @jax.jit
   def step(w, state):
     updates, state = opt.update(jax.grad(value_fn)(w), state, w, value_fn=value_fn)
-    jax.debug.callback(lambda n: calls.append(int(n)), state[0].hessians)
+    jax.debug.callback(lambda n: calls.append(int(n)), state.inner_state[0].hessians)
     return optax.apply_updates(w, updates), state
 
   snapshots = []
   for _ in range(10):
     w, state = step(w, state)
-    snapshots.append(np.asarray(state[0].eigenvalues))
+    snapshots.append(np.asarray(state.inner_state[0].eigenvalues))
   assert calls == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4]  # steps 0, 3, 6, 9
   changed = [not np.array_equal(a, b) for a, b in itertools.pairwise(snapshots)]
   assert changed == [False, False, True, False, False, True, False, False, True]
@@ -196,7 +196,7 @@ def test_hessians_are_computed_exactly_every_m_steps():
 def test_default_period_is_the_dimension():
   value_fn = lambda w: jnp.sum(jnp.logaddexp(0.0, w)) + 0.5 * jnp.sum(w**2)
   _, state = _run(curvopt.lazy_newton(), value_fn, jnp.ones(5), 11)
-  assert int(state[0].hessians) == 3  # steps 0, 5, 10
+  assert int(state.inner_state[0].hessians) == 3  # steps 0, 5, 10
 
 
 def _breast_cancer():
@@ -223,8 +223,8 @@ def test_adaptive_search_keeps_sufficient_decrease():
   iterates, state = _run(opt, _nonconvex, w, 12)
   values = [float(_nonconvex(x)) for x in iterates]
   assert all(b <= a for a, b in itertools.pairwise(values))
-  assert int(state[0].function_values) > 12  # some steps needed more than one trial
-  assert float(state[0].regularization) > 1e-4
+  assert int(state.inner_state[0].function_values) > 12  # some steps needed more than one trial
+  assert float(state.inner_state[0].regularization) > 1e-4
 
 
 def test_quadratic_kind_is_gradient_regularized_newton():
@@ -255,7 +255,7 @@ def test_matrix_free_mode_with_a_small_basis_converges():
   opt = curvopt.lazy_newton(mode="matrix_free", krylov_dim=8)
   iterates, state = _run(opt, value_fn, params, 80)
   assert float(optax.tree.norm(jax.grad(value_fn)(iterates[-1]))) < 1e-6
-  assert state[0].eigenvectors.shape == (8, 31)  # no d x d state
+  assert state.inner_state[0].eigenvectors.shape == (8, 31)  # no d x d state
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ def test_rho_zero_gives_exactly_the_base_optimizer():
     ub, base_state = base.update(g, base_state, w)
     chex.assert_trees_all_equal(u, ub)
     w = optax.apply_updates(w, u)
-  chex.assert_trees_all_equal(state[1], base_state)
+  chex.assert_trees_all_equal(state.inner_state[1], base_state)
 
 
 @pytest.mark.parametrize("rho", [0.05, 0.5])

@@ -9,7 +9,7 @@ import jax
 import optax
 
 from curvopt import _checks
-from curvopt.transforms import hutchinson_diagonal_estimator, scale_by_adahessian
+from curvopt.transforms import hutchinson_diagonal_estimator, scale_by_adahessian, skip_nonfinite
 
 
 def adahessian(
@@ -96,17 +96,19 @@ def adahessian(
   _checks.in_range("eps", eps, 0.0, inf)
   _checks.in_range("weight_decay", weight_decay, 0.0, inf)
   _checks.in_range("hessian_power", hessian_power, 0.0, 1.0, high_inclusive=True)
-  return optax.chain(
-    scale_by_adahessian(
-      b1,
-      b2,
-      eps,
-      hessian_power,
-      refresh_every=refresh_every,
-      absolute=absolute,
-      averaging_axes=averaging_axes,
-      hessian_diagonal_fn=hutchinson_diagonal_estimator(seed=seed, name="adahessian"),
-    ),
-    optax.add_decayed_weights(weight_decay),
-    optax.scale_by_learning_rate(learning_rate),
+  return skip_nonfinite(
+    optax.chain(
+      scale_by_adahessian(
+        b1,
+        b2,
+        eps,
+        hessian_power,
+        refresh_every=refresh_every,
+        absolute=absolute,
+        averaging_axes=averaging_axes,
+        hessian_diagonal_fn=hutchinson_diagonal_estimator(seed=seed, name="adahessian"),
+      ),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+    )
   )

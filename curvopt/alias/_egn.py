@@ -10,6 +10,7 @@ from curvopt.transforms import (
   levenberg_marquardt,
   scale_by_armijo_backtracking,
   scale_by_egn,
+  skip_nonfinite,
 )
 from curvopt.transforms._gauss_newton_model import Mask
 
@@ -112,8 +113,8 @@ def egn(
   else:
     steps.append(optax.scale_by_learning_rate(learning_rate))
   direction = optax.chain(*steps)
-  if not adaptive_damping:
-    return direction
-  return levenberg_marquardt(
-    direction, damping, l2_regularization=l2_regularization, l2_mask=l2_mask
-  )
+  if adaptive_damping:
+    direction = levenberg_marquardt(
+      direction, damping, l2_regularization=l2_regularization, l2_mask=l2_mask
+    )
+  return skip_nonfinite(direction)

@@ -13,6 +13,7 @@ from curvopt.transforms import (
   scale_by_psgd_dense,
   scale_by_psgd_kron,
   scale_by_psgd_lra,
+  skip_nonfinite,
 )
 from curvopt.transforms._psgd import Fit
 from curvopt.transforms._psgd_kron import Geometry
@@ -32,12 +33,14 @@ def _chain(
   _checks.in_range("weight_decay", weight_decay, 0.0, inf)
   if max_update_rms is not None:
     _checks.in_range("max_update_rms", max_update_rms, 0.0, inf)
-  return optax.chain(
-    preconditioner,
-    ema_momentum(b1),
-    optax.clip_by_block_rms(max_update_rms) if max_update_rms is not None else optax.identity(),
-    optax.add_decayed_weights(weight_decay, weight_decay_mask),
-    optax.scale_by_learning_rate(learning_rate),
+  return skip_nonfinite(
+    optax.chain(
+      preconditioner,
+      ema_momentum(b1),
+      optax.clip_by_block_rms(max_update_rms) if max_update_rms is not None else optax.identity(),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+    )
   )
 
 

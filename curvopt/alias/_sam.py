@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from curvopt.transforms import gam_gradient, sam_gradient
+from curvopt.transforms import gam_gradient, sam_gradient, skip_nonfinite
 from curvopt.transforms._sam import Perturbation
 
 
@@ -72,17 +72,19 @@ def sam(
     Efficiently Improving Generalization", ICLR 2021; Kwon, Kim, Park, Choi,
     "ASAM: Adaptive Sharpness-Aware Minimization", ICML 2021.
   """
-  return optax.chain(
-    sam_gradient(
-      rho,
-      adaptive=adaptive,
-      eta=eta,
-      eps=eps,
-      has_aux=has_aux,
-      perturbation=perturbation,
-      num_groups=num_groups,
-    ),
-    base_optimizer,
+  return skip_nonfinite(
+    optax.chain(
+      sam_gradient(
+        rho,
+        adaptive=adaptive,
+        eta=eta,
+        eps=eps,
+        has_aux=has_aux,
+        perturbation=perturbation,
+        num_groups=num_groups,
+      ),
+      base_optimizer,
+    )
   )
 
 
@@ -131,18 +133,20 @@ def gam(
     Zhang, Xu, Cui, Lin, "Gradient Norm Aware Minimization Seeks First-Order
     Flatness and Improves Generalization", CVPR 2023.
   """
-  return optax.chain(
-    gam_gradient(
-      rho,
-      grad_norm_rho,
-      beta1,
-      beta3,
-      beta0,
-      gamma,
-      apply_beta0=apply_beta0,
-      adaptive=adaptive,
-      eps=eps,
-      has_aux=has_aux,
-    ),
-    base_optimizer,
+  return skip_nonfinite(
+    optax.chain(
+      gam_gradient(
+        rho,
+        grad_norm_rho,
+        beta1,
+        beta3,
+        beta0,
+        gamma,
+        apply_beta0=apply_beta0,
+        adaptive=adaptive,
+        eps=eps,
+        has_aux=has_aux,
+      ),
+      base_optimizer,
+    )
   )

@@ -6,7 +6,7 @@ import optax
 
 from curvopt import _checks
 from curvopt._matrix_roots import RootMethod
-from curvopt.transforms import ema_momentum, scale_by_shampoo
+from curvopt.transforms import ema_momentum, scale_by_shampoo, skip_nonfinite
 from curvopt.transforms._blocks import MatrixAxes
 from curvopt.transforms._grafting import Grafting
 
@@ -138,26 +138,28 @@ def shampoo(
   _checks.in_range("learning_rate", learning_rate, 0.0, inf)
   _checks.in_range("b1", b1, 0.0, 1.0)
   _checks.in_range("weight_decay", weight_decay, 0.0, inf)
-  return optax.chain(
-    scale_by_shampoo(
-      block_size,
-      beta2,
-      epsilon,
-      precondition_frequency=precondition_frequency,
-      start_preconditioning_step=start_preconditioning_step,
-      relative_epsilon=relative_epsilon,
-      root_method=root_method,
-      exponent_override=exponent_override,
-      rank_rtol=rank_rtol,
-      grafting=grafting,
-      grafting_b2=grafting_b2,
-      grafting_eps=grafting_eps,
-      merge_dims=merge_dims,
-      precondition_1d=precondition_1d,
-      matrix_axes=matrix_axes,
-      one_sided=one_sided,
-    ),
-    ema_momentum(b1, nesterov),
-    optax.add_decayed_weights(weight_decay),
-    optax.scale_by_learning_rate(learning_rate),
+  return skip_nonfinite(
+    optax.chain(
+      scale_by_shampoo(
+        block_size,
+        beta2,
+        epsilon,
+        precondition_frequency=precondition_frequency,
+        start_preconditioning_step=start_preconditioning_step,
+        relative_epsilon=relative_epsilon,
+        root_method=root_method,
+        exponent_override=exponent_override,
+        rank_rtol=rank_rtol,
+        grafting=grafting,
+        grafting_b2=grafting_b2,
+        grafting_eps=grafting_eps,
+        merge_dims=merge_dims,
+        precondition_1d=precondition_1d,
+        matrix_axes=matrix_axes,
+        one_sided=one_sided,
+      ),
+      ema_momentum(b1, nesterov),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+    )
   )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optax
 
 from curvopt import _checks
-from curvopt.transforms import scale_by_soap
+from curvopt.transforms import scale_by_soap, skip_nonfinite
 from curvopt.transforms._blocks import MatrixAxes
 
 
@@ -92,20 +92,22 @@ def soap(
   _checks.in_range("weight_decay", weight_decay, 0.0, inf)
   if shampoo_beta is not None:
     _checks.in_range("shampoo_beta", shampoo_beta, 0.0, 1.0)
-  return optax.chain(
-    scale_by_soap(
-      b1,
-      b2,
-      eps,
-      shampoo_beta,
-      precondition_frequency=precondition_frequency,
-      start_preconditioning_step=start_preconditioning_step,
-      block_size=block_size,
-      merge_dims=merge_dims,
-      precondition_1d=precondition_1d,
-      matrix_axes=matrix_axes,
-      one_sided=one_sided,
-    ),
-    optax.add_decayed_weights(weight_decay),
-    optax.scale_by_learning_rate(learning_rate),
+  return skip_nonfinite(
+    optax.chain(
+      scale_by_soap(
+        b1,
+        b2,
+        eps,
+        shampoo_beta,
+        precondition_frequency=precondition_frequency,
+        start_preconditioning_step=start_preconditioning_step,
+        block_size=block_size,
+        merge_dims=merge_dims,
+        precondition_1d=precondition_1d,
+        matrix_axes=matrix_axes,
+        one_sided=one_sided,
+      ),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+    )
   )

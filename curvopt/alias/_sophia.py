@@ -5,7 +5,7 @@ from __future__ import annotations
 import optax
 
 from curvopt import _checks
-from curvopt.transforms import hutchinson_diagonal_estimator, scale_by_sophia_h
+from curvopt.transforms import hutchinson_diagonal_estimator, scale_by_sophia_h, skip_nonfinite
 
 
 def sophia_h(
@@ -75,16 +75,18 @@ def sophia_h(
   _checks.in_range("eps", eps, 0.0, inf)
   _checks.in_range("weight_decay", weight_decay, 0.0, inf)
   _checks.in_range("clip_threshold", clip_threshold, 0.0, inf)
-  return optax.chain(
-    scale_by_sophia_h(
-      b1,
-      b2,
-      gamma,
-      eps,
-      clip_threshold,
-      refresh_every=refresh_every,
-      hessian_diagonal_fn=hutchinson_diagonal_estimator(seed=seed, name="sophia_h"),
-    ),
-    optax.add_decayed_weights(weight_decay),
-    optax.scale_by_learning_rate(learning_rate),
+  return skip_nonfinite(
+    optax.chain(
+      scale_by_sophia_h(
+        b1,
+        b2,
+        gamma,
+        eps,
+        clip_threshold,
+        refresh_every=refresh_every,
+        hessian_diagonal_fn=hutchinson_diagonal_estimator(seed=seed, name="sophia_h"),
+      ),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+    )
   )

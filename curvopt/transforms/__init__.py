@@ -36,6 +36,9 @@ from curvopt.transforms._psgd_kron import KronFactors as KronFactors
 from curvopt.transforms._psgd_kron import scale_by_psgd_kron as scale_by_psgd_kron
 from curvopt.transforms._psgd_lra import LowRankFactors as LowRankFactors
 from curvopt.transforms._psgd_lra import scale_by_psgd_lra as scale_by_psgd_lra
+from curvopt.transforms._safety import SkipNonFiniteState as SkipNonFiniteState
+from curvopt.transforms._safety import all_finite as all_finite
+from curvopt.transforms._safety import skip_nonfinite as skip_nonfinite
 from curvopt.transforms._sam import SharpnessAwareState as SharpnessAwareState
 from curvopt.transforms._sam import gam_gradient as gam_gradient
 from curvopt.transforms._sam import sam_gradient as sam_gradient

@@ -1,0 +1,104 @@
+"""A step that would put a non-finite number into the parameters or the state is skipped."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+class SkipNonFiniteState(NamedTuple):
+  """State of `skip_nonfinite`.
+
+  Attributes:
+    inner_state: the wrapped transform's state.
+    skipped: steps whose updates or new state were not finite (not applied).
+    resets: steps that found the incoming state not finite and restarted it.
+  """
+
+  inner_state: Any
+  skipped: jax.Array
+  resets: jax.Array
+
+
+def _is_key(x: Any) -> bool:
+  return jnp.issubdtype(getattr(x, "dtype", jnp.float32), jax.dtypes.prng_key)
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """Whether every floating-point leaf of `tree` is finite (other leaves count as finite).
+
+  Example:
+    >>> import jax.numpy as jnp, curvopt
+    >>> curvopt.transforms.all_finite({"a": jnp.ones(2), "n": jnp.int32(3), "b": jnp.inf})
+    Array(False, dtype=bool)
+  """
+  checks = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if not _is_key(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def _select(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  def pick(a, b):
+    if _is_key(a):
+      data = jnp.where(condition, jax.random.key_data(a), jax.random.key_data(b))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
+    return jnp.where(condition, a, b)
+
+  return jax.tree.map(pick, new, old)
+
+
+def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """Wraps `inner` so that no non-finite number reaches the parameters or the state.
+
+  A step whose updates or new state contain a NaN or an infinity (from a
+  non-finite gradient, Hessian product, loss or statistic) returns zero
+  updates and keeps the previous state; `skipped` counts it. A state that
+  arrives non-finite (corrupted outside `update`, or restored from a bad
+  checkpoint) is restarted from `inner.init(params)` before the step;
+  `resets` counts it. Every named curvopt optimizer is wrapped in this.
+  For another policy, build the chain from `curvopt.transforms` and wrap it
+  yourself, e.g. in `optax.apply_if_finite(chain, max_consecutive_errors)`,
+  which checks only the incoming gradient and eventually applies it.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, curvopt
+    >>> tx = curvopt.transforms.skip_nonfinite(optax.adam(0.1))
+    >>> state = tx.init(jnp.zeros(2))
+    >>> u, state = tx.update(jnp.array([1.0, jnp.nan]), state, jnp.zeros(2))
+    >>> u, int(state.skipped)
+    (Array([0., 0.], dtype=float32), 1)
+
+  References:
+    Micikevicius et al., "Mixed Precision Training", ICLR 2018 (skipping
+    non-finite steps); optax's `apply_if_finite`.
+  """
+
+  inner = optax.with_extra_args_support(inner)
+
+  def init(params: PyTree) -> SkipNonFiniteState:
+    zero = jnp.zeros((), jnp.int32)
+    return SkipNonFiniteState(inner.init(params), zero, zero)
+
+  def update(updates, state, params=None, **extra_args):
+    intact = all_finite(state.inner_state)
+    inner_state = state.inner_state
+    if params is not None:
+      inner_state = _select(intact, inner_state, inner.init(params))
+    new_updates, new_state = inner.update(updates, inner_state, params, **extra_args)
+    finite = all_finite(new_updates) & all_finite(new_state)
+    zeros = jax.tree.map(jnp.zeros_like, new_updates)
+    return _select(finite, new_updates, zeros), SkipNonFiniteState(
+      _select(finite, new_state, inner_state),
+      state.skipped + (~finite).astype(jnp.int32),
+      state.resets + (~intact).astype(jnp.int32),
+    )
+
+  return optax.GradientTransformationExtraArgs(init, update)
