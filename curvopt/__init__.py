@@ -15,6 +15,7 @@ Layers, each importing only the ones before it:
    each a short `optax.chain` of transforms.
 """
 
+from curvopt import checkpoint as checkpoint
 from curvopt import estimators as estimators
 from curvopt import oracles as oracles
 from curvopt import transforms as transforms

@@ -391,7 +391,7 @@ def step(p, s):
 p, s = params, opt.init(params)
 for _ in range(80):
   p, s = step(p, s)
-print(int(jax.block_until_ready(s[0].failures)))
+print(int(jax.block_until_ready(s.inner_state[0].failures)))
 """
 
 

@@ -24,13 +24,16 @@ class LevenbergMarquardtState(NamedTuple):
 
   Attributes:
     damping: the damping the next step uses.
-    gain_ratio: the last step's actual over predicted decrease (NaN if unmeasured).
+    gain_ratio: the last step's actual over predicted decrease (0 if unmeasured).
+    measured: whether the last step's gain ratio could be measured (a state
+      holds no NaN sentinel: `skip_nonfinite` treats NaN as corruption).
     rejected: how many steps were rejected (not applied).
     inner_state: the wrapped transform's state.
   """
 
   damping: jax.Array
   gain_ratio: jax.Array
+  measured: jax.Array
   rejected: jax.Array
   inner_state: Any
 
@@ -116,7 +119,8 @@ def levenberg_marquardt(
     dtype = _tree.working_dtype(_tree.structure_of(params))
     return LevenbergMarquardtState(
       jnp.asarray(initial_damping, dtype),
-      jnp.asarray(jnp.nan, dtype),
+      jnp.zeros((), dtype),
+      jnp.array(False),
       jnp.zeros((), jnp.int32),
       inner.init(params),
     )
@@ -154,7 +158,8 @@ def levenberg_marquardt(
     step = jax.tree.map(lambda u: jnp.where(rejected, jnp.zeros_like(u), u), step)
     new_state = LevenbergMarquardtState(
       damping,
-      jnp.where(measured, ratio, jnp.nan).astype(state.damping.dtype),
+      jnp.where(measured, ratio, 0.0).astype(state.damping.dtype),
+      measured,
       state.rejected + rejected.astype(jnp.int32),
       inner_state,
     )

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from curvopt import _checks
+
 PyTree = Any
 
 
@@ -63,7 +65,9 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
   updates and keeps the previous state; `skipped` counts it. A state that
   arrives non-finite (corrupted outside `update`, or restored from a bad
   checkpoint) is restarted from `inner.init(params)` before the step;
-  `resets` counts it. Every named curvopt optimizer is wrapped in this.
+  `resets` counts it. Every named curvopt optimizer is wrapped in this,
+  which also checks at trace time that the parameters are floating point
+  and that the updates have the parameters' structure and shapes.
   For another policy, build the chain from `curvopt.transforms` and wrap it
   yourself, e.g. in `optax.apply_if_finite(chain, max_consecutive_errors)`,
   which checks only the incoming gradient and eventually applies it.
@@ -84,10 +88,13 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
   inner = optax.with_extra_args_support(inner)
 
   def init(params: PyTree) -> SkipNonFiniteState:
+    _checks.float_pytree("params", params)
     zero = jnp.zeros((), jnp.int32)
     return SkipNonFiniteState(inner.init(params), zero, zero)
 
   def update(updates, state, params=None, **extra_args):
+    if params is not None:
+      _checks.matches_structure("updates", updates, params)
     intact = all_finite(state.inner_state)
     inner_state = state.inner_state
     if params is not None:

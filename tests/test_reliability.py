@@ -1,0 +1,196 @@
+"""Reliability: fault injection, exact checkpoints, resumable runs, bad input named."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_conformance import OPTIMIZERS, _parabola, extra_args
+
+import curvopt
+from curvopt.bench import config, runner
+
+
+def _poisoned(extra, value):
+  """The extra arguments with every curvature source returning `value` (NaN or inf)."""
+  return {
+    "value_fn": lambda p: extra["value_fn"](p) * value,
+    "model_fn": lambda p: extra["model_fn"](p) * value,
+    "loss_fn": extra["loss_fn"],
+  }
+
+
+def _poison_a_statistic(state, value):
+  """`value` written into the largest floating-point leaf of the optimizer's own state."""
+  leaves, treedef = jax.tree.flatten(state.inner_state)
+  floats = [
+    i
+    for i, x in enumerate(leaves)
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and x.size > 0
+  ]
+  if not floats:
+    return state, False
+  target = max(floats, key=lambda i: leaves[i].size)
+  leaves[target] = jnp.full_like(leaves[target], value)
+  return state._replace(inner_state=jax.tree.unflatten(treedef, leaves)), True
+
+
+@pytest.mark.parametrize("value", [jnp.nan, jnp.inf])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_injected_faults_never_reach_the_parameters_and_training_continues(name, value):
+  with jax.enable_x64(False):
+    params, model_fn, optimum = _parabola()
+    extra = extra_args(model_fn)
+    opt = OPTIMIZERS[name].make()
+    state = opt.init(params)
+    healthy = jax.jit(lambda p, s, g: _step(opt, p, s, g, extra))
+    poisoned = jax.jit(lambda p, s, g: _step(opt, p, s, g, _poisoned(extra, value)))
+    loss = lambda p: float(extra["value_fn"](p))
+    start = loss(params)
+    poisoned_statistic = False
+    for t in range(60):
+      grads = jax.grad(extra["value_fn"])(params)
+      if t == 5:  # a non-finite gradient
+        grads = jax.tree.map(lambda g: g.at[0].set(value), grads)
+      if t == 15:  # a corrupted statistic in the state
+        state, poisoned_statistic = _poison_a_statistic(state, value)
+      # t == 10: non-finite Hessian products, Gauss-Newton outputs and losses
+      params, state = (poisoned if t == 10 else healthy)(params, state, grads)
+      assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params)), (name, t)
+    if OPTIMIZERS[name].reads_gradient:
+      assert int(state.skipped) >= 1, name  # at least the non-finite gradient
+    assert int(state.resets) == int(poisoned_statistic), name
+    assert loss(params) < 0.5 * start, (name, loss(params), start)
+    del optimum
+
+
+def _step(opt, params, state, grads, extra):
+  updates, state = opt.update(grads, state, params, **extra)
+  return optax.apply_updates(params, updates), state
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_states_save_and_restore_exactly_against_an_abstract_target(name, tmp_path):
+  params, model_fn, _ = _parabola()
+  extra = extra_args(model_fn)
+  opt = OPTIMIZERS[name].make()
+  state = opt.init(params)
+  for _ in range(3):
+    updates, state = opt.update(jax.grad(extra["value_fn"])(params), state, params, **extra)
+    params = optax.apply_updates(params, updates)
+  curvopt.checkpoint.save(tmp_path / "ckpt", {"params": params, "state": state})
+  like = jax.eval_shape(lambda p: {"params": p, "state": opt.init(p)}, params)
+  restored = curvopt.checkpoint.restore(tmp_path / "ckpt", like)
+  unwrap = lambda t: jax.tree.map(
+    lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, t
+  )
+  chex.assert_trees_all_equal(unwrap(restored), unwrap({"params": params, "state": state}))
+  chex.assert_trees_all_equal_dtypes(unwrap(restored), unwrap({"params": params, "state": state}))
+  # The restored state continues exactly as the original.
+  grads = jax.grad(extra["value_fn"])(params)
+  a, _ = opt.update(grads, state, params, **extra)
+  b, _ = opt.update(grads, restored["state"], restored["params"], **extra)
+  chex.assert_trees_all_equal(a, b)
+
+
+def _run_spec(optimizer: str, **hyperparameters) -> config.RunSpec:
+  return config.RunSpec(
+    workload="digits_mlp",
+    workload_options=(),
+    optimizer=optimizer,
+    learning_rate=0.01,
+    hyperparameters=tuple(hyperparameters.items()),
+    seed=0,
+    steps=60,
+    max_seconds=None,
+    eval_every=10,
+    checkpoint_every=20,
+    sharpness_every=0,
+    target=None,
+  )
+
+
+class _Interrupt(Exception):
+  pass
+
+
+@pytest.mark.parametrize(
+  ("optimizer", "hyperparameters"),
+  [("shampoo", {}), ("psgd_kron", {"update_probability": 0.5}), ("adahessian", {})],
+)
+def test_an_interrupted_run_resumes_to_bit_identical_losses(optimizer, hyperparameters, tmp_path):
+  spec = _run_spec(optimizer, **hyperparameters)
+  interrupted, clean = tmp_path / "interrupted", tmp_path / "clean"
+  done = [0]
+
+  def crash_after_50(n):
+    done[0] += n
+    if done[0] >= 50:
+      raise _Interrupt
+
+  with pytest.raises(_Interrupt):
+    runner.run(spec, interrupted, crash_after_50)
+  assert (interrupted / "runs" / f"{spec.run_id}.ckpt.npz").exists()
+  runner.run(spec, interrupted)
+  runner.run(spec, clean)
+  read = lambda out: [
+    r for r in config_records(out / "runs" / f"{spec.run_id}.jsonl") if "train_loss" in r
+  ]
+  resumed, reference = read(interrupted), read(clean)
+  assert [r["step"] for r in resumed] == list(range(0, 61, 10))
+  assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in reference]
+
+
+def config_records(path: pathlib.Path) -> list[dict]:
+  from curvopt.bench import results
+
+  return [r for r in results.read_records(path) if r.get("event") != "done"]
+
+
+# --- Bad input, named. -----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_mismatched_gradients_and_integer_parameters_are_named(name):
+  params, model_fn, _ = _parabola()
+  opt = OPTIMIZERS[name].make()
+  state = opt.init(params)
+  with pytest.raises(ValueError, match="updates must have the same pytree structure as params"):
+    opt.update({"v": jnp.ones(3)}, state, params, **extra_args(model_fn))
+  with pytest.raises(ValueError, match=r"updates\['w'\] must have shape \(3,\)"):
+    opt.update({"w": jnp.ones(4)}, state, params, **extra_args(model_fn))
+  with pytest.raises(TypeError, match=r"params\['w'\] must have a floating-point dtype"):
+    opt.init({"w": jnp.arange(3)})
+
+
+@pytest.mark.parametrize(
+  ("factory", "kwargs", "match"),
+  [
+    (curvopt.adahessian, {"learning_rate": -0.1}, "learning_rate"),
+    (curvopt.sophia_h, {"learning_rate": 0.1, "b2": 1.0}, "b2"),
+    (curvopt.shampoo, {"learning_rate": 0.1, "block_size": 0}, "block_size"),
+    (curvopt.soap, {"learning_rate": 0.1, "precondition_frequency": 0}, "precondition_frequency"),
+    (curvopt.psgd_kron, {"learning_rate": 0.1, "update_probability": 1.5}, "update_probability"),
+    (curvopt.psgd_lra, {"learning_rate": 0.1, "update_probability": -0.1}, "update_probability"),
+    (curvopt.egn, {"damping": 0.0}, "damping"),
+    (curvopt.lazy_newton, {"regularization": -1.0}, "regularization"),
+    (curvopt.lazy_newton, {"hessian_every": 0}, "hessian_every"),
+  ],
+)
+def test_hyperparameters_out_of_range_are_named(factory, kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    factory(**kwargs)
+
+
+def test_a_typo_in_a_hyperparameter_name_is_a_type_error_naming_it():
+  with pytest.raises(TypeError, match="block_sise"):
+    curvopt.shampoo(0.1, block_sise=64)
+
+
+del dataclasses, np
