@@ -12,6 +12,7 @@ replicated) through `out_shardings`.
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import jax
@@ -201,6 +202,64 @@ def check_per_group_sam():
   return {"max_difference": max_difference(single, sharded)}
 
 
+def _factor_stacks(step, *args, size=16) -> list[int]:
+  """The lengths of the stacks of `size x size` factors in the compiled per-device program."""
+  text = step.lower(*args).compile().as_text()
+  return sorted({int(n) for n in re.findall(rf"f64\[(\d+),{size},{size}\]", text)})
+
+
+def _deep_problem(layers=6, width=16):
+  """Six 16 x 16 layers: twelve factors of size 16, one stack."""
+  keys = jax.random.split(jax.random.key(1), layers + 1)
+  params = {f"l{i}": jax.random.normal(k, (width, width)) / 4 for i, k in enumerate(keys[1:])}
+  x = jax.random.normal(keys[0], (64, width))
+  return params, (x, jnp.arange(64) % width)
+
+
+def deep_model(params, x):
+  for i in range(len(params) - 1):
+    x = jnp.tanh(x @ params[f"l{i}"])
+  return x @ params[f"l{len(params) - 1}"]
+
+
+def check_distributed_blocks():
+  """Shampoo and SOAP with their stacked factors sharded over the mesh, against one device."""
+  global model
+  model, shallow = deep_model, model
+  try:
+    return _distributed_blocks(*_deep_problem())
+  finally:
+    model = shallow
+
+
+def _distributed_blocks(params, batch):
+  out = {}
+  for name, factory in (("shampoo", curvopt.shampoo), ("soap", curvopt.soap)):
+    row = {}
+    for layout, sharding in (("replicated", None), ("distributed", by_rows)):
+      opt = factory(0.01, precondition_frequency=1, block_sharding=sharding)
+      single, _ = run_optimizer(factory(0.01, precondition_frequency=1), params, batch, 3)
+      sharded, report = run_optimizer(
+        opt, params, batch, 3, (jax.tree.map(lambda _: replicated, params), by_rows)
+      )
+
+      def step(params, state, batch, opt=opt):
+        extra = extra_args(batch)
+        updates, state = opt.update(jax.grad(extra["value_fn"])(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+      p = jax.device_put(params, replicated)
+      row[layout] = {
+        "max_difference": max_difference(single, sharded),
+        "factor_stacks_per_device": _factor_stacks(
+          jax.jit(step), p, jax.jit(opt.init)(p), jax.device_put(batch, by_rows)
+        ),
+        **report,
+      }
+    out[name] = row
+  return out
+
+
 if __name__ == "__main__":
   assert jax.device_count() >= DEVICES, jax.devices()
   which = sys.argv[1]
@@ -208,5 +267,6 @@ if __name__ == "__main__":
     "optimizers": check_optimizers,
     "estimators": check_estimators,
     "sam": check_per_group_sam,
+    "blocks": check_distributed_blocks,
   }[which]()
   print("RESULT " + json.dumps(result))

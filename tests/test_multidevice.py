@@ -59,3 +59,16 @@ def test_estimators_and_probes_on_a_mesh_equal_one_device():
 
 def test_per_shard_sam_perturbations_on_a_mesh_equal_one_device():
   assert _checks("sam")["max_difference"] < 1e-12
+
+
+def test_shampoo_and_soap_blocks_distributed_over_the_mesh_equal_one_device():
+  results = _checks("blocks")
+  for name, row in results.items():
+    for layout in ("replicated", "distributed"):
+      assert row[layout]["max_difference"] < 1e-10, (name, layout, row)
+      assert row[layout]["compilations_after_the_first_step"] == 0, (name, layout, row)
+    # Twelve 16 x 16 factors: every device holds all of them when replicated; with
+    # block_sharding the stack is padded to 16 and each of the 8 devices works on 2.
+    assert 12 in row["replicated"]["factor_stacks_per_device"], row
+    assert 2 not in row["replicated"]["factor_stacks_per_device"], row
+    assert 2 in row["distributed"]["factor_stacks_per_device"], row

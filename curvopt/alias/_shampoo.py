@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import optax
 
 from curvopt import _checks
@@ -33,6 +34,7 @@ def shampoo(
   precondition_1d: bool = False,
   matrix_axes: MatrixAxes | None = None,
   one_sided: bool = True,
+  block_sharding: jax.sharding.NamedSharding | None = None,
 ) -> optax.GradientTransformation:
   r"""Shampoo: each block of each tensor preconditioned by inverse roots of its Kronecker factors.
 
@@ -109,6 +111,12 @@ def shampoo(
     merge_dims: merge small adjacent dims (see above).
     precondition_1d: precondition vectors with one factor.
     one_sided: see above; False gives every axis a factor.
+    block_sharding: a `NamedSharding` over the leading axis of the stacked
+      factors, e.g. `NamedSharding(mesh, PartitionSpec("data"))`: the root
+      computations are spread over those devices (each stack padded with
+      identity factors to a multiple of the shards) instead of repeated on
+      every device. None: XLA's choice (with replicated parameters,
+      every device computes every root).
     matrix_axes: see above. With `optax.inject_hyperparams`, pass the
       integer, boolean, string and function arguments as `static_args`.
 
@@ -157,6 +165,7 @@ def shampoo(
         precondition_1d=precondition_1d,
         matrix_axes=matrix_axes,
         one_sided=one_sided,
+        block_sharding=block_sharding,
       ),
       ema_momentum(b1, nesterov),
       optax.add_decayed_weights(weight_decay),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import optax
 
 from curvopt import _checks
@@ -24,6 +25,7 @@ def soap(
   precondition_1d: bool = False,
   matrix_axes: MatrixAxes | None = None,
   one_sided: bool = True,
+  block_sharding: jax.sharding.NamedSharding | None = None,
 ) -> optax.GradientTransformation:
   r"""SOAP: Adam run in the eigenbasis of each block's Shampoo factors.
 
@@ -64,6 +66,7 @@ def soap(
     precondition_1d: rotate vectors too (one factor).
     matrix_axes: `shape -> (rows, columns)` to choose the matrix axes.
     one_sided: leave unrotated the long axis of a thin block (see `curvopt.shampoo`).
+    block_sharding: spread the eigendecompositions over devices (see `curvopt.shampoo`).
 
   Returns:
     An optax `GradientTransformation`.
@@ -106,6 +109,7 @@ def soap(
         precondition_1d=precondition_1d,
         matrix_axes=matrix_axes,
         one_sided=one_sided,
+        block_sharding=block_sharding,
       ),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),

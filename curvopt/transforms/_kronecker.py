@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import string
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +39,42 @@ def mode_product(
   return out
 
 
-def map_factors(fn, factors, key=None) -> list[list]:
+def _shard_count(sharding: Any) -> int:
+  """How many pieces `sharding` cuts a stack's leading axis into."""
+  spec = sharding.spec[0] if len(sharding.spec) else None
+  names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return math.prod(sharding.mesh.shape[name] for name in names)
+
+
+def _distributed(fn, sharding):
+  """`fn` on a stack padded with identities to a multiple of the shards and sharded over them."""
+
+  def run(key, stacked):
+    n, d = stacked.shape[0], stacked.shape[-1]
+    pad = -n % _shard_count(sharding)
+    identities = jnp.broadcast_to(jnp.eye(d, dtype=stacked.dtype), (pad, d, d))
+    padded = jax.lax.with_sharding_constraint(jnp.concatenate([stacked, identities]), sharding)
+    return jax.tree.map(lambda r: r[:n], fn(key, padded))
+
+  return run
+
+
+def _one_at_a_time(fn):
+  """`fn` over a stack one factor at a time (`lax.map`), never a batched LAPACK call.
+
+  With several CPU devices their programs share one thread pool, and batched
+  `eigh` calls running on two devices at once deadlock it (measured: eight
+  simulated devices hung on a stack of two factors each), whatever the order
+  within one program.
+  """
+
+  def run(key, stacked):
+    return jax.lax.map(lambda m: jax.tree.map(lambda r: r[0], fn(key, m[None])), stacked)
+
+  return run
+
+
+def map_factors(fn, factors, key=None, sharding=None) -> list[list]:
   """`fn(key, stacked)` over every factor `(n, d, d)`: one call per key, calls in sequence.
 
   Factors with the same key (by default their size `d`) from every block
@@ -48,7 +85,15 @@ def map_factors(fn, factors, key=None) -> list[list]:
   deadlock a two-thread pool (measured: `eigh` refreshes of a CNN hung).
   An optimization barrier does not order them (it is gone before the thunk
   schedule is built); a data dependency does.
+
+  With `sharding` (a `NamedSharding` over the stack's leading axis), each
+  stack is padded with identity factors to a multiple of the shards and
+  constrained to it, so every device computes its share of the roots.
   """
+  if jax.default_backend() == "cpu" and jax.device_count() > 1:
+    fn = _one_at_a_time(fn)
+  if sharding is not None:
+    fn = _distributed(fn, sharding)
   key = key or (lambda g, a: factors[g][a].shape[-1])
   jobs: dict = {}
   for g, group in enumerate(factors):

@@ -67,6 +67,7 @@ def scale_by_shampoo(
   precondition_1d: bool = False,
   matrix_axes: MatrixAxes | None = None,
   one_sided: bool = True,
+  block_sharding: jax.sharding.NamedSharding | None = None,
 ) -> optax.GradientTransformation:
   """Preconditions each block by its Kronecker factors' inverse roots, grafted.
 
@@ -149,7 +150,10 @@ def scale_by_shampoo(
       return root.matrix, ok & jnp.all(jnp.isfinite(stacked), axis=(1, 2))
 
     results = map_factors(
-      roots_of, statistics, key=lambda g, a: (statistics[g][a].shape[-1], exponents[g])
+      roots_of,
+      statistics,
+      key=lambda g, a: (statistics[g][a].shape[-1], exponents[g]),
+      sharding=block_sharding,
     )
     new = tuple(
       tuple(

@@ -57,6 +57,7 @@ def scale_by_soap(
   precondition_1d: bool = False,
   matrix_axes: MatrixAxes | None = None,
   one_sided: bool = True,
+  block_sharding: jax.sharding.NamedSharding | None = None,
 ) -> optax.GradientTransformation:
   """Adam on each block rotated into the eigenbasis of its Kronecker factors.
 
@@ -142,7 +143,7 @@ def scale_by_soap(
     refreshed = refresh_if_due(
       state.count,
       precondition_frequency,
-      lambda: _eigenbases(statistics, eigenbases),
+      lambda: _eigenbases(statistics, eigenbases, block_sharding),
       lambda: eigenbases,
     )
     eigenbases = jax.tree.map(
@@ -155,7 +156,7 @@ def scale_by_soap(
   return optax.GradientTransformation(init, update)
 
 
-def _eigenbases(statistics: Factors, previous: Factors) -> Factors:
+def _eigenbases(statistics: Factors, previous: Factors, sharding=None) -> Factors:
   """Eigenvectors of every factor, one batched `eigh` per factor size; non-finite ones are kept."""
 
   def eigenvectors(_, stacked):
@@ -163,7 +164,7 @@ def _eigenbases(statistics: Factors, previous: Factors) -> Factors:
       _, vectors = jnp.linalg.eigh((stacked + jnp.swapaxes(stacked, -1, -2)) / 2)
     return vectors[..., ::-1]  # largest eigenvalue first, as the reference orders its basis
 
-  fresh = map_factors(eigenvectors, statistics)
+  fresh = map_factors(eigenvectors, statistics, sharding=sharding)
   return tuple(
     tuple(
       jnp.where(jnp.all(jnp.isfinite(v), axis=(1, 2), keepdims=True), v, old)
