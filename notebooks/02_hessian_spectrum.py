@@ -10,7 +10,7 @@
 # %% [markdown]
 # # The Hessian spectrum: density, mini-batch extremes, outliers
 #
-# Three claims, one small model each:
+# **Claims** (three, one small model each):
 #
 # 1. **Stochastic Lanczos quadrature** (Ghorbani, Krishnan, Xiao, ICML 2019;
 #    Lin, Saad, Yang 2016) recovers the spectral density of a network's
