@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from test_conformance import OPTIMIZERS, _parabola, extra_args
@@ -191,6 +189,3 @@ def test_hyperparameters_out_of_range_are_named(factory, kwargs, match):
 def test_a_typo_in_a_hyperparameter_name_is_a_type_error_naming_it():
   with pytest.raises(TypeError, match="block_sise"):
     curvopt.shampoo(0.1, block_sise=64)
-
-
-del dataclasses, np

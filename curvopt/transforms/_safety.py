@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt import _checks
+from curvopt.transforms._cadence import refresh_when
 
 PyTree = Any
 
@@ -34,17 +35,21 @@ def _is_key(x: Any) -> bool:
 def all_finite(tree: PyTree) -> jax.Array:
   """Whether every floating-point leaf of `tree` is finite (other leaves count as finite).
 
+  One reduction over all leaves: `sum(x * 0)` is 0 where every `x` is
+  finite and NaN as soon as one entry is NaN or infinite (fewer kernels than
+  `all(isfinite(x))` per leaf, which cost a small model's step more).
+
   Example:
     >>> import jax.numpy as jnp, curvopt
     >>> curvopt.transforms.all_finite({"a": jnp.ones(2), "n": jnp.int32(3), "b": jnp.inf})
     Array(False, dtype=bool)
   """
-  checks = [
-    jnp.all(jnp.isfinite(x))
+  parts = [
+    jnp.ravel(x * 0).astype(jnp.float32)
     for x in jax.tree.leaves(tree)
     if not _is_key(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
   ]
-  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+  return jnp.isfinite(jnp.sum(jnp.concatenate(parts))) if parts else jnp.array(True)
 
 
 def _select(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
@@ -108,8 +113,8 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
       _checks.matches_structure("updates", updates, params)
     intact = all_finite(state.inner_state)
     inner_state = state.inner_state
-    if params is not None:
-      inner_state = _select(intact, inner_state, inner.init(params))
+    if params is not None:  # a conditional: the restart is not computed on healthy steps
+      inner_state = refresh_when(~intact, lambda: inner.init(params), lambda: state.inner_state)
     new_updates, new_state = inner.update(updates, inner_state, params, **extra_args)
     finite = all_finite(new_updates) & all_finite(new_state)
     zeros = jax.tree.map(jnp.zeros_like, new_updates)
