@@ -17,7 +17,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import optax
-from step_time import BLOCK, interleaved_medians, train_step
+from step_time import BLOCK, block_runner, interleaved_medians, train_step
 
 import curvopt
 import curvopt.alias._adahessian
@@ -39,18 +39,7 @@ MAKERS = {
 def _runner(workload, opt, extra, params, batches):
   step = train_step(workload, opt, extra)
   state = opt.init(params)
-  compiled = step.lower(params, state, batches[0]).compile()
-  carry = {"params": params, "state": state}
-
-  def run():
-    p, s = carry["params"], carry["state"]
-    for b in batches:
-      p, s = compiled(p, s, b)
-    carry["params"], carry["state"] = p, s
-    return p
-
-  jax.block_until_ready(run())
-  return run
+  return block_runner(step.lower(params, state, batches[0]).compile(), params, state, batches)
 
 
 def _measure(name: str, blocks: int) -> list[str]:

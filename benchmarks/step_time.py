@@ -50,6 +50,21 @@ def train_step(workload, optimizer, extra_args=()):
   return jax.jit(step)
 
 
+def block_runner(compiled, params, state, batches):
+  """A warmed-up `() -> params` running one block of steps, carrying the state between calls."""
+  carry = {"params": params, "state": state}
+
+  def run():
+    p, s = carry["params"], carry["state"]
+    for b in batches:
+      p, s = compiled(p, s, b)
+    carry["params"], carry["state"] = p, s
+    return p
+
+  jax.block_until_ready(run())
+  return run
+
+
 def interleaved_medians(runners: dict, blocks: int) -> dict[str, float]:
   """Median milliseconds per step of each runner (one call = BLOCK steps), interleaved."""
   samples = {k: [] for k in runners}
@@ -75,17 +90,7 @@ def _measure(workload_name: str, names: list[str], overrides: dict, blocks: int)
     compiled = step.lower(params, state, batches[0]).compile()
     compile_s[name] = time.perf_counter() - start
     state_ratio[name] = tree_bytes(state) / tree_bytes(params)
-    carry = {"params": params, "state": state}
-
-    def run(compiled=compiled, carry=carry):
-      p, s = carry["params"], carry["state"]
-      for b in batches:
-        p, s = compiled(p, s, b)
-      carry["params"], carry["state"] = p, s
-      return p
-
-    jax.block_until_ready(run())
-    runners[name] = run
+    runners[name] = block_runner(compiled, params, state, batches)
   ms = interleaved_medians(runners, blocks)
   lines = [
     f"### {workload_name}",

@@ -33,6 +33,11 @@ def _prod(shape: tuple[int, ...]) -> int:
   return out
 
 
+def is_key(x: Any) -> bool:
+  """Whether `x` (an array or a `ShapeDtypeStruct`) is a typed PRNG key."""
+  return jnp.issubdtype(getattr(x, "dtype", jnp.float32), jax.dtypes.prng_key)
+
+
 def working_dtype(structure: Any) -> jnp.dtype:
   """float64 if any leaf is float64, else float32: estimators never work in bf16."""
   dtypes = [jnp.dtype(s.dtype) for s in jax.tree.leaves(structure)]

@@ -13,11 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvopt import _tree
+
 PyTree = Any
-
-
-def _is_key(x: Any) -> bool:
-  return jnp.issubdtype(getattr(x, "dtype", jnp.float32), jax.dtypes.prng_key)
 
 
 def _orbax():
@@ -32,7 +30,7 @@ def _orbax():
 
 def _storable(x: Any) -> Any:
   """Keys as raw data; empty arrays (which orbax refuses) as a scalar placeholder."""
-  if _is_key(x):
+  if _tree.is_key(x):
     return jax.random.key_data(x)
   return jnp.zeros((), jnp.result_type(x)) if _size(x) == 0 else x
 
@@ -85,7 +83,7 @@ def restore(path: str | pathlib.Path, like: PyTree) -> PyTree:
   ocp = _orbax()
 
   def abstract(x):
-    if _is_key(x):
+    if _tree.is_key(x):
       return jax.eval_shape(jax.random.key_data, x)
     if _size(x) == 0:
       return jax.ShapeDtypeStruct((), jnp.result_type(x))
@@ -102,7 +100,7 @@ def _size(x: Any) -> int:
 
 
 def _unstorable(x: jax.Array, like: Any) -> jax.Array:
-  if _is_key(like):
+  if _tree.is_key(like):
     return _wrap(x, like)
   return jnp.zeros(jnp.shape(like), jnp.result_type(like)) if _size(like) == 0 else x
 

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 import curvopt
+from curvopt import _tree
 from curvopt.bench import results
 from curvopt.bench.config import RunSpec
 from curvopt.bench.optimizers import OPTIMIZERS, OptimizerSpec
@@ -77,13 +78,11 @@ def tree_bytes(tree: Any) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
-def _is_key(x: Any) -> bool:
-  return jnp.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
-
-
 def _save_checkpoint(path: pathlib.Path, tree: Any, meta: dict) -> None:
   """Writes the leaves (PRNG keys as their raw data) atomically."""
-  leaves = [np.asarray(jax.random.key_data(x) if _is_key(x) else x) for x in jax.tree.leaves(tree)]
+  leaves = [
+    np.asarray(jax.random.key_data(x) if _tree.is_key(x) else x) for x in jax.tree.leaves(tree)
+  ]
   with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
     np.savez(f, *leaves, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
     f.flush()
@@ -99,7 +98,7 @@ def _load_checkpoint(path: pathlib.Path, like: Any) -> tuple[Any, dict]:
     meta = json.loads(bytes(archive["meta"]).decode())
   restored = [
     jax.random.wrap_key_data(jnp.asarray(x), impl=jax.random.key_impl(t))
-    if _is_key(t)
+    if _tree.is_key(t)
     else jnp.asarray(x)
     for x, t in zip(leaves, template, strict=True)
   ]

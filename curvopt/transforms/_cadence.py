@@ -10,7 +10,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
-from curvopt import _jaxpr
+from curvopt import _jaxpr, _tree
 
 
 def value_at(value: Any, count: jax.Array) -> Any:
@@ -51,20 +51,16 @@ def refresh_when(due: jax.Array, refresh: Callable[[], Any], keep: Callable[[], 
   return jax.lax.cond(due, refresh, keep)
 
 
-def _is_key(x: Any) -> bool:
-  return jnp.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
-
-
 def _separately_compiled(closed: Any, refresh: Callable[[], Any]) -> Callable[[], Any]:
   """A nullary function computing `refresh()` in its own compiled program via a callback."""
   consts = list(closed.consts)
-  const_keys = [jax.random.key_impl(c) if _is_key(c) else None for c in consts]
+  const_keys = [jax.random.key_impl(c) if _tree.is_key(c) else None for c in consts]
   raw_consts = [
     jax.random.key_data(c) if k else jnp.asarray(c) for c, k in zip(consts, const_keys, strict=True)
   ]
   shapes = jax.eval_shape(refresh)
   out_leaves, out_def = jax.tree.flatten(shapes)
-  out_keys = [s.dtype if _is_key(s) else None for s in out_leaves]
+  out_keys = [s.dtype if _tree.is_key(s) else None for s in out_leaves]
   raw_shapes = [
     jax.eval_shape(jax.random.key_data, s) if k is not None else s
     for s, k in zip(out_leaves, out_keys, strict=True)

@@ -186,7 +186,7 @@ def scale_by_lazy_newton(
         snapshot = state.snapshot
       else:
         values, vectors = _krylov_snapshot(
-          value_fn, params_w, g, krylov_key, vectors_dim(state), unravel_w, dtype
+          value_fn, params_w, g, krylov_key, state.eigenvalues.shape[0], unravel_w, dtype
         )
         snapshot = flat_params
       m = (
@@ -246,9 +246,6 @@ def scale_by_lazy_newton(
       key,
     )
     return out, new_state
-
-  def vectors_dim(state):
-    return state.eigenvalues.shape[0]
 
   return optax.GradientTransformationExtraArgs(init, update)
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt import _checks
+from curvopt import _checks, _tree
 from curvopt.transforms._cadence import refresh_when
 
 PyTree = Any
@@ -28,10 +28,6 @@ class SkipNonFiniteState(NamedTuple):
   resets: jax.Array
 
 
-def _is_key(x: Any) -> bool:
-  return jnp.issubdtype(getattr(x, "dtype", jnp.float32), jax.dtypes.prng_key)
-
-
 def all_finite(tree: PyTree) -> jax.Array:
   """Whether every floating-point leaf of `tree` is finite (other leaves count as finite).
 
@@ -47,14 +43,14 @@ def all_finite(tree: PyTree) -> jax.Array:
   parts = [
     jnp.ravel(x * 0).astype(jnp.float32)
     for x in jax.tree.leaves(tree)
-    if not _is_key(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    if not _tree.is_key(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
   ]
   return jnp.isfinite(jnp.sum(jnp.concatenate(parts))) if parts else jnp.array(True)
 
 
 def _select(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
   def pick(a, b):
-    if _is_key(a):
+    if _tree.is_key(a):
       data = jnp.where(condition, jax.random.key_data(a), jax.random.key_data(b))
       return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
     return jnp.where(condition, a, b)
