@@ -150,6 +150,64 @@ def config_records(path: pathlib.Path) -> list[dict]:
   return [r for r in results.read_records(path) if r.get("event") != "done"]
 
 
+# --- The guard itself. -----------------------------------------------------
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["one_vector", "leaf_by_leaf"])
+def test_all_finite_reads_every_float_leaf_and_nothing_else(large, monkeypatch):
+  if large:  # the path taken above _ONE_VECTOR_LIMIT scalars
+    monkeypatch.setattr(curvopt.transforms._safety, "_ONE_VECTOR_LIMIT", 4)
+  all_finite = jax.jit(curvopt.transforms.all_finite)
+  with jax.enable_x64(True):
+    big = {"w": jnp.full(3, 1e300, jnp.float64), "h": jnp.ones((2, 2), jnp.bfloat16)}
+    assert bool(all_finite(big))  # finite float64 beyond float32's range is finite
+    for leaf, value in [("w", jnp.inf), ("w", -jnp.inf), ("w", jnp.nan), ("h", jnp.nan)]:
+      bad = dict(big, **{leaf: big[leaf].at[-1].set(value)})
+      assert not bool(all_finite(bad)), (leaf, value)
+  others = {"n": jnp.int32(7), "k": jax.random.key(0), "empty": jnp.zeros(0), "x": jnp.ones(5)}
+  assert bool(all_finite(others))
+  assert bool(all_finite({}))
+
+
+def test_a_corrupted_incoming_state_skips_the_step_and_restarts_keeping_the_key():
+  params = {"w": jnp.ones(3)}
+  opt = curvopt.transforms.skip_nonfinite(curvopt.transforms.scale_by_sophia_h())
+  value_fn = lambda p: jnp.sum(p["w"] ** 2)
+  step = jax.jit(lambda g, s, p: opt.update(g, s, p, value_fn=value_fn))
+  state = opt.init(params)
+  for _ in range(3):
+    _, state = step(jax.grad(value_fn)(params), state, params)
+  inner = state.inner_state
+  other_key = jax.random.key(123)  # not the one init would draw: a restart must keep it
+  inner = inner._replace(
+    mu={"w": inner.mu["w"].at[1].set(jnp.nan)},
+    estimator=inner.estimator._replace(key=other_key),
+  )
+  updates, after = step(jax.grad(value_fn)(params), state._replace(inner_state=inner), params)
+  chex.assert_trees_all_equal(updates, {"w": jnp.zeros(3)})
+  fresh = opt.init(params).inner_state
+  chex.assert_trees_all_equal(after.inner_state.mu, fresh.mu)
+  chex.assert_trees_all_equal(after.inner_state.count, fresh.count)
+  assert (int(after.skipped), int(after.resets)) == (int(state.skipped) + 1, 1)
+  chex.assert_trees_all_equal(
+    jax.random.key_data(after.inner_state.estimator.key), jax.random.key_data(other_key)
+  )
+
+
+def test_the_guard_changes_no_healthy_step():
+  """Guarded Adam = optax.adam bit for bit, state and updates, over several steps."""
+  params = {"a": jnp.arange(3.0), "b": jnp.ones((2, 2)), "c": jnp.zeros(())}
+  plain, guarded = optax.adam(0.1), curvopt.transforms.skip_nonfinite(optax.adam(0.1))
+  s_plain, s_guarded = plain.init(params), guarded.init(params)
+  for t in range(4):
+    grads = jax.tree.map(lambda x, t=t: jnp.sin(x + t), params)
+    u_plain, s_plain = jax.jit(plain.update)(grads, s_plain, params)
+    u_guarded, s_guarded = jax.jit(guarded.update)(grads, s_guarded, params)
+    chex.assert_trees_all_equal(u_plain, u_guarded)
+    chex.assert_trees_all_equal(s_plain, s_guarded.inner_state)
+  assert (int(s_guarded.skipped), int(s_guarded.resets)) == (0, 0)
+
+
 # --- Bad input, named. -----------------------------------------------------
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from curvopt import _checks, _tree
-from curvopt.transforms._cadence import refresh_when
 
 PyTree = Any
 
@@ -31,31 +32,99 @@ class SkipNonFiniteState(NamedTuple):
 def all_finite(tree: PyTree) -> jax.Array:
   """Whether every floating-point leaf of `tree` is finite (other leaves count as finite).
 
-  One reduction over all leaves: `sum(x * 0)` is 0 where every `x` is
-  finite and NaN as soon as one entry is NaN or infinite (fewer kernels than
-  `all(isfinite(x))` per leaf, which cost a small model's step more).
-
   Example:
     >>> import jax.numpy as jnp, curvopt
     >>> curvopt.transforms.all_finite({"a": jnp.ones(2), "n": jnp.int32(3), "b": jnp.inf})
     Array(False, dtype=bool)
   """
-  parts = [
-    jnp.ravel(x * 0).astype(jnp.float32)
+  return _finiteness(tree)[0]
+
+
+# Above this many scalars the one-vector check below would copy a large state
+# (memory, bandwidth): leaf-by-leaf reductions instead.
+_ONE_VECTOR_LIMIT = 1 << 20
+
+
+def _finiteness(*trees: PyTree) -> tuple[jax.Array, ...]:
+  """One boolean per tree: whether all its floating-point entries are finite.
+
+  `sum(x * 0)` is 0 when every `x` is finite and NaN as soon as one is NaN
+  or infinite, whatever the magnitudes. Small trees are copied into one
+  float32 vector (float64 leaves as `x * 0`, which no cast can overflow) and
+  reduced in one kernel per tree: per-leaf reductions cost a small model's
+  step more than its optimizer does (benchmarks/guard_cost.py).
+  """
+  groups = [_float_leaves(tree) for tree in trees]
+  sizes = [sum(x.size for x in group) for group in groups]
+  if sum(sizes) > _ONE_VECTOR_LIMIT:
+    return tuple(
+      jnp.isfinite(sum((jnp.sum(x * 0, dtype=jnp.float32) for x in group), jnp.float32(0)))
+      for group in groups
+    )
+  flat = [jnp.ravel(_exactly_castable(x)).astype(jnp.float32) for group in groups for x in group]
+  whole = jnp.concatenate(flat) if flat else jnp.zeros(0)
+  bounds = np.cumsum([0, *sizes])
+  return tuple(jnp.isfinite(jnp.sum(whole[lo:hi] * 0)) for lo, hi in itertools.pairwise(bounds))
+
+
+def _exactly_castable(x: jax.Array) -> jax.Array:
+  """`x` if float32 holds its finite values, else `x * 0` (finite stays finite)."""
+  return x if jnp.finfo(x.dtype).bits <= 32 and not jnp.iscomplexobj(x) else x * 0
+
+
+def _float_leaves(tree: PyTree) -> list[jax.Array]:
+  return [
+    x
     for x in jax.tree.leaves(tree)
     if not _tree.is_key(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
   ]
-  return jnp.isfinite(jnp.sum(jnp.concatenate(parts))) if parts else jnp.array(True)
 
 
 def _select(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """`new` where `condition` holds, else `old`, leaf by leaf.
+
+  A leaf the step passed through unchanged is returned as is, so that `jit`
+  forwards it without a new output buffer (a typed PRNG key rebuilt as a new
+  output costs a small step more, in Python, than its whole optimizer).
+  """
+
   def pick(a, b):
+    if a is b:
+      return a
     if _tree.is_key(a):
       data = jnp.where(condition, jax.random.key_data(a), jax.random.key_data(b))
       return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
     return jnp.where(condition, a, b)
 
   return jax.tree.map(pick, new, old)
+
+
+def _select_in_sequence(condition: jax.Array, new: PyTree, old: PyTree) -> tuple[PyTree, jax.Array]:
+  """`_select`, and the condition again, the selects chained one after another on XLA:CPU.
+
+  The selects all wait for one finiteness check at the end of the step. On
+  XLA:CPU, a dozen of them becoming ready at once are split across threads,
+  and waking a second thread costs a small model more than all the selects
+  (measured 0.06 ms per step on digits_mlp; benchmarks/guard_cost.py). Each
+  select here also waits for an entry of the previous one, through a
+  condition that is numerically `condition` (selected entries are finite).
+  Elsewhere the selects stay independent, free to be fused side by side.
+  """
+  if jax.default_backend() != "cpu":
+    return _select(condition, new, old), condition
+  leaves, treedef = jax.tree.flatten(new)
+  chosen = []
+  for a, b in zip(leaves, jax.tree.leaves(old), strict=True):
+    chosen.append(_select(condition, a, b))
+    if chosen[-1] is not a and not _tree.is_key(a) and a.size:
+      condition = condition & jnp.isfinite(jnp.ravel(chosen[-1])[0])
+  return jax.tree.unflatten(treedef, chosen), condition
+
+
+def _restarted(intact: jax.Array, state: PyTree, fresh: PyTree) -> PyTree:
+  """`state` if `intact`, else `fresh`; PRNG keys (never non-finite) are kept."""
+  fresh = jax.tree.map(lambda f, s: s if _tree.is_key(s) else f, fresh, state)
+  return _select(intact, state, fresh)
 
 
 def _require_float_leaves(params: PyTree) -> None:
@@ -76,7 +145,7 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
   non-finite gradient, Hessian product, loss or statistic) returns zero
   updates and keeps the previous state; `skipped` counts it. A state that
   arrives non-finite (corrupted outside `update`, or restored from a bad
-  checkpoint) is restarted from `inner.init(params)` before the step;
+  checkpoint) skips the step too and is restarted from `inner.init(params)`;
   `resets` counts it. Every named curvopt optimizer is wrapped in this,
   which also checks at trace time that the parameters are floating point
   and that the updates have the parameters' structure and shapes.
@@ -107,16 +176,17 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
   def update(updates, state, params=None, **extra_args):
     if params is not None:
       _checks.matches_structure("updates", updates, params)
-    intact = all_finite(state.inner_state)
-    inner_state = state.inner_state
-    if params is not None:  # a conditional: the restart is not computed on healthy steps
-      inner_state = refresh_when(~intact, lambda: inner.init(params), lambda: state.inner_state)
-    new_updates, new_state = inner.update(updates, inner_state, params, **extra_args)
-    finite = all_finite(new_updates) & all_finite(new_state)
+    new_updates, new_state = inner.update(updates, state.inner_state, params, **extra_args)
+    intact, finite = _finiteness(state.inner_state, (new_updates, new_state))
+    applied = intact & finite
+    kept = state.inner_state
+    if params is not None:  # a corrupted state restarts (init is cheap and fuses into the select)
+      kept = _restarted(intact, kept, inner.init(params))
+    new_state, applied = _select_in_sequence(applied, new_state, kept)
     zeros = jax.tree.map(jnp.zeros_like, new_updates)
-    return _select(finite, new_updates, zeros), SkipNonFiniteState(
-      _select(finite, new_state, inner_state),
-      state.skipped + (~finite).astype(jnp.int32),
+    return _select(applied, new_updates, zeros), SkipNonFiniteState(
+      new_state,
+      state.skipped + (~applied).astype(jnp.int32),
       state.resets + (~intact).astype(jnp.int32),
     )
 
