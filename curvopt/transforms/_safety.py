@@ -73,11 +73,8 @@ def _exactly_castable(x: jax.Array) -> jax.Array:
 
 
 def _float_leaves(tree: PyTree) -> list[jax.Array]:
-  return [
-    x
-    for x in jax.tree.leaves(tree)
-    if not _tree.is_key(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-  ]
+  leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree) if not _tree.is_key(x)]
+  return [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
 
 
 def _select(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
