@@ -37,8 +37,8 @@ _CALLS = {
 }
 
 
-def with_channels_last_convolutions(fn: Callable[[], Any]) -> Callable[[], Any]:
-  """`fn` (nullary) recomputed with every convolution in channels-last layout.
+def with_channels_last_convolutions(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn` recomputed with every convolution in channels-last layout.
 
   XLA:CPU runs a convolution on its fast path only when its operands are laid
   out batch-spatial-feature and spatial-in-out; at the top level of a program
@@ -49,11 +49,11 @@ def with_channels_last_convolutions(fn: Callable[[], Any]) -> Callable[[], Any]:
   transposes to and from that layout; results are identical. Custom
   derivative rules inside `fn` are dropped (evaluate, do not differentiate).
   """
-  closed, shapes = jax.make_jaxpr(fn, return_shape=True)()
-  treedef = jax.tree.structure(shapes)
 
-  def rewritten():
-    return jax.tree.unflatten(treedef, _evaluate(closed.jaxpr, closed.consts))
+  def rewritten(*args: Any) -> Any:
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+    outs = _evaluate(closed.jaxpr, closed.consts, *jax.tree.leaves(args))
+    return jax.tree.unflatten(jax.tree.structure(shapes), outs)
 
   return rewritten
 

@@ -8,7 +8,7 @@ import pytest
 from helpers import count_compilations, dense_hessian, mlp_problem, quadratic_with_spectrum, ravel
 
 import curvopt
-from curvopt.estimators._loops import should_unroll
+from curvopt.estimators._loops import Loop, resolve_loop
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +280,7 @@ def test_unrolled_and_lax_loops_agree(name):
   )
 
 
-def test_auto_loop_unrolls_convolutions_on_cpu_only():
+def test_auto_loop_rewrites_convolutions_channels_last_on_cpu_only():
   kernel = jnp.ones((3, 1, 1))
   x = jnp.ones((2, 8, 1))
   conv_loss = lambda w: jnp.sum(
@@ -289,9 +289,34 @@ def test_auto_loop_unrolls_convolutions_on_cpu_only():
   conv_op = curvopt.hessian(conv_loss, kernel)
   dense_op = curvopt.hessian(lambda w: jnp.sum(w**4), kernel)
   assert conv_op.contains_convolution and not dense_op.contains_convolution
-  assert should_unroll("auto", conv_op) == (jax.default_backend() == "cpu")
-  assert not should_unroll("auto", dense_op)
-  assert should_unroll("unroll", dense_op) and not should_unroll("lax", conv_op)
+  on_cpu = jax.default_backend() == "cpu"
+  assert resolve_loop("auto", conv_op) == Loop(unroll=False, channels_last=on_cpu)
+  assert resolve_loop("auto", dense_op) == Loop(unroll=False, channels_last=False)
+  assert resolve_loop("lax", conv_op) == Loop(unroll=False, channels_last=False)
+  assert resolve_loop("unroll", dense_op) == Loop(unroll=True, channels_last=False)
+
+
+@pytest.mark.parametrize("name", sorted(set(ESTIMATORS) - {"hutchpp_trace"}))
+def test_a_cnn_gives_the_same_estimates_in_every_loop_mode(name):
+  """`auto` (a lax loop whose convolutions are rewritten channels-last on CPU) = unrolled."""
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (4, 12, 2), jnp.float64)
+    params = {
+      "conv": 0.5 * jax.random.normal(jax.random.key(1), (3, 2, 3), jnp.float64),
+      "head": 0.5 * jax.random.normal(jax.random.key(2), (36, 2), jnp.float64),
+    }
+
+    def loss(p):
+      h = jax.lax.conv_general_dilated(
+        x, p["conv"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+      )
+      return jnp.mean(jnp.tanh(h.reshape(4, -1)) @ p["head"]) ** 2
+
+    run = jax.jit(
+      lambda params, loop: ESTIMATORS[name](curvopt.hessian(loss, params), jax.random.key(3), loop),
+      static_argnums=1,
+    )
+    chex.assert_trees_all_close(run(params, "auto"), run(params, "unroll"), rtol=1e-8, atol=1e-10)
 
 
 def test_estimators_work_on_bfloat16_params():

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from curvopt import _checks, _tree
-from curvopt.estimators._loops import LoopMode, iterate, should_unroll
+from curvopt.estimators._loops import LoopMode, iterate, resolve_loop
 from curvopt.oracles import LinearOperator, random_vector
 from curvopt.oracles._probes import Distribution
 
@@ -114,7 +114,7 @@ def _sample_probes(
     num_probes // per_step,
     body,
     init,
-    unroll=should_unroll(loop, operator),
+    loop=resolve_loop(loop, operator),
     done=done if tol > 0 else None,
   )
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt import _checks, _tree
-from curvopt.estimators._loops import LoopMode, iterate, should_unroll
+from curvopt.estimators._loops import Loop, LoopMode, iterate, resolve_loop
 from curvopt.oracles import LinearOperator, random_vector
 
 PyTree = Any
@@ -87,7 +87,7 @@ def _run(
   num_iterations: int,
   start: PyTree,
   *,
-  unroll: bool,
+  loop: Loop,
   done: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
 ) -> LanczosDecomposition:
   dtype = operator.dtype
@@ -144,7 +144,7 @@ def _run(
     jnp.zeros((), dtype),
   )
   stop = None if done is None else lambda s: done(s.alphas, s.betas, s.steps)
-  state, _ = iterate(num_iterations, body, init, unroll=unroll, done=stop)
+  state, _ = iterate(num_iterations, body, init, loop=loop, done=stop)
   used = jnp.arange(num_iterations) < state.steps
   basis = jax.tree.map(
     lambda b: jnp.where(used.reshape(-1, *([1] * (b.ndim - 1))), b[:num_iterations], 0.0),
@@ -259,7 +259,7 @@ def lanczos(
   else:
     _checks.matches_structure("initial_vector", initial_vector, operator.in_structure)
     start = initial_vector
-  return _run(operator, key, m, start, unroll=should_unroll(loop, operator))
+  return _run(operator, key, m, start, loop=resolve_loop(loop, operator))
 
 
 def lanczos_eigenpairs(
@@ -327,7 +327,7 @@ def lanczos_eigenpairs(
     restart_key,
     m,
     _start_vector(operator, start_key, warm_start),
-    unroll=should_unroll(loop, operator),
+    loop=resolve_loop(loop, operator),
     done=converged if tol > 0 else None,
   )
   steps = decomposition.num_iterations

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt import _checks, _tree
-from curvopt.estimators._loops import LoopMode, iterate, should_unroll
+from curvopt.estimators._loops import LoopMode, iterate, resolve_loop
 from curvopt.oracles import LinearOperator, random_vector
 
 PyTree = Any
@@ -105,9 +105,7 @@ def power_iteration(
     return state.change <= tol * jnp.abs(state.eigenvalue)
 
   init = _State(start, jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype))
-  state, steps = iterate(
-    num_iterations, body, init, unroll=should_unroll(loop, operator), done=done
-  )
+  state, steps = iterate(num_iterations, body, init, loop=resolve_loop(loop, operator), done=done)
   w = _tree.cast(operator.mv(state.vector), dtype)
   eigenvalue = _tree.dot(state.vector, w)
   residual = _tree.norm(optax.tree.add_scale(w, -eigenvalue, state.vector))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from curvopt import _checks
 from curvopt.estimators._lanczos import _run, ritz_decomposition
-from curvopt.estimators._loops import LoopMode, should_unroll
+from curvopt.estimators._loops import LoopMode, resolve_loop
 from curvopt.oracles import LinearOperator, random_vector
 
 PyTree = Any
@@ -95,19 +95,19 @@ def spectral_density(
   _checks.prng_key("key", key)
   num_probes = _checks.positive_int("num_probes", num_probes)
   m = min(_checks.positive_int("num_iterations", num_iterations), operator.size)
-  unroll = should_unroll(loop, operator)
+  plan = resolve_loop(loop, operator)
 
   def one_probe(probe_key: jax.Array) -> tuple[jax.Array, jax.Array]:
     start_key, restart_key = jax.random.split(probe_key)
     start = random_vector(start_key, operator.in_structure, "rademacher", operator.dtype)
-    out = _run(operator, restart_key, m, start, unroll=unroll)
+    out = _run(operator, restart_key, m, start, loop=plan)
     theta, s, valid = ritz_decomposition(out.alphas, out.betas, out.num_iterations)
     weights = jnp.where(valid, s[0] ** 2, 0.0)
     order = jnp.argsort(jnp.where(valid, theta, jnp.inf))
     return theta[order], weights[order]
 
   keys = jax.random.split(key, num_probes)
-  if unroll:
+  if plan.unroll:
     results = [one_probe(k) for k in keys]
     nodes = jnp.stack([r[0] for r in results])
     weights = jnp.stack([r[1] for r in results])
