@@ -161,7 +161,11 @@ def test_all_finite_reads_every_float_leaf_and_nothing_else(large, monkeypatch):
   with jax.enable_x64(True):
     big = {"w": jnp.full(3, 1e300, jnp.float64), "h": jnp.ones((2, 2), jnp.bfloat16)}
     assert bool(all_finite(big))  # finite float64 beyond float32's range is finite
-    for leaf, value in [("w", jnp.inf), ("w", -jnp.inf), ("w", jnp.nan), ("h", jnp.nan)]:
+    big["z"] = jnp.full(2, 1e300 + 1e300j, jnp.complex128)
+    assert bool(all_finite(big))
+    bad_entries = [("w", jnp.inf), ("w", -jnp.inf), ("w", jnp.nan), ("h", jnp.nan)]
+    bad_entries += [("z", 1.0 + 1j * jnp.inf), ("z", jnp.nan + 0j)]
+    for leaf, value in bad_entries:
       bad = dict(big, **{leaf: big[leaf].at[-1].set(value)})
       assert not bool(all_finite(bad)), (leaf, value)
   others = {"n": jnp.int32(7), "k": jax.random.key(0), "empty": jnp.zeros(0), "x": jnp.ones(5)}

@@ -41,7 +41,8 @@ def all_finite(tree: PyTree) -> jax.Array:
 
 
 # Above this many scalars the one-vector check below would copy a large state
-# (memory, bandwidth): leaf-by-leaf reductions instead.
+# (memory, bandwidth), and over several devices it would gather sharded
+# leaves: leaf-by-leaf reductions instead.
 _ONE_VECTOR_LIMIT = 1 << 20
 
 
@@ -56,7 +57,7 @@ def _finiteness(*trees: PyTree) -> tuple[jax.Array, ...]:
   """
   groups = [_float_leaves(tree) for tree in trees]
   sizes = [sum(x.size for x in group) for group in groups]
-  if sum(sizes) > _ONE_VECTOR_LIMIT:
+  if sum(sizes) > _ONE_VECTOR_LIMIT or jax.device_count() > 1:
     return tuple(
       jnp.isfinite(sum((jnp.sum(x * 0, dtype=jnp.float32) for x in group), jnp.float32(0)))
       for group in groups
@@ -68,8 +69,11 @@ def _finiteness(*trees: PyTree) -> tuple[jax.Array, ...]:
 
 
 def _exactly_castable(x: jax.Array) -> jax.Array:
-  """`x` if float32 holds its finite values, else `x * 0` (finite stays finite)."""
-  return x if jnp.finfo(x.dtype).bits <= 32 and not jnp.iscomplexobj(x) else x * 0
+  """`x` if float32 holds its finite values, else a real `x * 0` (finite stays finite)."""
+  if jnp.iscomplexobj(x):
+    zero = x * 0
+    return zero.real + zero.imag
+  return x if jnp.finfo(x.dtype).bits <= 32 else x * 0
 
 
 def _float_leaves(tree: PyTree) -> list[jax.Array]:
@@ -107,7 +111,7 @@ def _select_in_sequence(condition: jax.Array, new: PyTree, old: PyTree) -> tuple
   condition that is numerically `condition` (selected entries are finite).
   Elsewhere the selects stay independent, free to be fused side by side.
   """
-  if jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu" or jax.device_count() > 1:  # no collective per select
     return _select(condition, new, old), condition
   leaves, treedef = jax.tree.flatten(new)
   chosen = []
