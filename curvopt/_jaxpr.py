@@ -22,6 +22,17 @@ def contains_primitive(jaxpr: Any, name: str) -> bool:
   return False
 
 
+def uses_only(jaxpr: Any, names: frozenset[str]) -> bool:
+  """Whether every primitive `jaxpr` applies (nested jaxprs included) is in `names`."""
+  for eqn in jaxpr.eqns:
+    subs = list(jax.extend.core.jaxprs_in_params(eqn.params))
+    if eqn.primitive.name not in names and not subs:
+      return False
+    if not all(uses_only(sub, names) for sub in subs):
+      return False
+  return True
+
+
 # Primitives that only call one jaxpr: evaluated inline so that the
 # convolutions inside them are rewritten too.
 _CALLS = {

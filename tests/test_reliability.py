@@ -198,6 +198,23 @@ def test_a_corrupted_incoming_state_skips_the_step_and_restarts_keeping_the_key(
   )
 
 
+def test_the_restart_is_fused_only_when_init_is_cheap():
+  """Zeros, identities and seeded keys are rebuilt every step; random draws are not."""
+  from curvopt import _jaxpr
+  from curvopt.transforms._safety import _CHEAP_INIT
+
+  params = {"w": jnp.ones((6, 5)), "b": jnp.ones(5)}
+  cheap = lambda opt: _jaxpr.uses_only(
+    jax.make_jaxpr(lambda: opt.init(params))().jaxpr, _CHEAP_INIT
+  )
+  assert cheap(optax.adam(0.1))
+  assert cheap(curvopt.shampoo(0.1))
+  assert cheap(curvopt.psgd_kron(0.1))  # Kronecker factors: identities and a seeded key
+  assert not cheap(curvopt.psgd_lra(0.1))  # Gaussian U and V
+  draws = optax.GradientTransformation(lambda p: jax.random.normal(jax.random.key(0), (3,)), None)
+  assert not cheap(draws)
+
+
 def test_the_guard_changes_no_healthy_step():
   """Guarded Adam = optax.adam bit for bit, state and updates, over several steps."""
   params = {"a": jnp.arange(3.0), "b": jnp.ones((2, 2)), "c": jnp.zeros(())}

@@ -169,7 +169,7 @@ def scale_by_psgd(
       return ScaleByPSGDState(zero, key, zero, jnp.zeros((0,), dtype))
     family = family_for(params)
     x = family.view(_tree.zeros(_tree.structure_of(params), dtype))
-    preconditioner = family.init(x, jax.random.fold_in(key, 1))
+    preconditioner = family.init(x, key)
     if init_scale is not None:
       preconditioner = family.rescale(
         preconditioner, [jnp.asarray(init_scale, dtype)] * len(jax.tree.leaves(x))

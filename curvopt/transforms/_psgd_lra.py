@@ -112,7 +112,9 @@ def lra_family(tree: PyTree, *, rank: int) -> PreconditionerFamily:
 
   def init(x, key):
     (vector,) = x
-    ku, kv = jax.random.split(key)
+    # Derived here, not by the caller: the other families need no key, and an
+    # init without random draws is cheap enough for skip_nonfinite to rebuild.
+    ku, kv = jax.random.split(jax.random.fold_in(key, 1))
     u = jax.random.normal(ku, (n, rank), vector.dtype)
     w = jax.random.normal(kv, (n, rank), vector.dtype)
     tiny = jnp.finfo(vector.dtype).tiny

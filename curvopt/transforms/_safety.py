@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from curvopt import _checks, _tree
+from curvopt import _checks, _jaxpr, _tree
+from curvopt.transforms._cadence import refresh_when
 
 PyTree = Any
 
@@ -59,7 +61,9 @@ def _finiteness(*trees: PyTree) -> tuple[jax.Array, ...]:
   sizes = [sum(x.size for x in group) for group in groups]
   if sum(sizes) > _ONE_VECTOR_LIMIT or jax.device_count() > 1:
     return tuple(
-      jnp.isfinite(sum((jnp.sum(x * 0, dtype=jnp.float32) for x in group), jnp.float32(0)))
+      jnp.isfinite(
+        sum((jnp.sum(_exactly_castable(x) * 0, dtype=jnp.float32) for x in group), jnp.float32(0))
+      )
       for group in groups
     )
   flat = [jnp.ravel(_exactly_castable(x)).astype(jnp.float32) for group in groups for x in group]
@@ -122,10 +126,33 @@ def _select_in_sequence(condition: jax.Array, new: PyTree, old: PyTree) -> tuple
   return jax.tree.unflatten(treedef, chosen), condition
 
 
-def _restarted(intact: jax.Array, state: PyTree, fresh: PyTree) -> PyTree:
-  """`state` if `intact`, else `fresh`; PRNG keys (never non-finite) are kept."""
-  fresh = jax.tree.map(lambda f, s: s if _tree.is_key(s) else f, fresh, state)
-  return _select(intact, state, fresh)
+# An init made of these only (zeros, identities, a key from a seed) is
+# computed on every step and fused into the selects; any other (random
+# draws, which are loops on XLA:CPU; factorizations) runs in a conditional.
+_CHEAP_INIT = frozenset(
+  {"broadcast_in_dim", "iota", "eq", "ne", "convert_element_type", "add", "sub", "mul", "neg"}
+  | {"concatenate", "reshape", "squeeze", "expand_dims", "slice", "transpose", "select_n", "copy"}
+  | {"random_seed", "random_wrap", "random_unwrap"}
+)
+
+
+def _restarted(intact: jax.Array, state: PyTree, init: Callable[[], PyTree]) -> PyTree:
+  """`state` if `intact`, else `init()`; PRNG keys (never non-finite) are kept as they are."""
+  leaves, treedef = jax.tree.flatten(state)
+  keys = [_tree.is_key(x) for x in leaves]
+  current = [x for x, key in zip(leaves, keys, strict=True) if not key]
+
+  def fresh() -> list[jax.Array]:
+    return [x for x, key in zip(jax.tree.leaves(init()), keys, strict=True) if not key]
+
+  if _jaxpr.uses_only(jax.make_jaxpr(init)().jaxpr, _CHEAP_INIT):
+    values = _select(intact, current, fresh())
+  else:
+    values = refresh_when(~intact, fresh, lambda: current)
+  values = iter(values)
+  return treedef.unflatten(
+    [x if key else next(values) for x, key in zip(leaves, keys, strict=True)]
+  )
 
 
 def _require_float_leaves(params: PyTree) -> None:
@@ -181,8 +208,8 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
     intact, finite = _finiteness(state.inner_state, (new_updates, new_state))
     applied = intact & finite
     kept = state.inner_state
-    if params is not None:  # a corrupted state restarts (init is cheap and fuses into the select)
-      kept = _restarted(intact, kept, inner.init(params))
+    if params is not None:  # a corrupted state restarts
+      kept = _restarted(intact, kept, lambda: inner.init(params))
     new_state, applied = _select_in_sequence(applied, new_state, kept)
     zeros = jax.tree.map(jnp.zeros_like, new_updates)
     return _select(applied, new_updates, zeros), SkipNonFiniteState(
