@@ -23,25 +23,10 @@ import platform
 import jax
 import jax.numpy as jnp
 import optax
-from step_time import BLOCK, interleaved_medians, train_step  # beside this script
+from step_time import BLOCK, interleaved_medians, train_step, without_guard  # beside this script
 
 import curvopt
-import curvopt.alias._adahessian
-import curvopt.alias._sophia
 from curvopt.bench.workloads import WORKLOADS
-
-
-def _without_guard(make):
-  """`make()` with `skip_nonfinite` replaced by the identity in the two aliases."""
-  modules = (curvopt.alias._adahessian, curvopt.alias._sophia)
-  saved = [m.skip_nonfinite for m in modules]
-  for m in modules:
-    m.skip_nonfinite = lambda inner: inner
-  try:
-    return make()
-  finally:
-    for m, guard in zip(modules, saved, strict=True):
-      m.skip_nonfinite = guard
 
 
 def _runners(workload):
@@ -63,8 +48,8 @@ def _runners(workload):
     "adam": optax.adam(1e-3),
     "adahessian": adahessian(),
     "sophia_h (k=10)": sophia(),
-    "adahessian, no guard": _without_guard(adahessian),
-    "sophia_h (k=10), no guard": _without_guard(sophia),
+    "adahessian, no guard": without_guard(adahessian),
+    "sophia_h (k=10), no guard": without_guard(sophia),
   }.items():
     step = train_step(workload, opt, ("value_fn",))
     carry = {"params": params, "state": opt.init(params)}

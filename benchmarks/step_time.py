@@ -17,11 +17,13 @@ import ast
 import platform
 import statistics
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import optax
 
+import curvopt.alias
 from curvopt.bench.optimizers import OPTIMIZERS
 from curvopt.bench.runner import build_optimizer, tree_bytes
 from curvopt.bench.workloads import WORKLOADS
@@ -48,6 +50,24 @@ def train_step(workload, optimizer, extra_args=()):
     return optax.apply_updates(params, updates), state
 
   return jax.jit(step)
+
+
+def without_guard(make):
+  """`make()` with `skip_nonfinite` replaced by the identity in every alias module.
+
+  The aliases import it by name, so each module's binding is swapped while
+  `make` builds the optimizer, and restored after.
+  """
+  modules = [m for m in vars(curvopt.alias).values() if hasattr(m, "skip_nonfinite")]
+  modules = [m for m in modules if isinstance(m, types.ModuleType)]
+  saved = [m.skip_nonfinite for m in modules]
+  for m in modules:
+    m.skip_nonfinite = lambda inner: inner
+  try:
+    return make()
+  finally:
+    for m, guard in zip(modules, saved, strict=True):
+      m.skip_nonfinite = guard
 
 
 def block_runner(compiled, params, state, batches):

@@ -22,17 +22,6 @@ def contains_primitive(jaxpr: Any, name: str) -> bool:
   return False
 
 
-def uses_only(jaxpr: Any, names: frozenset[str]) -> bool:
-  """Whether every primitive `jaxpr` applies (nested jaxprs included) is in `names`."""
-  for eqn in jaxpr.eqns:
-    subs = list(jax.extend.core.jaxprs_in_params(eqn.params))
-    if eqn.primitive.name not in names and not subs:
-      return False
-    if not all(uses_only(sub, names) for sub in subs):
-      return False
-  return True
-
-
 # Primitives that only call one jaxpr: evaluated inline so that the
 # convolutions inside them are rewritten too.
 _CALLS = {
@@ -46,6 +35,22 @@ _CALLS = {
   "remat": "jaxpr",
   "checkpoint": "jaxpr",
 }
+
+
+def uses_only(jaxpr: Any, names: frozenset[str]) -> bool:
+  """Whether `jaxpr` applies only primitives in `names`, looking inside plain calls.
+
+  A loop or a conditional counts as itself (not in `names` unless listed),
+  whatever its body holds.
+  """
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name in names:
+      continue
+    called = eqn.params.get(_CALLS.get(name, ""))
+    if called is None or not uses_only(getattr(called, "jaxpr", called), names):
+      return False
+  return True
 
 
 def with_channels_last_convolutions(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -213,6 +213,8 @@ def test_the_restart_is_fused_only_when_init_is_cheap():
   assert not cheap(curvopt.psgd_lra(0.1))  # Gaussian U and V
   draws = optax.GradientTransformation(lambda p: jax.random.normal(jax.random.key(0), (3,)), None)
   assert not cheap(draws)
+  loop = lambda p: jax.lax.fori_loop(0, 3, lambda i, x: x + 1, jnp.zeros(3))
+  assert not cheap(optax.GradientTransformation(loop, None))  # a loop of cheap steps is a loop
 
 
 def test_the_guard_changes_no_healthy_step():

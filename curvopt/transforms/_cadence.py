@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.extend.core
 
 from curvopt import _jaxpr
 
