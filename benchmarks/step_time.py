@@ -25,7 +25,8 @@ import optax
 
 import curvopt.alias
 from curvopt.bench.optimizers import OPTIMIZERS
-from curvopt.bench.runner import build_optimizer, tree_bytes
+from curvopt.bench.optimizers import build_optimizer
+from curvopt.bench.runner import tree_bytes
 from curvopt.bench.workloads import WORKLOADS
 
 BLOCK = 20

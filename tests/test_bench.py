@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from curvopt.bench import cli, config, runner
-from curvopt.bench.optimizers import OPTIMIZERS
+from curvopt.bench.optimizers import OPTIMIZERS, build_optimizer
 from curvopt.bench.workloads import WORKLOADS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -72,6 +72,8 @@ def test_batches_depend_only_on_seed_and_step():
 TINY = """
 [benchmark]
 name = "tiny"
+seeds = [0]
+schedule = "constant"
 steps = 30
 eval_every = 10
 sharpness_every = 10
@@ -112,9 +114,13 @@ def test_end_to_end_writes_every_output_and_report_reproduces_the_table(tmp_path
   for workload in ("breast_cancer_logreg", "rosenbrock"):
     for plot in ("loss_vs_step", "loss_vs_time", "sharpness"):
       assert (out / "plots" / f"{workload}_{plot}.png").stat().st_size > 1000
+  assert (out / "plots" / "performance_profile.png").stat().st_size > 1000
+  assert not list(out.rglob("*.tmp"))
   records = [json.loads(line) for line in runs[0].read_text().splitlines()]
-  assert [r["step"] for r in records[:-1]] == [0, 10, 20, 30]
-  assert records[-1]["event"] == "done" and "sharpness" in records[1]
+  assert records[0]["event"] == "spec" and records[0]["spec"]["steps"] == 30
+  assert [r["step"] for r in records[1:-1]] == [0, 10, 20, 30]
+  assert records[-1]["event"] == "done" and "sharpness" in records[2]
+  assert all(r["guard_skipped"] == 0 for r in records[1:-1])
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["jax"] == jax.__version__ and "hostname" not in manifest
   table = (out / "results.md").read_text()
@@ -140,6 +146,7 @@ def test_rerun_skips_finished_runs(tmp_path):
 RESUME = """
 [benchmark]
 name = "resume"
+seeds = [0]
 steps = 600
 eval_every = 20
 
@@ -164,7 +171,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   cfg = _write(tmp_path, RESUME)
   killed, clean = tmp_path / "killed", tmp_path / "clean"
   process = _run_cli(cfg, killed)
-  log = killed / "runs" / "mnist1d_cnn__momentum__lr0.05__seed0.jsonl"
+  (spec,) = config.load(cfg).runs
+  log = killed / "runs" / f"{spec.run_id}.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline:
     if log.exists() and len(log.read_text().splitlines()) >= 5:
@@ -174,15 +182,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   process.wait()
   partial = log.read_text().splitlines()
   assert '"event": "done"' not in log.read_text(), "the run finished before it could be killed"
-  assert (killed / "runs" / "mnist1d_cnn__momentum__lr0.05__seed0.ckpt.npz").exists()
+  assert (killed / "runs" / f"{spec.run_id}.ckpt.npz").exists()
   for out in (killed, clean):
     finished = _run_cli(cfg, out)
     assert finished.wait(timeout=600) == 0, finished.stderr.read().decode()
   resumed = [json.loads(line) for line in log.read_text().splitlines()]
   reference = [json.loads(line) for line in (clean / "runs" / log.name).read_text().splitlines()]
   assert len(partial) < len(resumed)
-  assert [r["step"] for r in resumed[:-1]] == list(range(0, 601, 20))
-  for a, b in zip(resumed[:-1], reference[:-1], strict=True):
+  assert [r["step"] for r in resumed[1:-1]] == list(range(0, 601, 20))
+  for a, b in zip(resumed[1:-1], reference[1:-1], strict=True):
     assert a["step"] == b["step"]
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
     assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
@@ -224,7 +232,7 @@ def _with(section, key, value):
     ),
     (
       _with("optimizers", "adam", {"learning_rates": [-1e-3]}),
-      r"learning_rates\[0\] must be positive",
+      r"learning_rates\[0\] must be a finite positive number",
     ),
     (
       _with("optimizers", "adam", {"learning_rates": [1e-3], "beta1": 0.9}),
@@ -318,7 +326,7 @@ def test_step_time_benchmark_script_runs(tmp_path):
 def test_egn_sees_the_workload_penalty_and_solves_regularized_logistic_regression():
   workload = WORKLOADS["breast_cancer_logreg"]()
   spec = OPTIMIZERS["egn"]
-  optimizer = runner.build_optimizer(spec, workload, 1.0, {"damping": 1e-3})
+  optimizer = build_optimizer(spec, workload, 1.0, {"damping": 1e-3})
   step = jax.jit(runner.make_step(workload, spec, optimizer))
   batch = jax.tree.map(jnp.asarray, workload.batch(0, 0))
   params = workload.init_params(jax.random.key(0))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import pathlib
 import platform
 import subprocess
@@ -89,38 +91,96 @@ class _Progress:
       self._bar.stop()
 
 
+class _FolderBusy(Exception):
+  """Another process is writing the results folder."""
+
+
+@contextlib.contextmanager
+def _locked(out: pathlib.Path):
+  """An exclusive lock on the results folder for this process (released at exit or kill)."""
+  import fcntl
+
+  handle = open(out / ".lock", "a+")  # noqa: SIM115 (held for the whole run)
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip() or "another process"
+      raise _FolderBusy(
+        f"{out} is in use by another curvopt-bench run ({holder}); wait for it to finish "
+        "or pass another --out."
+      ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    yield
+  finally:
+    handle.close()
+
+
+def _results_folder(path: pathlib.Path) -> pathlib.Path:
+  """Creates the folder, or says in one line why it cannot be used."""
+  if path.exists() and not path.is_dir():
+    raise _FolderBusy(f"--out {path} is a file, not a folder.")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write-test.tmp"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as error:
+    raise _FolderBusy(f"cannot write to --out {path}: {error.strerror or error}.") from None
+  return path
+
+
 def _run(args: argparse.Namespace) -> int:
   from curvopt.bench import runner
+  from curvopt.bench.config import check_buildable
 
   config = load(args.config)
-  out = pathlib.Path(args.out or pathlib.Path("runs") / config.name)
-  out.mkdir(parents=True, exist_ok=True)
-  results.write_atomic(out / "config.json", json.dumps(config.raw, indent=2) + "\n")
-  results.write_atomic(out / "manifest.json", json.dumps(_manifest(config.name), indent=2) + "\n")
-  progress = _Progress(sum(r.steps for r in config.runs), args.quiet)
-  start = time.perf_counter()
-  try:
-    for i, spec in enumerate(config.runs, 1):
-      progress.describe(f"run {i}/{len(config.runs)}: {spec.run_id}")
-      runner.run(spec, out, progress.advance)
-  finally:
-    progress.close()
-  if not args.quiet:
-    print(
-      f"{len(config.runs)} runs in {time.perf_counter() - start:.1f} s; results in {out}/",
-      file=sys.stderr,
-    )
-  return _write_report(out, args.quiet)
+  check_buildable(config)  # every workload and optimizer, before any folder or training
+  out = _results_folder(pathlib.Path(args.out or pathlib.Path("runs") / config.name))
+  with _locked(out):
+    results.remove_temporary_files(out)
+    results.write_atomic(out / "config.json", json.dumps(config.raw, indent=2) + "\n")
+    manifest = {**_manifest(config.name), "runs": {r.run_id: r.spec_id for r in config.runs}}
+    results.write_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    progress = _Progress(sum(r.steps for r in config.runs), args.quiet)
+    start = time.perf_counter()
+    try:
+      for i, spec in enumerate(config.runs, 1):
+        progress.describe(f"run {i}/{len(config.runs)}: {spec.run_id}")
+        runner.run(spec, out, progress.advance)
+    finally:
+      progress.close()
+    if not args.quiet:
+      print(
+        f"{len(config.runs)} runs in {time.perf_counter() - start:.1f} s; results in {out}/",
+        file=sys.stderr,
+      )
+    return _write_report(out, config, args.quiet)
 
 
-def _write_report(out: pathlib.Path, quiet: bool) -> int:
+def _write_report(out: pathlib.Path, config, quiet: bool) -> int:
   from curvopt.bench import plots
 
-  summaries = results.run_summaries(out)
+  wanted = {r.run_id for r in config.runs}
+  summaries = results.run_summaries(out, wanted)
+  others = len(list((out / "runs").glob("*.jsonl"))) - len(summaries)
   if not summaries:
-    print(f"error: no finished runs in {out}/runs", file=sys.stderr)
+    print(f"error: no finished runs of this config in {out}/runs", file=sys.stderr)
     return 1
-  table = results.markdown_table(summaries)
+  if others and not quiet:
+    print(
+      f"note: {others} logs in {out}/runs belong to other configs or unfinished runs; "
+      "they are not reported.",
+      file=sys.stderr,
+    )
+  missing = len(wanted) - len(summaries)
+  table = results.markdown_table(summaries, config.baseline)
+  if missing:
+    table = f"**{missing} of the config's {len(wanted)} runs have not finished.**\n\n" + table
   results.write_atomic(out / "results.md", table)
   results.write_atomic(out / "summary.csv", results.summary_csv(summaries))
   plots.write_plots(out, summaries)
@@ -130,11 +190,74 @@ def _write_report(out: pathlib.Path, quiet: bool) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+  from curvopt.bench.config import parse
+
   out = pathlib.Path(args.results_dir)
-  if not (out / "runs").is_dir():
-    print(f"error: {out} is not a results folder (no runs/ inside)", file=sys.stderr)
+  if not (out / "runs").is_dir() or not (out / "config.json").is_file():
+    print(
+      f"error: {out} is not a results folder (no runs/ and config.json inside)", file=sys.stderr
+    )
     return 2
-  return _write_report(out, args.quiet)
+  config = parse(json.loads((out / "config.json").read_text()))
+  with _locked(out):
+    return _write_report(out, config, args.quiet)
+
+
+def _compare(args: argparse.Namespace) -> int:
+  from curvopt.bench import plots
+
+  folders = [pathlib.Path(d) for d in args.results_dirs]
+  summaries, machines = [], {}
+  for folder in folders:
+    path = folder / "summary.csv"
+    if not path.is_file():
+      print(f"error: {folder} has no summary.csv (run `curvopt-bench run` first)", file=sys.stderr)
+      return 2
+    try:
+      rows = results.read_summary_csv(path)
+    except (ValueError, KeyError) as error:
+      print(f"error: {error}", file=sys.stderr)
+      return 2
+    for row in rows:
+      row["folder"] = folder.name or str(folder)
+    summaries += rows
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+      info = json.loads(manifest.read_text())
+      machines[folder.name] = f"{info.get('backend')} {', '.join(sorted(set(info['devices'])))}"
+  protocols: dict[str, tuple[dict, str]] = {}
+  for row in summaries:
+    first = protocols.setdefault(row["workload"], (results.protocol(row), row["folder"]))
+    if results.protocol(row) != first[0]:
+      differing = sorted(k for k, v in results.protocol(row).items() if first[0].get(k) != v)
+      print(
+        f"error: {row['workload']} was run under different protocols in {first[1]} and "
+        f"{row['folder']} ({', '.join(differing)} differ); their times cannot be compared.",
+        file=sys.stderr,
+      )
+      return 2
+  # The same optimizer from two folders (two machines, two versions) keeps both, labelled.
+  homes: dict[str, set[str]] = {}
+  for row in summaries:
+    homes.setdefault(row["optimizer"], set()).add(row["folder"])
+  for row in summaries:
+    if len(homes[row["optimizer"]]) > 1:
+      row["optimizer"] = f"{row['optimizer']} [{row['folder']}]"
+  header = "Compared folders: " + "; ".join(
+    f"{f.name} ({machines.get(f.name, 'machine unknown')})" for f in folders
+  )
+  if len(set(machines.values())) > 1:
+    header += ". **Times come from different machines.**"
+  table = header + "\n\n" + results.markdown_table(summaries, args.baseline)
+  out = pathlib.Path(args.out) if args.out else None
+  if out is not None:
+    _results_folder(out)
+    results.write_atomic(out / "results.md", table)
+    results.write_atomic(out / "summary.csv", results.summary_csv(summaries))
+    plots.write_profile_plot(out / "performance_profile.png", results.best_per_optimizer(summaries))
+  if not args.quiet:
+    print(table)
+  return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
   commands = parser.add_subparsers(dest="command", required=True)
   commands.add_parser("list", help="list workloads and optimizers").set_defaults(func=_list)
   run = commands.add_parser(
-    "run", help="run a TOML config (finished runs are skipped, interrupted ones resume)"
+    "run",
+    help="run a TOML config (finished runs of the same spec are skipped, interrupted ones resume)",
   )
   run.add_argument("config")
   run.add_argument("--out", help="results folder (default: runs/<config name>)")
@@ -156,10 +280,20 @@ def main(argv: list[str] | None = None) -> int:
   report.add_argument("results_dir")
   report.add_argument("--quiet", action="store_true")
   report.set_defaults(func=_report)
+  compare = commands.add_parser(
+    "compare",
+    help="one table and one performance profile from several results folders "
+    "(refuses workloads run under different protocols)",
+  )
+  compare.add_argument("results_dirs", nargs="+")
+  compare.add_argument("--baseline", help="optimizer the times are relative to")
+  compare.add_argument("--out", help="folder for results.md, summary.csv and the profile")
+  compare.add_argument("--quiet", action="store_true")
+  compare.set_defaults(func=_compare)
   args = parser.parse_args(argv)
   try:
     return args.func(args)
-  except ConfigError as error:
+  except (ConfigError, _FolderBusy) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
 

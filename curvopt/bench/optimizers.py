@@ -12,6 +12,29 @@ import optax
 import curvopt
 
 EXTRA_ARGS = ("value", "grad", "value_fn", "model_fn", "loss_fn")
+SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
+
+
+def learning_rate_schedule(
+  peak: float, schedule: str, steps: int, warmup_fraction: float
+) -> optax.ScalarOrSchedule:
+  """`peak` held constant, or warmed up linearly from 0 and decayed to 0 by `steps`.
+
+  `warmup_cosine` is AlgoPerf's baseline schedule (Dahl et al. 2023, "Benchmarking
+  Neural Network Training Algorithms"): linear warmup over `warmup_fraction` of
+  the step budget, then cosine decay.
+  """
+  if schedule == "constant":
+    return peak
+  warmup = max(1, round(warmup_fraction * steps)) if warmup_fraction > 0 else 0
+  decay = max(1, steps - warmup)
+  if schedule == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, warmup + decay, end_value=0.0)
+  if schedule == "warmup_linear":
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup), optax.linear_schedule(peak, 0.0, decay)], [warmup]
+    )
+  raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +52,9 @@ class OptimizerSpec:
     takes_l2: the factory takes `l2_regularization` and `l2_mask`, which the
       runner sets from the workload's penalty (a Gauss-Newton method sees the
       loss on outputs only, so it must be told about the penalty).
+    takes_schedule: the learning rate may follow a schedule. Methods whose
+      learning rate scales a step chosen by a line search or a Newton model
+      (L-BFGS, EGN, lazy Newton) run at a constant rate, and their tables say so.
   """
 
   name: str
@@ -37,6 +63,7 @@ class OptimizerSpec:
   extra_args: tuple[str, ...] = ()
   value_and_grad_from_state: bool = False
   takes_l2: bool = False
+  takes_schedule: bool = True
 
   @property
   def hyperparameters(self) -> dict[str, object]:
@@ -127,6 +154,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
       _lbfgs,
       extra_args=("value", "grad", "value_fn"),
       value_and_grad_from_state=True,
+      takes_schedule=False,
     ),
     OptimizerSpec(
       "adahessian",
@@ -185,6 +213,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
       curvopt.egn,
       extra_args=("model_fn", "loss_fn"),
       takes_l2=True,
+      takes_schedule=False,
     ),
     OptimizerSpec(
       "egn_lm",
@@ -192,12 +221,14 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
       functools.partial(curvopt.egn, damping=1.0, adaptive_damping=True),
       extra_args=("model_fn", "loss_fn"),
       takes_l2=True,
+      takes_schedule=False,
     ),
     OptimizerSpec(
       "lazy_newton",
       "curvopt.lazy_newton: cubic Newton, one Hessian per d steps (full-batch problems)",
       curvopt.lazy_newton,
       extra_args=("value_fn",),
+      takes_schedule=False,
     ),
     OptimizerSpec(
       "soap",
@@ -206,3 +237,19 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     ),
   )
 }
+
+
+def build_optimizer(
+  spec: OptimizerSpec,
+  workload,
+  learning_rate: optax.ScalarOrSchedule,
+  hyperparameters: dict,
+) -> optax.GradientTransformation:
+  """`spec`'s optimizer, told the workload's L2 penalty when it must see it apart."""
+  if spec.takes_l2:
+    hyperparameters = {
+      **hyperparameters,
+      "l2_regularization": workload.l2,
+      "l2_mask": workload.l2_mask,
+    }
+  return spec.build(learning_rate, **hyperparameters)

@@ -1,7 +1,14 @@
-"""The results folder: atomic writes, run records, the ranked table."""
+"""The results folder: atomic writes, run records, seeds' intervals, ranked tables and scores.
+
+The protocol follows AlgoPerf (Dahl et al. 2023, "Benchmarking Neural Network
+Training Algorithms"): each optimizer's best trial per workload by time to a
+training-loss target, time-to-target relative to a named baseline, and a
+performance profile across workloads with its area score.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -12,12 +19,20 @@ import statistics
 import tempfile
 from typing import Any
 
+import numpy as np
+
 SUMMARY_COLUMNS = (
   "run_id",
+  "spec_id",
+  "trial_id",
   "workload",
   "optimizer",
+  "trial",
   "learning_rate",
+  "tuned",
+  "schedule",
   "seed",
+  "steps",
   "steps_run",
   "final_train_loss",
   "test_metric",
@@ -25,6 +40,7 @@ SUMMARY_COLUMNS = (
   "target",
   "steps_to_target",
   "time_to_target_s",
+  "robust_time_to_target_s",
   "train_time_s",
   "median_step_ms",
   "compile_s",
@@ -32,18 +48,51 @@ SUMMARY_COLUMNS = (
   "step_memory_bytes",
   "peak_device_bytes",
   "nonfinite_steps",
+  "guard_skipped",
+  "guard_resets",
   "diverged",
+  "failed",
+  "failure",
+  "spec",
 )
+_TEXT_COLUMNS = {
+  "run_id",
+  "spec_id",
+  "trial_id",
+  "workload",
+  "optimizer",
+  "schedule",
+  "test_metric",
+  "failure",
+}
+_JSON_COLUMNS = {"tuned", "spec"}
+# Bootstrap resamples of the seeds for the 95% interval of a median.
+_BOOTSTRAP = 2000
+# AlgoPerf integrates the performance profile up to this ratio to the fastest.
+PROFILE_MAX_RATIO = 4.0
+# Fewer seeds than this cannot support a claim that one optimizer is faster.
+MIN_SEEDS_FOR_A_CLAIM = 3
 
 
-def write_atomic(path: pathlib.Path, text: str) -> None:
+def write_atomic(path: pathlib.Path, text: str | bytes) -> None:
   """Writes `text` so that a kill at any moment leaves the old file or the new one."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+  mode = "wb" if isinstance(text, bytes) else "w"
+  with tempfile.NamedTemporaryFile(mode, dir=path.parent, delete=False, suffix=".tmp") as f:
     f.write(text)
     f.flush()
     os.fsync(f.fileno())
   os.replace(f.name, path)
+
+
+def remove_temporary_files(folder: pathlib.Path) -> int:
+  """Deletes `*.tmp` files an interrupted write left under `folder`; returns how many."""
+  removed = 0
+  for path in folder.rglob("*.tmp"):
+    with contextlib.suppress(OSError):
+      path.unlink()
+      removed += 1
+  return removed
 
 
 def append_record(path: pathlib.Path, record: dict) -> None:
@@ -66,64 +115,185 @@ def read_records(path: pathlib.Path) -> list[dict]:
   return records
 
 
-def run_summaries(results_dir: pathlib.Path) -> list[dict]:
-  """The summary record of every finished run in the folder."""
+def run_summaries(results_dir: pathlib.Path, run_ids: set[str] | None = None) -> list[dict]:
+  """The summary record of every finished run in the folder (of `run_ids` only, if given)."""
   summaries = []
   for path in sorted((results_dir / "runs").glob("*.jsonl")):
+    if run_ids is not None and path.stem not in run_ids:
+      continue
     done = [r for r in read_records(path) if r.get("event") == "done"]
     if done:
       summaries.append(done[-1])
   return summaries
 
 
-def _mean(values: list[float]) -> float:
-  return statistics.fmean(values) if values else math.inf
+def _finite(x: Any) -> bool:
+  return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def best_per_optimizer(summaries: list[dict]) -> dict[str, dict[str, dict]]:
-  """For each workload and optimizer, the learning rate that did best over its seeds.
+def _or_inf(x: Any) -> float:
+  return float(x) if _finite(x) else math.inf
 
-  Best means: the shortest mean time to target (a seed that missed counts as
-  infinite), then the lowest mean final training loss.
+
+def median_interval(values: list[float], seed: int = 0) -> tuple[float, float, float]:
+  """The median of `values` and a 95% percentile-bootstrap interval for it.
+
+  Misses are `inf` and stay so: the interval's ends are actual resampled
+  medians (no interpolation), so an end is `inf` when that many seeds missed.
   """
+  data = np.asarray(values, dtype=float)
+  median = float(np.median(data)) if np.all(np.isfinite(data)) else _median_with_inf(data)
+  if len(data) == 1:
+    return median, median, median
+  rng = np.random.default_rng(seed)
+  resamples = np.sort(data[rng.integers(0, len(data), (_BOOTSTRAP, len(data)))], axis=1)
+  # The lower median of each resample: an actual value, so inf never meets inf - inf.
+  medians = np.sort(resamples[:, (len(data) - 1) // 2])
+  low = float(medians[int(0.025 * (_BOOTSTRAP - 1))])
+  high = float(medians[math.ceil(0.975 * (_BOOTSTRAP - 1))])
+  return median, low, high
+
+
+def _median_with_inf(data: np.ndarray) -> float:
+  ordered = np.sort(data)
+  n = len(ordered)
+  if n % 2:
+    return float(ordered[n // 2])
+  a, b = ordered[n // 2 - 1], ordered[n // 2]
+  return float(b if math.isinf(b) else (a + b) / 2)
+
+
+def trial_entries(summaries: list[dict]) -> list[dict]:
+  """One entry per (workload, optimizer, trial), aggregated over its seeds."""
   groups: dict[tuple, list[dict]] = {}
   for s in summaries:
-    groups.setdefault((s["workload"], s["optimizer"], s["learning_rate"]), []).append(s)
-  best: dict[str, dict[str, dict]] = {}
-  for (workload, optimizer, lr), runs in groups.items():
-    times = [r["time_to_target_s"] if r["time_to_target_s"] is not None else math.inf for r in runs]
-    steps = [r["steps_to_target"] if r["steps_to_target"] is not None else math.inf for r in runs]
-    losses = [r["final_train_loss"] if _finite(r["final_train_loss"]) else math.inf for r in runs]
-    entry = {
-      "workload": workload,
-      "optimizer": optimizer,
-      "learning_rate": lr,
-      "seeds": len(runs),
-      "hit_target": sum(t < math.inf for t in times),
-      "time_to_target_s": _mean(times),
-      "steps_to_target": _mean(steps),
-      "final_train_loss": _mean(losses),
-      "test_metric": runs[0]["test_metric"],
-      "final_test_metric": _mean([r["final_test_metric"] for r in runs]),
-      "median_step_ms": statistics.median(r["median_step_ms"] for r in runs),
-      "compile_s": statistics.median(r["compile_s"] for r in runs),
-      "optimizer_state_bytes": runs[0]["optimizer_state_bytes"],
-      "nonfinite_steps": sum(r["nonfinite_steps"] for r in runs),
-      "target": runs[0]["target"],
-    }
-    current = best.setdefault(workload, {}).get(optimizer)
-    if current is None or rank_key(entry) < rank_key(current):
-      best[workload][optimizer] = entry
-  return best
+    groups.setdefault((s["workload"], s["optimizer"], s["trial_id"]), []).append(s)
+  entries = []
+  for (workload, optimizer, trial_id), runs in sorted(groups.items()):
+    runs = sorted(runs, key=lambda r: r["seed"])
+    robust = [_or_inf(r["robust_time_to_target_s"]) for r in runs]
+    median, low, high = median_interval(robust)
+    failures = [f"seed {r['seed']}: {r['failure']}" for r in runs if r["failed"]]
+    entries.append(
+      {
+        "workload": workload,
+        "optimizer": optimizer,
+        "trial_id": trial_id,
+        "trial": runs[0]["trial"],
+        "learning_rate": runs[0]["learning_rate"],
+        "tuned": runs[0]["tuned"],
+        "schedule": runs[0]["schedule"],
+        "seeds": len(runs),
+        "hit_target": sum(math.isfinite(t) for t in robust),
+        "robust_time_to_target_s": median,
+        "robust_interval": (low, high),
+        "time_to_target_s": _median_with_inf(
+          np.array([_or_inf(r["time_to_target_s"]) for r in runs])
+        ),
+        "steps_to_target": _median_with_inf(
+          np.array([_or_inf(r["steps_to_target"]) for r in runs])
+        ),
+        "final_train_loss": _median_with_inf(
+          np.array([_or_inf(r["final_train_loss"]) for r in runs])
+        ),
+        "test_metric": runs[0]["test_metric"],
+        "final_test_metric": statistics.median(_or_nan(r["final_test_metric"]) for r in runs),
+        "median_step_ms": statistics.median(_or_nan(r["median_step_ms"]) for r in runs),
+        "compile_s": statistics.median(r["compile_s"] for r in runs),
+        "optimizer_state_bytes": runs[0]["optimizer_state_bytes"],
+        "guard_skipped": sum(r["guard_skipped"] for r in runs),
+        "guard_resets": sum(r["guard_resets"] for r in runs),
+        "steps_run": sum(r["steps_run"] for r in runs),
+        "failed": len(failures),
+        "failures": failures,
+        "target": runs[0]["target"],
+        "protocol": protocol(runs[0]),
+      }
+    )
+  return entries
 
 
-def _finite(x: Any) -> bool:
-  return isinstance(x, int | float) and math.isfinite(x)
+def _or_nan(x: Any) -> float:
+  return float(x) if _finite(x) else math.nan
+
+
+def protocol(summary: dict) -> dict:
+  """What must agree for two runs of a workload to be compared: data, budget, target."""
+  spec = summary["spec"]
+  return {
+    key: spec[key]
+    for key in ("workload", "workload_options", "steps", "max_seconds", "eval_every", "target")
+  }
 
 
 def rank_key(entry: dict) -> tuple[float, float]:
-  """How the tables rank optimizers: time to target, then final training loss."""
-  return entry["time_to_target_s"], entry["final_train_loss"]
+  """How trials and optimizers rank: robust time to target, then final training loss."""
+  return entry["robust_time_to_target_s"], entry["final_train_loss"]
+
+
+def best_per_optimizer(summaries: list[dict]) -> dict[str, dict[str, dict]]:
+  """For each workload and optimizer, the trial that did best over its seeds, with its count."""
+  best: dict[str, dict[str, dict]] = {}
+  counts: dict[tuple[str, str], int] = {}
+  for entry in trial_entries(summaries):
+    key = (entry["workload"], entry["optimizer"])
+    counts[key] = counts.get(key, 0) + 1
+    current = best.setdefault(entry["workload"], {}).get(entry["optimizer"])
+    if current is None or rank_key(entry) < rank_key(current):
+      best[entry["workload"]][entry["optimizer"]] = entry
+  for workload, entries in best.items():
+    for optimizer, entry in entries.items():
+      entry["trials"] = counts[(workload, optimizer)]
+  return best
+
+
+def verdict(a: dict, b: dict) -> str:
+  """Whether `a` reached the target faster than `b`, from the seeds' intervals."""
+  a_hit, b_hit = (math.isfinite(e["robust_time_to_target_s"]) for e in (a, b))
+  if not a_hit and not b_hit:
+    return "neither reached the target"
+  if min(a["seeds"], b["seeds"]) < MIN_SEEDS_FOR_A_CLAIM:
+    return f"not distinguishable (< {MIN_SEEDS_FOR_A_CLAIM} seeds)"
+  (a_low, a_high), (b_low, b_high) = a["robust_interval"], b["robust_interval"]
+  if a_high < b_low:
+    return "faster"
+  if b_high < a_low:
+    return "slower"
+  return "not distinguishable"
+
+
+def _ratio(a: float, b: float) -> float:
+  return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.inf
+
+
+def performance_profile(best: dict[str, dict[str, dict]]) -> dict[str, list[float]]:
+  """Per optimizer, its ratio to the fastest optimizer on each workload (inf: target missed)."""
+  optimizers = sorted({o for entries in best.values() for o in entries})
+  ratios: dict[str, list[float]] = {o: [] for o in optimizers}
+  for entries in best.values():
+    fastest = min(e["robust_time_to_target_s"] for e in entries.values())
+    for o in optimizers:
+      entry = entries.get(o)
+      ratios[o].append(_ratio(entry["robust_time_to_target_s"], fastest) if entry else math.inf)
+  return ratios
+
+
+def profile_score(ratios: list[float], max_ratio: float = PROFILE_MAX_RATIO) -> float:
+  """AlgoPerf's score: the area under the profile on [1, max_ratio], normalized to [0, 1]."""
+  if not ratios:
+    return 0.0
+  area = sum(max_ratio - max(r, 1.0) for r in ratios if r <= max_ratio)
+  return area / ((max_ratio - 1.0) * len(ratios))
+
+
+def _versus(entry: dict, base: dict) -> str:
+  """`entry`'s time to target as a multiple of `base`'s, with the verdict."""
+  ratio = _ratio(entry["robust_time_to_target_s"], base["robust_time_to_target_s"])
+  if math.isfinite(ratio):
+    return f"{ratio:.2f}x, {verdict(entry, base)}"
+  if math.isfinite(entry["robust_time_to_target_s"]):
+    return "baseline missed the target"
+  return "missed the target"
 
 
 def _fmt(x: Any, spec: str) -> str:
@@ -132,32 +302,112 @@ def _fmt(x: Any, spec: str) -> str:
   return format(x, spec)
 
 
-def markdown_table(summaries: list[dict]) -> str:
-  """Optimizers ranked per workload at their best learning rate."""
-  lines = []
-  for workload, entries in sorted(best_per_optimizer(summaries).items()):
+def _interval(entry: dict) -> str:
+  low, high = entry["robust_interval"]
+  if not math.isfinite(low):
+    return "missed"
+  if entry["seeds"] == 1:
+    return "1 seed"
+  return f"[{_fmt(low, '.3g')}, {_fmt(high, '.3g')}]"
+
+
+def _trial(entry: dict) -> str:
+  tuned = {k: v for k, v in entry["tuned"].items() if k != "learning_rate"}
+  parts = [f"lr {entry['learning_rate']:.4g}", *(f"{k} {v}" for k, v in tuned.items())]
+  return ", ".join(parts)
+
+
+def markdown_table(
+  summaries: list[dict], baseline: str | None = None, labels: dict[str, str] | None = None
+) -> str:
+  """Optimizers ranked per workload at their best trial, then the score across workloads."""
+  best = best_per_optimizer(summaries)
+  lines = [
+    "Time to target is robust: steps to target x the median step time (a few slow steps on",
+    "a shared machine do not move it); the measured sum of step times is beside it. Values are",
+    "medians over seeds with a 95% bootstrap interval; an optimizer is called faster or slower",
+    f"only when the intervals do not overlap (and with at least {MIN_SEEDS_FOR_A_CLAIM} seeds).",
+    "",
+  ]
+  for workload, entries in sorted(best.items()):
     ranked = sorted(entries.values(), key=rank_key)
     first = ranked[0]
+    base = entries.get(baseline) if baseline else None
     lines += [
       f"### {workload} (target: train loss <= {first['target']:g}; "
       f"test metric: {first['test_metric']})",
       "",
-      "| rank | optimizer | best lr | hit target | steps to target | time to target (s) "
+      "| rank | optimizer | schedule | trials | best trial | hit target "
+      "| steps to target | time to target (s) | 95% interval | measured (s) "
+      f"| vs {baseline or 'baseline'} | vs first "
       "| final train loss | test metric | median step (ms) | compile (s) | state (KiB) "
-      "| non-finite steps |",
-      "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+      "| skipped / resets | failed runs |",
+      "|---:|---|---|---:|---|---:|---:|---:|---|---:|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for rank, e in enumerate(ranked, 1):
+      if base is None:
+        versus_base = "—"
+      elif e is base:
+        versus_base = "baseline"
+      else:
+        versus_base = _versus(e, base)
+      versus_first = "—" if e is first else verdict(e, first)
+      failed = f"{e['failed']}/{e['seeds']}: {'; '.join(e['failures'])}" if e["failed"] else "0"
       lines.append(
-        f"| {rank} | {e['optimizer']} | {e['learning_rate']:g} | {e['hit_target']}/{e['seeds']} "
-        f"| {_fmt(e['steps_to_target'], '.0f')} | {_fmt(e['time_to_target_s'], '.3f')} "
-        f"| {_fmt(e['final_train_loss'], '.4g')} | {_fmt(e['final_test_metric'], '.4g')} "
-        f"| {e['median_step_ms']:.3f} | {e['compile_s']:.2f} "
-        f"| {e['optimizer_state_bytes'] / 1024:.1f} "
-        f"| {e['nonfinite_steps']} |"
+        f"| {rank} | {(labels or {}).get(e['optimizer'], e['optimizer'])} | {e['schedule']} "
+        f"| {e['trials']} | {_trial(e)} | {e['hit_target']}/{e['seeds']} "
+        f"| {_fmt(e['steps_to_target'], '.0f')} | {_fmt(e['robust_time_to_target_s'], '.3g')} "
+        f"| {_interval(e)} | {_fmt(e['time_to_target_s'], '.3g')} | {versus_base} "
+        f"| {versus_first} | {_fmt(e['final_train_loss'], '.4g')} "
+        f"| {_fmt(e['final_test_metric'], '.4g')} | {_fmt(e['median_step_ms'], '.3f')} "
+        f"| {e['compile_s']:.2f} | {e['optimizer_state_bytes'] / 1024:.1f} "
+        f"| {e['guard_skipped']} / {e['guard_resets']} of {e['steps_run']} | {failed} |"
       )
     lines.append("")
+  lines += _score_section(best, baseline, labels)
   return "\n".join(lines)
+
+
+def _score_section(
+  best: dict[str, dict[str, dict]], baseline: str | None, labels: dict[str, str] | None
+) -> list[str]:
+  ratios = performance_profile(best)
+  workloads = sorted(best)
+  lines = [
+    "### Score across workloads",
+    "",
+    f"Performance-profile area on [1, {PROFILE_MAX_RATIO:g}] (AlgoPerf: 1 = fastest on every "
+    "workload, 0 = never within 4x of the fastest or never at the target)"
+    + (f"; per workload, robust time to target relative to {baseline}." if baseline else "."),
+    "",
+    "| optimizer | score | " + " | ".join(workloads) + " |",
+    "|---|---:|" + "---:|" * len(workloads),
+  ]
+  for optimizer, values in sorted(ratios.items(), key=lambda kv: -profile_score(kv[1])):
+    cells = []
+    for workload in workloads:
+      entry = best[workload].get(optimizer)
+      base = best[workload].get(baseline) if baseline else None
+      if entry is None:
+        cells.append("not run")
+      elif base is None:
+        cells.append(
+          _fmt(entry["robust_time_to_target_s"], ".3g") + " s"
+          if math.isfinite(entry["robust_time_to_target_s"])
+          else "missed"
+        )
+      else:
+        cells.append(_versus(entry, base).split(",")[0])
+    name = (labels or {}).get(optimizer, optimizer)
+    lines.append(f"| {name} | {profile_score(values):.3f} | " + " | ".join(cells) + " |")
+  lines.append("")
+  return lines
+
+
+def _csv_cell(column: str, value: Any) -> Any:
+  if column in _JSON_COLUMNS:
+    return json.dumps(value, sort_keys=True)
+  return value
 
 
 def summary_csv(summaries: list[dict]) -> str:
@@ -165,5 +415,30 @@ def summary_csv(summaries: list[dict]) -> str:
   writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
   writer.writeheader()
   for s in sorted(summaries, key=lambda s: s["run_id"]):
-    writer.writerow(s)
+    writer.writerow({c: _csv_cell(c, s.get(c)) for c in SUMMARY_COLUMNS})
   return buffer.getvalue()
+
+
+def _parse_cell(column: str, text: str) -> Any:
+  if column in _JSON_COLUMNS:
+    return json.loads(text)
+  if column in _TEXT_COLUMNS:
+    return text or None
+  if text == "":
+    return None
+  if text in ("True", "False"):
+    return text == "True"
+  try:
+    return int(text)
+  except ValueError:
+    return float(text)
+
+
+def read_summary_csv(path: pathlib.Path) -> list[dict]:
+  """The run summaries `summary_csv` wrote, with their types."""
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  if rows and set(SUMMARY_COLUMNS) - set(rows[0]):
+    missing = ", ".join(sorted(set(SUMMARY_COLUMNS) - set(rows[0])))
+    raise ValueError(f"{path} lacks the columns {missing} (written by an older curvopt?).")
+  return [{c: _parse_cell(c, row[c]) for c in SUMMARY_COLUMNS} for row in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -20,9 +21,15 @@ import optax
 import curvopt
 from curvopt import _tree
 from curvopt.bench import results
-from curvopt.bench.config import RunSpec
-from curvopt.bench.optimizers import OPTIMIZERS, OptimizerSpec
-from curvopt.bench.workloads import WORKLOADS, Workload
+from curvopt.bench.config import RunSpec, build_workload
+from curvopt.bench.optimizers import (
+  OPTIMIZERS,
+  OptimizerSpec,
+  build_optimizer,
+  learning_rate_schedule,
+)
+from curvopt.bench.workloads import Workload
+from curvopt.transforms import SkipNonFiniteState
 
 # Sharpness is measured on at most this many training examples (fixed ones).
 _SHARPNESS_EXAMPLES = 512
@@ -38,19 +45,6 @@ def _extra_args(spec: OptimizerSpec, workload: Workload, batch, value, grad) -> 
     "loss_fn": lambda outputs: workload.loss_fn(outputs, targets),
   }
   return {name: available[name] for name in spec.extra_args}
-
-
-def build_optimizer(
-  spec: OptimizerSpec, workload: Workload, learning_rate: float, hyperparameters: dict
-) -> optax.GradientTransformation:
-  """`spec`'s optimizer, told the workload's L2 penalty when it must see it apart."""
-  if spec.takes_l2:
-    hyperparameters = {
-      **hyperparameters,
-      "l2_regularization": workload.l2,
-      "l2_mask": workload.l2_mask,
-    }
-  return spec.build(learning_rate, **hyperparameters)
 
 
 def make_step(workload: Workload, spec: OptimizerSpec, optimizer: optax.GradientTransformation):
@@ -105,48 +99,107 @@ def _load_checkpoint(path: pathlib.Path, like: Any) -> tuple[Any, dict]:
   return jax.tree.unflatten(treedef, restored), meta
 
 
+# A run whose guard skipped more than this fraction of its steps is marked failed.
+FAILED_SKIP_FRACTION = 0.5
+
+
+def guard_counts(state: Any) -> tuple[int, int]:
+  """`(skipped, resets)` summed over every `skip_nonfinite` guard in an optimizer state."""
+  guards = [
+    x
+    for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, SkipNonFiniteState))
+    if isinstance(x, SkipNonFiniteState)
+  ]
+  return sum(int(g.skipped) for g in guards), sum(int(g.resets) for g in guards)
+
+
+# Seeds of one trial run one after another with the same shapes: compile once.
+_compiled: dict[str, tuple[Any, float, int | None]] = {}
+
+
+def _compile(spec: RunSpec, workload: Workload, params, state, first_batch):
+  key = spec.trial_id
+  if key not in _compiled:
+    opt_spec = OPTIMIZERS[spec.optimizer]
+    optimizer = _optimizer(spec, workload)
+    step_fn = jax.jit(make_step(workload, opt_spec, optimizer))
+    start = time.perf_counter()
+    compiled = step_fn.lower(params, state, first_batch).compile()
+    _compiled.clear()
+    _compiled[key] = (compiled, time.perf_counter() - start, _step_memory(compiled))
+  return _compiled[key]
+
+
+def _optimizer(spec: RunSpec, workload: Workload) -> optax.GradientTransformation:
+  lr = learning_rate_schedule(spec.learning_rate, spec.schedule, spec.steps, spec.warmup_fraction)
+  return build_optimizer(OPTIMIZERS[spec.optimizer], workload, lr, dict(spec.hyperparameters))
+
+
+def _spec_record(spec: RunSpec) -> dict:
+  return {"event": "spec", "spec_id": spec.spec_id, "spec": spec.identity()}
+
+
 def run(
   spec: RunSpec, out_dir: pathlib.Path, on_steps: Callable[[int], None] = lambda n: None
 ) -> dict:
-  """Runs (or resumes, or skips when finished) one run; returns its summary."""
+  """Runs (or resumes, or skips when finished) one run; returns its summary.
+
+  The log's first record is the run's whole spec; a log or checkpoint written
+  for another spec is never resumed or reported (the run starts afresh).
+  """
   runs_dir = out_dir / "runs"
   runs_dir.mkdir(parents=True, exist_ok=True)
   log_path = runs_dir / f"{spec.run_id}.jsonl"
   ckpt_path = runs_dir / f"{spec.run_id}.ckpt.npz"
   records = results.read_records(log_path)
+  if not records or records[0] != _spec_record(spec):
+    records = []
+    ckpt_path.unlink(missing_ok=True)
   if records and records[-1].get("event") == "done":
     on_steps(spec.steps)
     return records[-1]
 
-  workload = WORKLOADS[spec.workload](**dict(spec.workload_options))
-  opt_spec = OPTIMIZERS[spec.optimizer]
-  optimizer = build_optimizer(opt_spec, workload, spec.learning_rate, dict(spec.hyperparameters))
-  target = workload.target if spec.target is None else spec.target
+  workload = build_workload(spec.workload, spec.workload_options)
+  target = spec.target
   params = workload.init_params(jax.random.key(spec.seed))
-  state = optimizer.init(params)
+  state = _optimizer(spec, workload).init(params)
   progress = {"step": 0, "train_time": 0.0, "nonfinite": 0, "step_times": []}
   if ckpt_path.exists():
-    (params, state), progress = _load_checkpoint(ckpt_path, (params, state))
-    records = [r for r in records if r.get("step", 0) <= progress["step"]]
+    (params, state), meta = _load_checkpoint(ckpt_path, (params, state))
+    if meta.get("spec_id") == spec.spec_id:
+      progress = meta["progress"]
+      records = [r for r in records if r.get("step", 0) <= progress["step"]]
+    else:
+      params = workload.init_params(jax.random.key(spec.seed))
+      state = _optimizer(spec, workload).init(params)
+      records = []
   else:
     records = []
+  records = records or [_spec_record(spec)]
   results.write_atomic(log_path, "".join(f"{json.dumps(r)}\n" for r in records))
   on_steps(progress["step"])
 
-  step_fn = jax.jit(make_step(workload, opt_spec, optimizer))
   first = jax.tree.map(jnp.asarray, workload.batch(spec.seed, progress["step"]))
-  start = time.perf_counter()
-  compiled = step_fn.lower(params, state, first).compile()
-  compile_s = time.perf_counter() - start
-  memory = _step_memory(compiled)
-  evaluate = _evaluator(workload, spec)
+  compiled, compile_s, memory = _compile(spec, workload, params, state, first)
+  evaluate = _evaluator(workload, spec.sharpness_every)
+
+  def record_at(step: int) -> dict:
+    skipped, resets = guard_counts(state)
+    record = {
+      "step": step,
+      "time": progress["train_time"],
+      **evaluate(params, step),
+      "guard_skipped": skipped,
+      "guard_resets": resets,
+    }
+    results.append_record(log_path, record)
+    records.append(record)
+    return record
 
   step = progress["step"]
   diverged = False
-  if step == 0 and not records:
-    record = {"step": 0, "time": 0.0, **evaluate(params, 0)}
-    results.append_record(log_path, record)
-    records.append(record)
+  if step == 0 and len(records) == 1:
+    record_at(0)
   while step < spec.steps:
     if spec.max_seconds is not None and progress["train_time"] >= spec.max_seconds:
       break
@@ -162,22 +215,20 @@ def run(
     on_steps(1)
     diverged = not math.isfinite(float(loss))
     if diverged or step % spec.eval_every == 0 or step == spec.steps:
-      record = {"step": step, "time": progress["train_time"], **evaluate(params, step)}
-      results.append_record(log_path, record)
-      records.append(record)
+      record_at(step)
       progress["step"] = step
       if diverged:
         break
       if step % spec.checkpoint_every == 0 and step < spec.steps:
-        _save_checkpoint(ckpt_path, (params, state), progress)
+        _save_checkpoint(
+          ckpt_path, (params, state), {"spec_id": spec.spec_id, "progress": progress}
+        )
 
-  if records[-1]["step"] != step:  # stopped by max_seconds between evaluations
-    record = {"step": step, "time": progress["train_time"], **evaluate(params, step)}
-    results.append_record(log_path, record)
-    records.append(record)
+  if records[-1].get("step") != step:  # stopped by max_seconds between evaluations
+    record_at(step)
   on_steps(spec.steps - step)  # a run that stopped early still completes its share of progress
   summary = _summary(
-    spec, workload, records, target, progress, compile_s, memory, state, step, diverged
+    spec, workload, records[1:], target, progress, compile_s, memory, state, step, diverged
   )
   results.append_record(log_path, summary)
   ckpt_path.unlink(missing_ok=True)
@@ -198,7 +249,9 @@ def _peak_device_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def _evaluator(workload: Workload, spec: RunSpec) -> Callable[[Any, int], dict]:
+@functools.lru_cache(maxsize=4)
+def _evaluator(workload: Workload, sharpness_every: int) -> Callable[[Any, int], dict]:
+  """Training loss, test metric and (every `sharpness_every` steps) sharpness, jitted once."""
   train_batch = jax.tree.map(jnp.asarray, workload.eval_batch())
   train_loss = jax.jit(lambda p: workload.value_fn(p, train_batch))
   test_metric = jax.jit(workload.test_metric_fn)
@@ -218,7 +271,7 @@ def _evaluator(workload: Workload, spec: RunSpec) -> Callable[[Any, int], dict]:
       "train_loss": float(train_loss(params)),
       workload.test_metric: float(test_metric(params)),
     }
-    if spec.sharpness_every and step % spec.sharpness_every == 0:
+    if sharpness_every and step % sharpness_every == 0:
       estimate = sharpness(params)
       record["sharpness"] = float(estimate.sharpness)
       record["sharpness_examples"] = int(estimate.num_examples)
@@ -233,27 +286,55 @@ def _summary(
   hit = next((r for r in records if r["train_loss"] <= target), None)
   last = records[-1] if records else {}
   times = progress["step_times"]
+  # The first timed step after a (re)compile can still warm caches: skip it.
+  median_step_s = statistics.median(times[1:] or times) if times else math.nan
+  skipped, resets = guard_counts(state)
+  failure = None
+  if diverged:
+    failure = f"training loss not finite at step {step}"
+  elif step == 0:
+    failure = "no step ran"
+  elif skipped > FAILED_SKIP_FRACTION * step:
+    failure = f"guard skipped {skipped} of {step} steps"
+  elif not _finite(last.get("train_loss")):
+    failure = "final training loss not finite"
   return {
     "event": "done",
     "run_id": spec.run_id,
+    "spec_id": spec.spec_id,
+    "trial_id": spec.trial_id,
     "workload": spec.workload,
     "optimizer": spec.optimizer,
+    "trial": spec.trial,
     "learning_rate": spec.learning_rate,
+    "tuned": {k: v for k, v in spec.hyperparameters if k in spec.tuned},
+    "schedule": spec.schedule,
     "seed": spec.seed,
+    "steps": spec.steps,
     "steps_run": step,
     "final_train_loss": last.get("train_loss", math.nan),
     "test_metric": workload.test_metric,
     "final_test_metric": last.get(workload.test_metric, math.nan),
     "target": target,
-    "steps_to_target": hit["step"] if hit else None,
-    "time_to_target_s": hit["time"] if hit else None,
+    "steps_to_target": hit["step"] if hit and not failure else None,
+    "time_to_target_s": hit["time"] if hit and not failure else None,
+    # Robust to a few slow steps on a shared machine: steps x the median step time.
+    "robust_time_to_target_s": hit["step"] * median_step_s if hit and not failure else None,
     "train_time_s": progress["train_time"],
-    # The first timed step after a (re)compile can still warm caches: skip it.
-    "median_step_ms": 1e3 * statistics.median(times[1:] or times or [math.nan]),
+    "median_step_ms": 1e3 * median_step_s,
     "compile_s": compile_s,
     "optimizer_state_bytes": tree_bytes(state),
     "step_memory_bytes": memory,
     "peak_device_bytes": _peak_device_bytes(),
     "nonfinite_steps": progress["nonfinite"],
+    "guard_skipped": skipped,
+    "guard_resets": resets,
     "diverged": diverged,
+    "failed": failure is not None,
+    "failure": failure,
+    "spec": spec.identity(),
   }
+
+
+def _finite(x: Any) -> bool:
+  return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvopt import _checks
+
 Params = Any
 Batch = tuple[Any, Any]
 
@@ -81,6 +83,13 @@ class Workload:
 
   def eval_batch(self) -> Batch:
     return self.train if self.train_eval_batch is None else self.train_eval_batch
+
+
+def check_batch_size(batch_size: int | None, *, full_batch_allowed: bool = True) -> None:
+  """Rejects a batch size that is not a positive integer (or None for full batch)."""
+  if batch_size is None and full_batch_allowed:
+    return
+  _checks.positive_int("batch_size", batch_size)
 
 
 @functools.lru_cache(maxsize=64)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from curvopt import _checks
 from curvopt.bench import data, models
-from curvopt.bench.workloads._base import Workload
+from curvopt.bench.workloads._base import Workload, check_batch_size
 
 
 def _accuracy_on(dataset, apply):
@@ -15,6 +16,7 @@ def _accuracy_on(dataset, apply):
 
 def digits_mlp(batch_size: int | None = 128) -> Workload:
   """MLP 64-64-10 (tanh) on sklearn digits; test accuracy on 359 held-out images."""
+  check_batch_size(batch_size)
   d = data.digits()
   return Workload(
     name="digits_mlp",
@@ -34,6 +36,7 @@ def digits_mlp(batch_size: int | None = 128) -> Workload:
 
 def mnist1d_cnn(batch_size: int | None = 128) -> Workload:
   """A 1-D CNN (three 5-wide convolutions, 32 channels) on mnist1d (generated locally)."""
+  check_batch_size(batch_size)
   d = data.mnist1d()
   return Workload(
     name="mnist1d_cnn",
@@ -53,6 +56,7 @@ def mnist1d_cnn(batch_size: int | None = 128) -> Workload:
 
 def breast_cancer_logreg(l2: float = 1e-3) -> Workload:
   """L2-regularized logistic regression on sklearn breast cancer, full batch (convex)."""
+  _checks.non_negative_float("l2", l2)
   d = data.breast_cancer()
   model = lambda params, x: x @ params["w"] + params["b"]
   x_test, y_test = jnp.asarray(d.x_test), jnp.asarray(d.y_test)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from curvopt import _checks
 from curvopt.bench import data, models
-from curvopt.bench.workloads._base import Workload
+from curvopt.bench.workloads._base import Workload, check_batch_size
 
 
 def _windows(ids: np.ndarray, starts: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
@@ -16,6 +17,8 @@ def _windows(ids: np.ndarray, starts: np.ndarray, context: int) -> tuple[np.ndar
 
 def char_transformer(batch_size: int = 32, context: int = 64) -> Workload:
   """2-layer transformer (width 64, 4 heads) predicting the next character of Macbeth."""
+  check_batch_size(batch_size, full_batch_allowed=False)
+  _checks.positive_int("context", context)
   train_ids, test_ids, vocabulary = data.macbeth()
   fixed = np.random.default_rng(1234)
   train_eval = _windows(train_ids, fixed.integers(0, len(train_ids) - context - 1, 64), context)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from curvopt import _checks
 from curvopt.bench import data, models
-from curvopt.bench.workloads._base import Workload
+from curvopt.bench.workloads._base import Workload, check_batch_size
 
 _NO_DATA = (np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32))
 
 
 def diabetes_mlp(batch_size: int | None = 64) -> Workload:
   """MLP 10-32-1 (tanh) on sklearn diabetes with mean squared error (standardized targets)."""
+  check_batch_size(batch_size)
   d = data.diabetes()
   x_test, y_test = jnp.asarray(d.x_test), jnp.asarray(d.y_test)
   return Workload(
@@ -37,6 +39,11 @@ def quadratic(dimension: int = 20, condition_number: float = 1e3) -> Workload:
   Written as least squares, `model_fn` gives the residuals `A^{1/2} (w - w*)`,
   so Gauss-Newton methods see the exact Hessian. The optimum `w*` is known.
   """
+  _checks.positive_int("dimension", dimension)
+  if isinstance(condition_number, bool) or not (
+    isinstance(condition_number, int | float) and 1 <= condition_number < float("inf")
+  ):
+    raise ValueError(f"condition_number must be a finite number >= 1, got {condition_number!r}.")
   rng = np.random.default_rng(0)
   q, _ = np.linalg.qr(rng.normal(size=(dimension, dimension)))
   root = jnp.asarray(
