@@ -66,6 +66,27 @@ def prng_key(name: str, key: Any) -> jax.Array:
   )
 
 
+def seed(name: str, value: Any) -> Callable[[], jax.Array]:
+  """Checks an integer seed in [0, 2**63) or a PRNG key; returns `() -> typed key`.
+
+  Checked when the optimizer is built, so `seed="abc"` or `seed=1.5` fails
+  there rather than at the first update. The key is made when called (inside
+  `init`), so building an optimizer creates no array.
+  """
+  if isinstance(value, jax.Array) or hasattr(value, "dtype"):
+    key = prng_key(name, value)
+    return lambda: (
+      key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else (jax.random.wrap_key_data(key))
+    )
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(
+      f"{name} must be an integer seed or a PRNG key, got {value!r} ({type(value).__name__})."
+    )
+  if not 0 <= value < 2**63:
+    raise ValueError(f"{name} must be an integer in [0, 2**63) or a PRNG key, got {value}.")
+  return lambda: jax.random.key(int(value))
+
+
 def float_pytree(name: str, tree: Any) -> None:
   """Raises unless `tree` is a non-empty pytree of floating-point arrays."""
   leaves_with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -125,6 +146,17 @@ def scalar_function(name: str, fn: Callable, *args: Any) -> None:
     raise TypeError(f"{name} must return a floating-point scalar, got dtype {out.dtype}.")
 
 
+def _is_plain_number(name: str, value: Any) -> bool:
+  """Whether `value` is a Python or NumPy real number; a string or a bool is an error.
+
+  Anything else (an array, a tracer under `optax.inject_hyperparams`, a
+  schedule) is not checked here.
+  """
+  if isinstance(value, str | bytes | bool):
+    raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+  return isinstance(value, numbers.Real)
+
+
 def in_range(
   name: str, value: Any, low: float, high: float, *, high_inclusive: bool = False
 ) -> Any:
@@ -132,12 +164,12 @@ def in_range(
 
   Under `optax.inject_hyperparams` hyperparameters arrive as arrays, which
   cannot be checked at trace time; plain numbers can, and should fail here
-  rather than as a silent NaN later.
+  rather than as a silent NaN later. NaN is out of every range.
   """
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+  if not _is_plain_number(name, value):
     return value
-  above = value > high if high_inclusive else value >= high
-  if value < low or above:
+  below_high = value <= high if high_inclusive else value < high
+  if not (low <= value and below_high):  # written so that NaN fails
     bracket = "]" if high_inclusive else ")"
     raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}.")
   return value
@@ -145,8 +177,11 @@ def in_range(
 
 def positive(name: str, value: Any, why: str = "") -> Any:
   """Checks that a hyperparameter given as a Python number is > 0 (traced values pass through)."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+  if not _is_plain_number(name, value):
     return value
+  if not value > 0 or value == float("inf"):
+    raise ValueError(f"{name} must be a finite number > 0{why}, got {value}.")
+  return value
   if not value > 0 or value == float("inf"):
     raise ValueError(f"{name} must be a finite number > 0{why}, got {value}.")
   return value

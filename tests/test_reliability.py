@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 import pathlib
 
 import chex
@@ -273,3 +275,90 @@ def test_hyperparameters_out_of_range_are_named(factory, kwargs, match):
 def test_a_typo_in_a_hyperparameter_name_is_a_type_error_naming_it():
   with pytest.raises(TypeError, match="block_sise"):
     curvopt.shampoo(0.1, block_sise=64)
+
+
+# --- Every numeric hyperparameter is checked when the optimizer is built. ----
+
+_FACTORIES = {
+  "adahessian": curvopt.adahessian,
+  "sophia_h": curvopt.sophia_h,
+  "shampoo": curvopt.shampoo,
+  "soap": curvopt.soap,
+  "psgd_kron": curvopt.psgd_kron,
+  "psgd_lra": curvopt.psgd_lra,
+  "psgd_dense": curvopt.psgd_dense,
+  "egn": curvopt.egn,
+  "lazy_newton": curvopt.lazy_newton,
+  "sam": lambda **kw: curvopt.sam(optax.sgd(0.1), **kw),
+  "gam": lambda **kw: curvopt.gam(optax.sgd(0.1), **kw),
+}
+# Where infinity is a meaningful setting ("no limit"), not a mistake.
+_INFINITY_ALLOWED = {("psgd_kron", "max_skew")}
+
+
+def _numeric_hyperparameters():
+  for name, factory in _FACTORIES.items():
+    target = {"sam": curvopt.sam, "gam": curvopt.gam}.get(name, factory)
+    parameters = inspect.signature(target).parameters
+    for p in parameters.values():
+      if p.name in ("base_optimizer", "seed") or isinstance(p.default, bool):
+        continue
+      if isinstance(p.default, int | float) or (
+        p.default is inspect.Parameter.empty and p.name == "learning_rate"
+      ):
+        yield name, p.name
+
+
+@pytest.mark.parametrize(("name", "argument"), list(_numeric_hyperparameters()))
+@pytest.mark.parametrize("bad", [math.nan, math.inf, "0.1"], ids=["nan", "inf", "string"])
+def test_every_numeric_hyperparameter_rejects_nan_inf_and_strings(name, argument, bad):
+  if bad == math.inf and (name, argument) in _INFINITY_ALLOWED:
+    pytest.skip("infinity means no limit here")
+  kwargs = {argument: bad}
+  if argument != "learning_rate" and name not in ("sam", "gam", "egn", "lazy_newton"):
+    kwargs["learning_rate"] = 0.1
+  with pytest.raises((ValueError, TypeError), match=argument):
+    _FACTORIES[name](**kwargs)
+
+
+@pytest.mark.parametrize(
+  ("factory", "kwargs", "match"),
+  [
+    (curvopt.sophia_h, {"learning_rate": 0.1, "clip_threshold": 0.0}, "clip_threshold"),
+    (curvopt.egn, {"momentum": 1.5}, "momentum"),
+    (curvopt.egn, {"learning_rate": math.inf}, "learning_rate"),
+    (curvopt.lazy_newton, {"learning_rate": math.inf}, "learning_rate"),
+    (curvopt.shampoo, {"learning_rate": 0.1, "epsilon": math.nan}, "epsilon"),
+  ],
+)
+def test_values_that_make_an_optimizer_a_no_op_or_unstable_are_named(factory, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    factory(**kwargs)
+
+
+@pytest.mark.parametrize("seed", ["abc", 1.5, 2**70, -1, True], ids=repr)
+@pytest.mark.parametrize(
+  "factory",
+  [curvopt.adahessian, curvopt.sophia_h, curvopt.psgd_kron, curvopt.psgd_lra, curvopt.lazy_newton],
+  ids=lambda f: f.__name__,
+)
+def test_a_bad_seed_is_named_when_the_optimizer_is_built(factory, seed):
+  kwargs = {} if factory is curvopt.lazy_newton else {"learning_rate": 0.1}
+  with pytest.raises((ValueError, TypeError), match="seed"):
+    factory(seed=seed, **kwargs)
+
+
+@pytest.mark.parametrize(
+  "factory", [curvopt.adahessian, curvopt.psgd_kron, curvopt.lazy_newton], ids=lambda f: f.__name__
+)
+def test_a_prng_key_is_a_seed_too(factory):
+  kwargs = {} if factory is curvopt.lazy_newton else {"learning_rate": 0.1}
+  w = jnp.array([1.0, -2.0, 0.5])
+  value_fn = lambda p: jnp.sum(p**2 + p**4)
+  outputs = []
+  for seed in (3, jax.random.key(3), jax.random.PRNGKey(3)):
+    opt = factory(seed=seed, **kwargs)
+    updates, _ = opt.update(jax.grad(value_fn)(w), opt.init(w), w, value_fn=value_fn)
+    outputs.append(updates)
+  chex.assert_trees_all_equal(outputs[0], outputs[1])
+  chex.assert_trees_all_equal(outputs[0], outputs[2])

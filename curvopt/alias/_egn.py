@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import optax
 
+from curvopt import _checks
 from curvopt.transforms import (
   ema_momentum,
   gauss_newton_objective,
@@ -94,6 +95,8 @@ def egn(
     Korbit, Adeoye, Bemporad, Zanon, "Exact Gauss-Newton Optimization for
     Training Deep Neural Networks", 2024 (arXiv 2405.14402).
   """
+  _checks.positive("learning_rate", learning_rate)
+  _checks.in_range("momentum", momentum, 0.0, 1.0)
   steps = [
     scale_by_egn(
       damping,

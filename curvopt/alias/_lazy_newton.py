@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import optax
 
+from curvopt import _checks
 from curvopt.transforms import scale_by_lazy_newton, skip_nonfinite
 
 
@@ -70,6 +71,7 @@ def lazy_newton(
     Doikov, Chayti, Jaggi, "Second-order optimization with lazy Hessians",
     ICML 2023 (arXiv 2212.00781).
   """
+  _checks.positive("learning_rate", learning_rate)
   return skip_nonfinite(
     optax.chain(
       scale_by_lazy_newton(

@@ -74,7 +74,7 @@ def sophia_h(
   _checks.in_range("gamma", gamma, 0.0, inf)
   _checks.in_range("eps", eps, 0.0, inf)
   _checks.in_range("weight_decay", weight_decay, 0.0, inf)
-  _checks.in_range("clip_threshold", clip_threshold, 0.0, inf)
+  _checks.positive("clip_threshold", clip_threshold, " (0 would never move)")
   return skip_nonfinite(
     optax.chain(
       scale_by_sophia_h(

@@ -205,7 +205,7 @@ def build_workload(name: str, options: tuple[tuple[str, Any], ...]):
   """The workload, built once per process for each set of options."""
   try:
     return WORKLOADS[name](**dict(options))
-  except (TypeError, ValueError) as error:
+  except Exception as error:  # any failure to build is the config's, named by its key
     raise ConfigError(f"workloads.{name}: {error}") from error
 
 
@@ -457,7 +457,7 @@ def check_buildable(config: Config) -> None:
         OPTIMIZERS[run.optimizer], workload, lr, dict(run.hyperparameters)
       )
       jax.eval_shape(optimizer.init, shapes)
-    except (TypeError, ValueError) as error:
+    except Exception as error:  # any failure to build is the config's, named by its key
       tried = ", ".join(
         f"{k}={v!r}"
         for k, v in [("learning_rate", run.learning_rate), *run.hyperparameters]

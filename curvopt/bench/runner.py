@@ -118,7 +118,7 @@ _compiled: dict[str, tuple[Any, float, int | None]] = {}
 
 
 def _compile(spec: RunSpec, workload: Workload, params, state, first_batch):
-  key = spec.trial_id
+  key = f"{spec.trial_id}/x64={jax.config.jax_enable_x64}"
   if key not in _compiled:
     opt_spec = OPTIMIZERS[spec.optimizer]
     optimizer = _optimizer(spec, workload)

@@ -68,10 +68,11 @@ def hutchinson_diagonal_estimator(
     Hutchinson 1990; Bekas, Kokiopoulou, Saad 2007.
   """
   _checks.one_of("distribution", distribution, DISTRIBUTIONS)
+  make_key = _checks.seed("seed", seed)
 
   def init(params: PyTree) -> HutchinsonDiagonalState:
     del params
-    return HutchinsonDiagonalState(jax.random.key(seed), jnp.zeros((), jnp.int32))
+    return HutchinsonDiagonalState(make_key(), jnp.zeros((), jnp.int32))
 
   def update(updates, state, params=None, *, value_fn=None, **extra_args):
     del updates, extra_args

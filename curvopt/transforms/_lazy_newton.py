@@ -144,6 +144,7 @@ def scale_by_lazy_newton(
   max_dense_size = _checks.positive_int("max_dense_size", max_dense_size)
   if hessian_every is not None:
     hessian_every = _checks.positive_int("hessian_every", hessian_every)
+  make_key = _checks.seed("seed", seed)
 
   def layout(params):
     flat, unravel = ravel_pytree(params)
@@ -165,7 +166,7 @@ def scale_by_lazy_newton(
       regularization=jnp.asarray(regularization, dtype),
       hessians=zero,
       function_values=zero,
-      key=jax.random.key(seed),
+      key=make_key(),
     )
 
   def update(updates, state, params=None, *, value_fn=None, **extra_args):

@@ -160,10 +160,11 @@ def scale_by_psgd(
   if not callable(lr_preconditioner):
     _checks.in_range("lr_preconditioner", lr_preconditioner, 0.0, 1.0, high_inclusive=True)
   whitening = fit == "whitening"
+  make_key = _checks.seed("seed", seed)
 
   def init(params: PyTree) -> ScaleByPSGDState:
     dtype = _tree.working_dtype(_tree.structure_of(params))
-    key = jax.random.key(seed)
+    key = make_key()
     zero = jnp.zeros((), jnp.int32)
     if not jax.tree.leaves(params):  # `optax.tree.map_params`'s placeholder
       return ScaleByPSGDState(zero, key, zero, jnp.zeros((0,), dtype))

@@ -217,6 +217,9 @@ def gam_gradient(
     ("grad_norm_rho", grad_norm_rho),
     ("gamma", gamma),
     ("eps", eps),
+    ("beta0", beta0),
+    ("beta1", beta1),
+    *((("beta3", beta3),) if beta3 is not None else ()),
   ):
     _checks.in_range(name, value, 0.0, float("inf"))
 
