@@ -77,7 +77,7 @@ def soap(
     >>> loss = lambda w: jnp.sum((w - target) ** 2)
     >>> params, opt = jnp.zeros((2, 3)), curvopt.soap(0.1, weight_decay=0.0)
     >>> state = opt.init(params)
-    >>> for _ in range(300):
+    >>> for _ in range(400):
     ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> bool(jnp.allclose(params, target, atol=1e-2))

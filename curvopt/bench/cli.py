@@ -39,8 +39,17 @@ def _manifest(config_name: str) -> dict:
     commit = subprocess.run(
       ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
     ).stdout.strip()
+    dirty = bool(
+      subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=5,
+      ).stdout.strip()
+    )
   except (OSError, subprocess.SubprocessError):
-    commit = None
+    commit, dirty = None, None
   return {
     "config": config_name,
     "python": platform.python_version(),
@@ -50,6 +59,7 @@ def _manifest(config_name: str) -> dict:
     "devices": [d.device_kind for d in jax.devices()],
     "machine": platform.machine(),
     "git_commit": commit,
+    "git_uncommitted_changes": dirty,
   }
 
 

@@ -137,23 +137,49 @@ def scale_by_soap(
     ]
     plain_steps = jax.tree.map(adam, mu_hat, nu_hat)
     out = from_blocks(layout, rotated_steps, plain_steps, updates)
+
     # The basis for the next step: never rotate a gradient by a basis fitted to it (the
     # reference's rule), where round-off entries of a concentrated rotation meet Adam's
     # normalization and become +-1.
+    # The second moments live in the basis they were measured in: carried into the new
+    # one with the basis change, else a coordinate whose old entry was ~0 (a sparse
+    # gradient's) would divide the rotated momentum by eps.
+    def refresh():
+      bases = _eigenbases(statistics, eigenbases, block_sharding)
+      return bases, _carry_second_moments(layout, nu, eigenbases, bases)
+
     refreshed = refresh_if_due(
-      state.count,
-      precondition_frequency,
-      lambda: _eigenbases(statistics, eigenbases, block_sharding),
-      lambda: eigenbases,
+      state.count, precondition_frequency, refresh, lambda: (eigenbases, nu)
     )
-    eigenbases = jax.tree.map(
-      lambda new, old: jnp.where(state.count >= start_preconditioning_step, new, old),
-      refreshed,
-      eigenbases,
+    started = state.count >= start_preconditioning_step
+    eigenbases, nu = jax.tree.map(
+      lambda new, old: jnp.where(started, new, old), refreshed, (eigenbases, nu)
     )
     return out, ScaleBySoapState(count, mu, nu, statistics, eigenbases)
 
   return optax.GradientTransformation(init, update)
+
+
+def _carry_second_moments(layout, nu: PyTree, old: Factors, new: Factors) -> PyTree:
+  """`nu`, the diagonal second moments in the `old` bases, as diagonals in the `new` ones.
+
+  With `R = Q_new^T Q_old` per factor, a diagonal `diag(v)` in the old basis is
+  `R diag(v) R^T` in the new, whose diagonal is `(R * R) v` along each factor axis.
+  """
+
+  def squared_overlaps(new_group, old_group):
+    return [
+      jnp.square(jnp.einsum("Nki,Nkj->Nij", q_new, q_old, precision=jax.lax.Precision.HIGHEST))
+      for q_new, q_old in zip(new_group, old_group, strict=True)
+    ]
+
+  carried = [
+    mode_product(v, squared_overlaps(new_group, old_group), axes)
+    for v, new_group, old_group, axes in zip(
+      to_blocks(layout, nu), new, old, layout.factor_axes, strict=True
+    )
+  ]
+  return from_blocks(layout, carried, nu, nu)
 
 
 def _eigenbases(statistics: Factors, previous: Factors, sharding=None) -> Factors:
