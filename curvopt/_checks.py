@@ -74,6 +74,8 @@ def seed(name: str, value: Any) -> Callable[[], jax.Array]:
   `init`), so building an optimizer creates no array.
   """
   if isinstance(value, jax.Array) or hasattr(value, "dtype"):
+    if jnp.issubdtype(value.dtype, jnp.integer) and value.shape == ():  # traced seeds (vmap)
+      return lambda: jax.random.key(value)
     key = prng_key(name, value)
     return lambda: (
       key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else (jax.random.wrap_key_data(key))

@@ -362,3 +362,36 @@ def test_a_prng_key_is_a_seed_too(factory):
     outputs.append(updates)
   chex.assert_trees_all_equal(outputs[0], outputs[1])
   chex.assert_trees_all_equal(outputs[0], outputs[2])
+
+
+_VALUE_FN_OPTIMIZERS = {
+  "adahessian": lambda: curvopt.adahessian(0.1),
+  "sophia_h": lambda: curvopt.sophia_h(0.1),
+  "sam": lambda: curvopt.sam(optax.sgd(0.1)),
+  "gam": lambda: curvopt.gam(optax.sgd(0.1)),
+  "psgd_kron_newton": lambda: curvopt.psgd_kron(0.1, fit="newton"),
+  "lazy_newton": lambda: curvopt.lazy_newton(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_VALUE_FN_OPTIMIZERS))
+@pytest.mark.parametrize(
+  ("value_fn", "match"),
+  [
+    (lambda p: p**2, r"value_fn must return a scalar \(the mean loss\), got an array of shape"),
+    (lambda p: jnp.sum(p**2).astype(jnp.int32), r"value_fn must return a floating-point scalar"),
+    (lambda p: (jnp.sum(p**2), 1.0), r"value_fn must return a scalar array, got a tuple"),
+  ],
+  ids=["vector", "int", "loss_and_aux"],
+)
+def test_a_value_fn_that_is_not_a_scalar_loss_is_named(name, value_fn, match):
+  opt, w = _VALUE_FN_OPTIMIZERS[name](), jnp.ones(3)
+  with pytest.raises((ValueError, TypeError), match=match):
+    opt.update(w, opt.init(w), w, value_fn=value_fn)
+
+
+@pytest.mark.parametrize("factory", [curvopt.sam, curvopt.gam], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("base", [0.1, None])
+def test_sam_and_gam_say_their_first_argument_is_the_base_optimizer(factory, base):
+  with pytest.raises(TypeError, match="first argument is the base optax optimizer"):
+    factory(base)

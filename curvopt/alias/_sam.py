@@ -72,6 +72,7 @@ def sam(
     Efficiently Improving Generalization", ICLR 2021; Kwon, Kim, Park, Choi,
     "ASAM: Adaptive Sharpness-Aware Minimization", ICML 2021.
   """
+  _require_base_optimizer("sam", base_optimizer)
   return skip_nonfinite(
     optax.chain(
       sam_gradient(
@@ -133,6 +134,7 @@ def gam(
     Zhang, Xu, Cui, Lin, "Gradient Norm Aware Minimization Seeks First-Order
     Flatness and Improves Generalization", CVPR 2023.
   """
+  _require_base_optimizer("gam", base_optimizer)
   return skip_nonfinite(
     optax.chain(
       gam_gradient(
@@ -150,3 +152,11 @@ def gam(
       base_optimizer,
     )
   )
+
+
+def _require_base_optimizer(name: str, base_optimizer) -> None:
+  if not (hasattr(base_optimizer, "init") and hasattr(base_optimizer, "update")):
+    raise TypeError(
+      f"{name}'s first argument is the base optax optimizer it wraps, such as "
+      f"{name}(optax.sgd(0.1, momentum=0.9), rho=0.05); got {base_optimizer!r}."
+    )

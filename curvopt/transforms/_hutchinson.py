@@ -28,15 +28,25 @@ class HutchinsonDiagonalState(NamedTuple):
   count: jax.Array
 
 
-def require_value_fn(optimizer: str, value_fn: Any) -> Callable[[PyTree], jax.Array]:
-  """Raises a clear error at trace time when the loss closure is missing."""
+def require_value_fn(
+  optimizer: str, value_fn: Any, params: PyTree = None, *, has_aux: bool = False
+) -> Callable[[PyTree], jax.Array]:
+  """Raises a clear error at trace time when the loss closure is missing or not scalar.
+
+  With `params`, `value_fn(params)` is checked abstractly (no computation) to
+  return one floating-point scalar (the first of `(loss, aux)` with `has_aux`).
+  """
   if value_fn is None:
     raise TypeError(
       f"{optimizer} needs the loss as an extra argument: call "
       f"update(grads, state, params, value_fn=lambda p: loss(p, batch)), where value_fn "
       "returns the scalar loss of the current batch."
     )
-  return _checks.callable_arg("value_fn", value_fn)
+  _checks.callable_arg("value_fn", value_fn)
+  if params is not None:
+    loss = (lambda p: value_fn(p)[0]) if has_aux else value_fn
+    _checks.scalar_function(f"{optimizer}'s value_fn", loss, params)
+  return value_fn
 
 
 def hutchinson_diagonal_estimator(
@@ -76,9 +86,9 @@ def hutchinson_diagonal_estimator(
 
   def update(updates, state, params=None, *, value_fn=None, **extra_args):
     del updates, extra_args
-    value_fn = require_value_fn(name, value_fn)
     if params is None:
       raise ValueError(f"{name} needs params in update(updates, state, params, ...).")
+    value_fn = require_value_fn(name, value_fn, params)
     dtype = _tree.working_dtype(_tree.structure_of(params))
     probe = random_vector(state.key, params, distribution, counter=state.count)
     _, hz = jax.jvp(jax.grad(value_fn), (params,), (probe,))

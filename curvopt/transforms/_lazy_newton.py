@@ -171,9 +171,9 @@ def scale_by_lazy_newton(
 
   def update(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
-    value_fn = require_value_fn("lazy_newton", value_fn)
     if params is None:
       raise ValueError("lazy_newton needs params in update(updates, state, params, ...).")
+    value_fn = require_value_fn("lazy_newton", value_fn, params)
     dense, _, _, every, unravel = layout(params)
     dtype = state.eigenvalues.dtype
     params_w = _tree.cast(params, dtype)

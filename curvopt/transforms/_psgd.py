@@ -180,11 +180,11 @@ def scale_by_psgd(
   def update(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     if not whitening:
-      value_fn = require_value_fn(name, value_fn)
       if params is None:
         raise ValueError(
           f"{name} with fit='newton' needs params in update(updates, state, params)."
         )
+      value_fn = require_value_fn(name, value_fn, params)
     family = family_for(updates)
     dtype = _tree.working_dtype(_tree.structure_of(updates))
     grads = _tree.cast(updates, dtype)

@@ -143,7 +143,7 @@ def sam_gradient(
     if perturbation == "per_group":
       perturbed = per_group(params, radius, group_value_fn)
     else:
-      value_fn = require_value_fn("sam", value_fn)
+      value_fn = require_value_fn("sam", value_fn, params, has_aux=has_aux)
       g = _tree.cast_like(updates, _tree.structure_of(params))
       e = _ascent(g, radius, _normalizer(params, adaptive, eta), eps)
       perturbed = _gradient_of(value_fn, has_aux)(_shifted(params, e))
@@ -229,9 +229,9 @@ def gam_gradient(
 
   def update(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
-    value_fn = require_value_fn("gam", value_fn)
     if params is None:
       raise ValueError("gam needs params in update(updates, state, params, ...).")
+    value_fn = require_value_fn("gam", value_fn, params, has_aux=has_aux)
     grad = _gradient_of(value_fn, has_aux)
     radius = value_at(rho, state.count)
     scale = _normalizer(params, adaptive, 0.0)
