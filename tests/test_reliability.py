@@ -395,3 +395,47 @@ def test_a_value_fn_that_is_not_a_scalar_loss_is_named(name, value_fn, match):
 def test_sam_and_gam_say_their_first_argument_is_the_base_optimizer(factory, base):
   with pytest.raises(TypeError, match="first argument is the base optax optimizer"):
     factory(base)
+
+
+def test_the_guard_checks_the_parameters_it_would_produce_not_only_the_updates():
+  """Finite updates that overflow float16 parameters are skipped (and counted)."""
+  params = jnp.array([65000.0, 1.0], jnp.float16)
+  opt = curvopt.sam(optax.sgd(2000.0))
+  value_fn = lambda w: -jnp.sum(w.astype(jnp.float32))
+  updates, state = opt.update(
+    jnp.array([-1.0, 1.0], jnp.float16), opt.init(params), params, value_fn=value_fn
+  )
+  assert bool(jnp.all(jnp.isfinite(optax.apply_updates(params, updates))))
+  assert int(state.skipped) == 1
+  # Within range the same step is applied.
+  small = jnp.array([1.0, 1.0], jnp.float16)
+  updates, state = opt.update(
+    jnp.array([-1.0, 1.0], jnp.float16), opt.init(small), small, value_fn=value_fn
+  )
+  assert int(state.skipped) == 0 and float(jnp.abs(updates).max()) > 0
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip_not_finite"])
+def test_multisteps_needs_skip_not_finite_to_survive_one_nan_gradient(skip):
+  """optax.MultiSteps accumulates outside the guard: one NaN poisons its accumulator
+  unless `should_skip_update_fn=optax.skip_not_finite` drops that gradient."""
+  a, b = jnp.diag(jnp.array([1.0, 3.0, 10.0])), jnp.array([1.0, -2.0, 0.5])
+  loss = lambda w: 0.5 * w @ a @ w - b @ w
+  kwargs = {"should_skip_update_fn": optax.skip_not_finite} if skip else {}
+  opt = optax.MultiSteps(curvopt.adahessian(0.1), 4, **kwargs)
+
+  def step(carry, t):
+    w, state = carry
+    g = jax.grad(loss)(w)
+    g = jnp.where(t == 5, g.at[0].set(jnp.nan), g)
+    updates, state = opt.update(g, state, w, value_fn=loss)
+    return (optax.apply_updates(w, updates), state), None
+
+  w = jnp.zeros(3)
+  (w, _), _ = jax.lax.scan(step, (w, opt.init(w)), jnp.arange(200))
+  optimum = float(loss(jnp.linalg.solve(a, b)))
+  assert bool(jnp.all(jnp.isfinite(w)))
+  if skip:
+    assert float(loss(w)) == pytest.approx(optimum, abs=1e-3)
+  else:  # documented failure mode: stuck far from the optimum
+    assert float(loss(w)) > optimum + 0.5

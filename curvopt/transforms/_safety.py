@@ -170,8 +170,10 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
   """Wraps `inner` so that no non-finite number reaches the parameters or the state.
 
   A step whose updates or new state contain a NaN or an infinity (from a
-  non-finite gradient, Hessian product, loss or statistic) returns zero
-  updates and keeps the previous state; `skipped` counts it. A state that
+  non-finite gradient, Hessian product, loss or statistic), or whose updates
+  would make the parameters non-finite (`params + updates` overflowing a
+  float16 parameter), returns zero updates and keeps the previous state;
+  `skipped` counts it. A state that
   arrives non-finite (corrupted outside `update`, or restored from a bad
   checkpoint) skips the step too and is restarted from `inner.init(params)`;
   `resets` counts it. Every named curvopt optimizer is wrapped in this,
@@ -205,7 +207,10 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
     if params is not None:
       _checks.matches_structure("updates", updates, params)
     new_updates, new_state = inner.update(updates, state.inner_state, params, **extra_args)
-    intact, finite = _finiteness(state.inner_state, (new_updates, new_state))
+    # Where the parameters are known, the result is checked, not the updates alone:
+    # finite updates can still overflow a low-precision parameter (float16: 65504).
+    result = new_updates if params is None else optax.apply_updates(params, new_updates)
+    intact, finite = _finiteness(state.inner_state, (result, new_state))
     applied = intact & finite
     kept = state.inner_state
     if params is not None:  # a corrupted state restarts
