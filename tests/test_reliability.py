@@ -439,3 +439,23 @@ def test_multisteps_needs_skip_not_finite_to_survive_one_nan_gradient(skip):
     assert float(loss(w)) == pytest.approx(optimum, abs=1e-3)
   else:  # documented failure mode: stuck far from the optimum
     assert float(loss(w)) > optimum + 0.5
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_state_is_savable_by_plain_orbax(name, tmp_path):
+  """How users checkpoint params and state together; orbax refuses zero-size arrays."""
+  ocp = pytest.importorskip("orbax.checkpoint")
+  params, model_fn, _ = _parabola()
+  extra = extra_args(model_fn)
+  opt = OPTIMIZERS[name].make()
+  state = opt.init(params)
+  _, state = opt.update(jax.grad(extra["value_fn"])(params), state, params, **extra)
+  assert all(x.size > 0 for x in jax.tree.leaves(state)), "a zero-size leaf"
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "state", state)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(tmp_path / "state", state)
+  raw = lambda t: jax.tree.map(
+    lambda x: jax.random.key_data(x) if curvopt._tree.is_key(x) else x, t
+  )
+  chex.assert_trees_all_equal(raw(restored), raw(state))

@@ -33,7 +33,8 @@ class LazyNewtonState(NamedTuple):
     eigenvectors: dense `(d, d)` eigenvectors; matrix-free `(k, d)`: the
       Lanczos basis already rotated into the eigenvectors of its matrix.
     snapshot: the parameters where the Hessian was taken, raveled
-      (matrix-free mode, for the stale Hessian-vector product), else `(0,)`.
+      (matrix-free mode, for the stale Hessian-vector product), else `()`:
+      no zero-size array, which checkpointers such as orbax refuse.
     regularization: the current `M` (or the quadratic variant's constant).
     hessians: curvature snapshots computed so far (dense Hessians or Krylov bases).
     function_values: loss evaluations by the adaptive search for `M`.
@@ -43,7 +44,7 @@ class LazyNewtonState(NamedTuple):
   count: jax.Array
   eigenvalues: jax.Array
   eigenvectors: jax.Array
-  snapshot: jax.Array
+  snapshot: jax.Array | tuple[()]
   regularization: jax.Array
   hessians: jax.Array
   function_values: jax.Array
@@ -162,7 +163,7 @@ def scale_by_lazy_newton(
       count=zero,
       eigenvalues=jnp.zeros(k, dtype),
       eigenvectors=jnp.zeros((d, d) if dense else (k, d), dtype),
-      snapshot=jnp.zeros(0 if dense else d, dtype),
+      snapshot=() if dense else jnp.zeros(d, dtype),
       regularization=jnp.asarray(regularization, dtype),
       hessians=zero,
       function_values=zero,
