@@ -15,8 +15,18 @@ import jax
 import jax.numpy as jnp
 
 
+def static(name: str, value: Any, what: str = "a Python number") -> None:
+  """Raises, naming `static_args`, when a structural hyperparameter arrives as an array."""
+  if isinstance(value, jax.Array | jax.core.Tracer):
+    raise TypeError(
+      f"{name} must be {what}: it sets shapes, layouts or loop counts, so it cannot be an "
+      f"array. Under optax.inject_hyperparams, pass static_args=({name!r}, ...), got {value!r}."
+    )
+
+
 def positive_int(name: str, value: Any) -> int:
   """Returns `value` if it is a positive Python integer, else raises."""
+  static(name, value, "a Python integer")
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise TypeError(
       f"{name} must be a positive integer, got {value!r} of type {type(value).__name__}."

@@ -459,3 +459,20 @@ def test_every_state_is_savable_by_plain_orbax(name, tmp_path):
     lambda x: jax.random.key_data(x) if curvopt._tree.is_key(x) else x, t
   )
   chex.assert_trees_all_equal(raw(restored), raw(state))
+
+
+@pytest.mark.parametrize(
+  ("factory", "kwargs"),
+  [
+    (curvopt.shampoo, {"learning_rate": 0.1}),
+    (curvopt.soap, {"learning_rate": 0.1}),
+    (curvopt.adahessian, {"learning_rate": 0.1, "refresh_every": 2}),
+    (curvopt.psgd_kron, {"learning_rate": 0.1, "max_skew": 2.0}),
+  ],
+  ids=["shampoo", "soap", "adahessian", "psgd_kron"],
+)
+def test_inject_hyperparams_names_the_static_args_a_structural_argument_needs(factory, kwargs):
+  """optax.inject_hyperparams turns every numeric argument, defaults included, into an array:
+  one that sets shapes or loop counts must be static, and the error says so by name."""
+  with pytest.raises(TypeError, match=r"pass static_args=\('\w+', \.\.\.\)"):
+    optax.inject_hyperparams(factory)(**kwargs).init({"w": jnp.ones((3, 4))})

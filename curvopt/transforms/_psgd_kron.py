@@ -310,6 +310,7 @@ def scale_by_psgd_kron(
   _checks.one_of("geometry", geometry, GEOMETRIES)
   if max_size is not None:
     _checks.positive_int("max_size", max_size)
+  _checks.static("max_skew", max_skew)
   _checks.in_range("max_skew", max_skew, 0.0, float("inf"), high_inclusive=True)
   return scale_by_psgd(
     lambda tree: kron_family(tree, geometry=geometry, max_size=max_size, max_skew=max_skew),
