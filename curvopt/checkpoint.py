@@ -6,7 +6,10 @@ runner: `pip install orbax-checkpoint` (flax brings it).
 
 from __future__ import annotations
 
+import json
 import pathlib
+import re
+import threading
 from typing import Any
 
 import jax
@@ -16,6 +19,48 @@ import numpy as np
 from curvopt import _tree
 
 PyTree = Any
+
+# Written beside orbax's files: the tree's node types, leaf paths, shapes and dtypes.
+_DESCRIPTION = "curvopt_tree.json"
+_SAVING = threading.Lock()
+
+
+def _describe(tree: PyTree) -> dict:
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  return {
+    "node_types": re.findall(r"namedtuple\[(\w+)\]", str(treedef)),
+    "leaves": [
+      {
+        "path": jax.tree_util.keystr(p),
+        "shape": list(jnp.shape(x)),
+        "dtype": str(x.dtype) if hasattr(x, "dtype") else str(jnp.result_type(x)),
+        "key": bool(_tree.is_key(x)),
+      }
+      for p, x in leaves
+    ],
+  }
+
+
+def _check_compatible(saved: dict, target: dict) -> None:
+  """Refuses a target of another optimizer, or with another shape or dtype at any leaf."""
+  saved_paths = [leaf["path"] for leaf in saved["leaves"]]
+  target_paths = [leaf["path"] for leaf in target["leaves"]]
+  if saved["node_types"] != target["node_types"] or saved_paths != target_paths:
+    only_saved = [p for p in saved_paths if p not in target_paths]
+    only_target = [p for p in target_paths if p not in saved_paths]
+    detail = (
+      f"the checkpoint has {only_saved[:3]} where the target has {only_target[:3]}"
+      if only_saved or only_target
+      else f"the checkpoint's states are {saved['node_types']}, the target's {target['node_types']}"
+    )
+    raise ValueError(f"checkpoint and target are different trees (another optimizer?): {detail}.")
+  for a, b in zip(saved["leaves"], target["leaves"], strict=True):
+    for field in ("shape", "dtype"):
+      if a[field] != b[field]:
+        raise ValueError(
+          f"checkpoint leaf {a['path'] or '(root)'} has {field} {a[field]}, the target "
+          f"{b[field]}: restore into a target of the same {field}."
+        )
 
 
 def _orbax():
@@ -56,10 +101,14 @@ def save(path: str | pathlib.Path, tree: PyTree) -> None:
     orbax-checkpoint's `StandardCheckpointer`.
   """
   ocp = _orbax()
+  path = pathlib.Path(path).absolute()
   data = jax.tree.map(_storable, tree)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(pathlib.Path(path).absolute(), data)
-  checkpointer.wait_until_finished()
+  # Concurrent saves from several threads hang in orbax's shared machinery: one at a time.
+  with _SAVING:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, data)
+    checkpointer.wait_until_finished()
+    (path / _DESCRIPTION).write_text(json.dumps(_describe(tree)))
 
 
 def restore(path: str | pathlib.Path, like: PyTree) -> PyTree:
@@ -81,6 +130,12 @@ def restore(path: str | pathlib.Path, like: PyTree) -> PyTree:
     orbax-checkpoint's `StandardCheckpointer`.
   """
   ocp = _orbax()
+  path = pathlib.Path(path).absolute()
+  if not path.is_dir():
+    raise FileNotFoundError(f"no checkpoint at {path}.")
+  description = path / _DESCRIPTION
+  if description.is_file():  # checkpoints from before it was recorded are restored as they are
+    _check_compatible(json.loads(description.read_text()), _describe(like))
 
   def abstract(x):
     if _tree.is_key(x):
@@ -91,7 +146,7 @@ def restore(path: str | pathlib.Path, like: PyTree) -> PyTree:
     return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=sharding)
 
   target = jax.tree.map(abstract, like)
-  data = ocp.StandardCheckpointer().restore(pathlib.Path(path).absolute(), target)
+  data = ocp.StandardCheckpointer().restore(path, target)
   return jax.tree.map(_unstorable, data, like)
 
 

@@ -476,3 +476,58 @@ def test_inject_hyperparams_names_the_static_args_a_structural_argument_needs(fa
   one that sets shapes or loop counts must be static, and the error says so by name."""
   with pytest.raises(TypeError, match=r"pass static_args=\('\w+', \.\.\.\)"):
     optax.inject_hyperparams(factory)(**kwargs).init({"w": jnp.ones((3, 4))})
+
+
+# --- Checkpoints refuse what they cannot restore faithfully. ---------------
+
+
+@pytest.mark.parametrize(
+  ("saved", "target"),
+  [
+    (lambda: curvopt.sam(optax.sgd(0.1)), lambda: curvopt.gam(optax.sgd(0.1))),
+    (lambda: curvopt.psgd_kron(0.1), lambda: curvopt.psgd_kron(0.1, fit="newton")),
+    (lambda: curvopt.adahessian(0.1), lambda: curvopt.sophia_h(0.1)),
+  ],
+  ids=["sam_into_gam", "psgd_whitening_into_newton", "adahessian_into_sophia"],
+)
+def test_a_checkpoint_of_another_optimizer_is_refused(saved, target, tmp_path):
+  w = jnp.ones(3)
+  curvopt.checkpoint.save(tmp_path / "ckpt", saved().init(w))
+  with pytest.raises(ValueError, match="different trees"):
+    curvopt.checkpoint.restore(tmp_path / "ckpt", jax.eval_shape(target().init, w))
+  curvopt.checkpoint.restore(tmp_path / "ckpt", jax.eval_shape(saved().init, w))  # its own: fine
+
+
+@pytest.mark.parametrize(
+  ("saved", "target", "match"),
+  [
+    (
+      {"a": jnp.float32(3e9)},
+      {"a": jnp.int32(0)},
+      r"leaf \['a'\] has dtype float32, the target int32",
+    ),
+    ({"a": jnp.ones(5)}, {"a": jnp.ones(4)}, r"leaf \['a'\] has shape \[5\], the target \[4\]"),
+  ],
+  ids=["dtype", "shape"],
+)
+def test_restore_names_the_leaf_and_both_shapes_or_dtypes(saved, target, match, tmp_path):
+  curvopt.checkpoint.save(tmp_path / "ckpt", saved)
+  with pytest.raises(ValueError, match=match):
+    curvopt.checkpoint.restore(tmp_path / "ckpt", target)
+
+
+def test_saves_from_several_threads_all_finish(tmp_path):
+  import threading
+
+  trees = [{"x": jnp.full(3, float(i))} for i in range(8)]
+  threads = [
+    threading.Thread(target=curvopt.checkpoint.save, args=(tmp_path / f"c{i}", tree))
+    for i, tree in enumerate(trees)
+  ]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  assert not any(t.is_alive() for t in threads)
+  for i, tree in enumerate(trees):
+    chex.assert_trees_all_equal(curvopt.checkpoint.restore(tmp_path / f"c{i}", tree), tree)

@@ -29,6 +29,7 @@ from curvopt.transforms._line_search import (
 from curvopt.transforms._momentum import EmaMomentumState as EmaMomentumState
 from curvopt.transforms._momentum import ema_momentum as ema_momentum
 from curvopt.transforms._psgd import PreconditionerFamily as PreconditionerFamily
+from curvopt.transforms._psgd import ScaleByPSGDNewtonState as ScaleByPSGDNewtonState
 from curvopt.transforms._psgd import ScaleByPSGDState as ScaleByPSGDState
 from curvopt.transforms._psgd import psgd_update_probability as psgd_update_probability
 from curvopt.transforms._psgd_dense import scale_by_psgd_dense as scale_by_psgd_dense
@@ -39,6 +40,7 @@ from curvopt.transforms._psgd_lra import scale_by_psgd_lra as scale_by_psgd_lra
 from curvopt.transforms._safety import SkipNonFiniteState as SkipNonFiniteState
 from curvopt.transforms._safety import all_finite as all_finite
 from curvopt.transforms._safety import skip_nonfinite as skip_nonfinite
+from curvopt.transforms._sam import GradientNormAwareState as GradientNormAwareState
 from curvopt.transforms._sam import SharpnessAwareState as SharpnessAwareState
 from curvopt.transforms._sam import gam_gradient as gam_gradient
 from curvopt.transforms._sam import sam_gradient as sam_gradient

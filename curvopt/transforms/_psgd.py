@@ -65,6 +65,14 @@ class ScaleByPSGDState(NamedTuple):
   preconditioner: Any
 
 
+class ScaleByPSGDNewtonState(ScaleByPSGDState):
+  """`ScaleByPSGDState` of a preconditioner fitted to Hessian products (`fit="newton"`).
+
+  Its own type, so a checkpoint of one fit is not restored into the other
+  (whose `Q` means something else).
+  """
+
+
 def psgd_update_probability(
   max_probability: float = 1.0,
   min_probability: float = 0.03,
@@ -160,6 +168,7 @@ def scale_by_psgd(
   if not callable(lr_preconditioner):
     _checks.in_range("lr_preconditioner", lr_preconditioner, 0.0, 1.0, high_inclusive=True)
   whitening = fit == "whitening"
+  state_type = ScaleByPSGDState if whitening else ScaleByPSGDNewtonState
   make_key = _checks.seed("seed", seed)
 
   def init(params: PyTree) -> ScaleByPSGDState:
@@ -167,7 +176,7 @@ def scale_by_psgd(
     key = make_key()
     zero = jnp.zeros((), jnp.int32)
     if not jax.tree.leaves(params):  # `optax.tree.map_params`'s placeholder
-      return ScaleByPSGDState(zero, key, zero, jnp.zeros((0,), dtype))
+      return state_type(zero, key, zero, jnp.zeros((0,), dtype))
     family = family_for(params)
     x = family.view(_tree.zeros(_tree.structure_of(params), dtype))
     preconditioner = family.init(x, key)
@@ -175,7 +184,7 @@ def scale_by_psgd(
       preconditioner = family.rescale(
         preconditioner, [jnp.asarray(init_scale, dtype)] * len(jax.tree.leaves(x))
       )
-    return ScaleByPSGDState(zero, key, zero, preconditioner)
+    return state_type(zero, key, zero, preconditioner)
 
   def update(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
@@ -214,7 +223,7 @@ def scale_by_psgd(
 
     preconditioner = refresh_when(due, fit_preconditioner, lambda: state.preconditioner)
     direction = family.unview(family.apply(preconditioner, family.view(grads)), updates)
-    new_state = ScaleByPSGDState(
+    new_state = state_type(
       optax.safe_increment(count),
       state.key,
       state.fits + due.astype(jnp.int32),

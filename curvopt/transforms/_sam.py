@@ -19,7 +19,13 @@ PERTURBATIONS = ("global", "per_group")
 
 
 class SharpnessAwareState(NamedTuple):
-  """State of `sam_gradient` and `gam_gradient`: the step count (for a `rho` schedule)."""
+  """State of `sam_gradient`: the step count (for a `rho` schedule)."""
+
+  count: jax.Array
+
+
+class GradientNormAwareState(NamedTuple):
+  """State of `gam_gradient`: the step count (its own type, so checkpoints are not mixed)."""
 
   count: jax.Array
 
@@ -223,9 +229,9 @@ def gam_gradient(
   ):
     _checks.in_range(name, value, 0.0, float("inf"))
 
-  def init(params: PyTree) -> SharpnessAwareState:
+  def init(params: PyTree) -> GradientNormAwareState:
     del params
-    return SharpnessAwareState(jnp.zeros((), jnp.int32))
+    return GradientNormAwareState(jnp.zeros((), jnp.int32))
 
   def update(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
@@ -250,6 +256,8 @@ def gam_gradient(
     final = jax.tree.map(
       lambda ui, ai: ui - gamma * (ai - cosine * norm_a * ui / (norm_u + eps)), u, a
     )
-    return _tree.cast_like(final, updates), SharpnessAwareState(optax.safe_increment(state.count))
+    return _tree.cast_like(final, updates), GradientNormAwareState(
+      optax.safe_increment(state.count)
+    )
 
   return optax.GradientTransformationExtraArgs(init, update)
