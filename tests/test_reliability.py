@@ -531,3 +531,10 @@ def test_saves_from_several_threads_all_finish(tmp_path):
   assert not any(t.is_alive() for t in threads)
   for i, tree in enumerate(trees):
     chex.assert_trees_all_equal(curvopt.checkpoint.restore(tmp_path / f"c{i}", tree), tree)
+
+
+def test_psgd_dense_refuses_a_model_too_large_for_a_dense_preconditioner():
+  big = {"w": jax.ShapeDtypeStruct((100_000,), jnp.float32)}
+  with pytest.raises(ValueError, match=r"100000 x 100000 preconditioner \(37.3 GiB"):
+    jax.eval_shape(curvopt.psgd_dense(0.1).init, big)
+  jax.eval_shape(curvopt.psgd_dense(0.1, max_dimension=200_000).init, big)  # when meant

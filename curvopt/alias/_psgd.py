@@ -228,6 +228,7 @@ def psgd_dense(
   beta_l: float = 0.9,
   damping: float = 1e-9,
   geometry: Geometry = "Q0.5EQ1.5",
+  max_dimension: int = 16384,
   max_update_rms: float | None = None,
   weight_decay_mask: Any | Callable | None = None,
   seed: int = 0,
@@ -243,7 +244,7 @@ def psgd_dense(
   Args:
     learning_rate, b1, weight_decay, weight_decay_mask, max_update_rms: see `psgd_kron`.
     fit, lr_preconditioner, update_probability, init_scale, beta_l, damping,
-      geometry, seed: see `scale_by_psgd_dense`.
+      geometry, max_dimension, seed: see `scale_by_psgd_dense`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, curvopt
@@ -268,6 +269,7 @@ def psgd_dense(
       beta_l=beta_l,
       damping=damping,
       geometry=geometry,
+      max_dimension=max_dimension,
       seed=seed,
     ),
     learning_rate,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+import jax
+import jax.numpy as jnp
 import optax
 
 from curvopt import _checks
@@ -18,6 +22,7 @@ def scale_by_psgd_dense(
   beta_l: float = 0.9,
   damping: float = 1e-9,
   geometry: Geometry = "Q0.5EQ1.5",
+  max_dimension: int = 16384,
   seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """PSGD with one dense `n x n` `Q` on all `n` parameters: outputs `P g`, `P = Q^T Q`.
@@ -29,6 +34,8 @@ def scale_by_psgd_dense(
   Newton-type fitting (the default here, psgd_torch's `DenseNewton`) on a
   quadratic, `P -> |H|^{-1}`, so `learning_rate = 1` is a (saddle-free)
   Newton step; this makes it a quasi-Newton method needing no line search.
+  Models with more than `max_dimension` parameters are refused when the state
+  is built, with the memory `Q` would take (16384: 1 GiB in float32).
 
   Example:
     >>> import jax, jax.numpy as jnp, curvopt
@@ -44,8 +51,21 @@ def scale_by_psgd_dense(
     psgd_torch's `DenseNewton` (github.com/lixilinx/psgd_torch).
   """
   _checks.one_of("geometry", geometry, GEOMETRIES)
+  max_dimension = _checks.positive_int("max_dimension", max_dimension)
+
+  def family(tree):
+    n = sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree))
+    if n > max_dimension:
+      gib = n * n * 4 / 2**30
+      raise ValueError(
+        f"psgd_dense on {n} parameters would hold a dense {n} x {n} preconditioner "
+        f"({gib:.1f} GiB in float32), above max_dimension={max_dimension}: use psgd_kron or "
+        "psgd_lra, or raise max_dimension if that memory is meant."
+      )
+    return kron_family(tree, geometry=geometry, max_size=None, max_skew=1.0, flatten=True)
+
   return scale_by_psgd(
-    lambda tree: kron_family(tree, geometry=geometry, max_size=None, max_skew=1.0, flatten=True),
+    family,
     fit=fit,
     lr_preconditioner=lr_preconditioner,
     update_probability=update_probability,
