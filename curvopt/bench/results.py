@@ -241,9 +241,22 @@ def best_per_optimizer(summaries: list[dict]) -> dict[str, dict[str, dict]]:
     current = best.setdefault(entry["workload"], {}).get(entry["optimizer"])
     if current is None or rank_key(entry) < rank_key(current):
       best[entry["workload"]][entry["optimizer"]] = entry
+  rates: dict[tuple[str, str], list[float]] = {}
+  for s in summaries:
+    rates.setdefault((s["workload"], s["optimizer"]), []).append(s["learning_rate"])
   for workload, entries in best.items():
     for optimizer, entry in entries.items():
       entry["trials"] = counts[(workload, optimizer)]
+      tried = sorted(set(rates[(workload, optimizer)]))
+      entry["lr_edge"] = (
+        None
+        if len(tried) < 2
+        else "largest"
+        if entry["learning_rate"] == tried[-1]
+        else "smallest"
+        if entry["learning_rate"] == tried[0]
+        else None
+      )
   return best
 
 
@@ -313,7 +326,8 @@ def _interval(entry: dict) -> str:
 
 def _trial(entry: dict) -> str:
   tuned = {k: v for k, v in entry["tuned"].items() if k != "learning_rate"}
-  parts = [f"lr {entry['learning_rate']:.4g}", *(f"{k} {v}" for k, v in tuned.items())]
+  edge = f" ({entry['lr_edge']} tried)" if entry.get("lr_edge") else ""
+  parts = [f"lr {entry['learning_rate']:.4g}{edge}", *(f"{k} {v}" for k, v in tuned.items())]
   return ", ".join(parts)
 
 
@@ -327,6 +341,8 @@ def markdown_table(
     "a shared machine do not move it); the measured sum of step times is beside it. Values are",
     "medians over seeds with a 95% bootstrap interval; an optimizer is called faster or slower",
     f"only when the intervals do not overlap (and with at least {MIN_SEEDS_FOR_A_CLAIM} seeds).",
+    "A best learning rate marked (largest tried) or (smallest tried) lies at the edge of the",
+    "search: a wider range might do better.",
     "",
   ]
   for workload, entries in sorted(best.items()):
