@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import optax
 
 import curvopt.alias
-from curvopt.bench.optimizers import OPTIMIZERS
-from curvopt.bench.optimizers import build_optimizer
+from curvopt.bench.optimizers import OPTIMIZERS, build_optimizer
 from curvopt.bench.runner import tree_bytes
 from curvopt.bench.workloads import WORKLOADS
 
