@@ -538,3 +538,17 @@ def test_psgd_dense_refuses_a_model_too_large_for_a_dense_preconditioner():
   with pytest.raises(ValueError, match=r"100000 x 100000 preconditioner \(37.3 GiB"):
     jax.eval_shape(curvopt.psgd_dense(0.1).init, big)
   jax.eval_shape(curvopt.psgd_dense(0.1, max_dimension=200_000).init, big)  # when meant
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("empty", [{}, {"a": {}}, ()], ids=["dict", "nested", "tuple"])
+def test_empty_parameters_give_empty_updates(name, empty):
+  """Legal in optax (a frozen model, a masked-out group): nothing to do, no error."""
+  params, model_fn, _ = _parabola()
+  opt = OPTIMIZERS[name].make()
+  extra = extra_args(model_fn)
+  state = opt.init(empty)
+  updates, _ = jax.jit(lambda s: opt.update(empty, s, empty, **extra))(state)
+  assert updates == empty
+  # optax.tree.map_params still sees the parameter-shaped parts of a real state.
+  optax.tree.map_params(opt, lambda x: x, opt.init(params))

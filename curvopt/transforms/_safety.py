@@ -166,6 +166,12 @@ def _require_float_leaves(params: PyTree) -> None:
       )
 
 
+def _holds_nothing(tree: PyTree) -> bool:
+  """No array and no optax `map_params` placeholder (which stands for parameters)."""
+  marks = jax.tree.leaves(tree, is_leaf=lambda x: type(x).__name__ == "_ParamsPlaceholder")
+  return not marks
+
+
 def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` so that no non-finite number reaches the parameters or the state.
 
@@ -201,9 +207,13 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
   def init(params: PyTree) -> SkipNonFiniteState:
     _require_float_leaves(params)
     zero = jnp.zeros((), jnp.int32)
+    if _holds_nothing(params):  # legal in optax: nothing to precondition, empty updates
+      return SkipNonFiniteState(optax.EmptyState(), zero, zero)
     return SkipNonFiniteState(inner.init(params), zero, zero)
 
   def update(updates, state, params=None, **extra_args):
+    if isinstance(state.inner_state, optax.EmptyState) and _holds_nothing(updates):
+      return updates, state
     if params is not None:
       _checks.matches_structure("updates", updates, params)
     new_updates, new_state = inner.update(updates, state.inner_state, params, **extra_args)
