@@ -107,7 +107,7 @@ OPTIMIZERS = {
   "psgd_dense": Entry(
     curvopt.psgd_dense,
     {"learning_rate": 0.5},
-    static_args=("fit", "geometry", "seed"),
+    static_args=("fit", "geometry", "max_dimension", "seed"),
     problem_kwargs={"rosenbrock": {"learning_rate": 0.2}},
   ),
   "psgd_kron": Entry(

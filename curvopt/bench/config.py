@@ -200,9 +200,16 @@ def _benchmark(table: dict) -> dict:
 _BUDGET_KEYS = ("steps", "max_seconds", "eval_every")
 
 
-@functools.lru_cache(maxsize=32)
 def build_workload(name: str, options: tuple[tuple[str, Any], ...]):
-  """The workload, built once per process for each set of options."""
+  """The workload, built once per process for each set of options (and x64 mode)."""
+  import jax
+
+  return _build_workload(name, options, bool(jax.config.jax_enable_x64))
+
+
+@functools.lru_cache(maxsize=32)
+def _build_workload(name: str, options: tuple[tuple[str, Any], ...], x64: bool):
+  del x64  # part of the cache key: the workload's arrays take the mode's dtypes
   try:
     return WORKLOADS[name](**dict(options))
   except Exception as error:  # any failure to build is the config's, named by its key
