@@ -127,12 +127,13 @@ def run_summaries(results_dir: pathlib.Path, run_ids: set[str] | None = None) ->
   return summaries
 
 
-def _finite(x: Any) -> bool:
+def finite_number(x: Any) -> bool:
+  """A real number (not a bool, a string or None) that is finite."""
   return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _or_inf(x: Any) -> float:
-  return float(x) if _finite(x) else math.inf
+  return float(x) if finite_number(x) else math.inf
 
 
 def median_interval(values: list[float], seed: int = 0) -> tuple[float, float, float]:
@@ -142,7 +143,7 @@ def median_interval(values: list[float], seed: int = 0) -> tuple[float, float, f
   medians (no interpolation), so an end is `inf` when that many seeds missed.
   """
   data = np.asarray(values, dtype=float)
-  median = float(np.median(data)) if np.all(np.isfinite(data)) else _median_with_inf(data)
+  median = float(np.median(data))  # a miss (inf) stays inf; no -inf ever occurs
   if len(data) == 1:
     return median, median, median
   rng = np.random.default_rng(seed)
@@ -152,15 +153,6 @@ def median_interval(values: list[float], seed: int = 0) -> tuple[float, float, f
   low = float(medians[int(0.025 * (_BOOTSTRAP - 1))])
   high = float(medians[math.ceil(0.975 * (_BOOTSTRAP - 1))])
   return median, low, high
-
-
-def _median_with_inf(data: np.ndarray) -> float:
-  ordered = np.sort(data)
-  n = len(ordered)
-  if n % 2:
-    return float(ordered[n // 2])
-  a, b = ordered[n // 2 - 1], ordered[n // 2]
-  return float(b if math.isinf(b) else (a + b) / 2)
 
 
 def trial_entries(summaries: list[dict]) -> list[dict]:
@@ -187,15 +179,9 @@ def trial_entries(summaries: list[dict]) -> list[dict]:
         "hit_target": sum(math.isfinite(t) for t in robust),
         "robust_time_to_target_s": median,
         "robust_interval": (low, high),
-        "time_to_target_s": _median_with_inf(
-          np.array([_or_inf(r["time_to_target_s"]) for r in runs])
-        ),
-        "steps_to_target": _median_with_inf(
-          np.array([_or_inf(r["steps_to_target"]) for r in runs])
-        ),
-        "final_train_loss": _median_with_inf(
-          np.array([_or_inf(r["final_train_loss"]) for r in runs])
-        ),
+        "time_to_target_s": float(np.median([_or_inf(r["time_to_target_s"]) for r in runs])),
+        "steps_to_target": float(np.median([_or_inf(r["steps_to_target"]) for r in runs])),
+        "final_train_loss": float(np.median([_or_inf(r["final_train_loss"]) for r in runs])),
         "test_metric": runs[0]["test_metric"],
         "final_test_metric": statistics.median(_or_nan(r["final_test_metric"]) for r in runs),
         "median_step_ms": statistics.median(_or_nan(r["median_step_ms"]) for r in runs),
@@ -214,7 +200,7 @@ def trial_entries(summaries: list[dict]) -> list[dict]:
 
 
 def _or_nan(x: Any) -> float:
-  return float(x) if _finite(x) else math.nan
+  return float(x) if finite_number(x) else math.nan
 
 
 def protocol(summary: dict) -> dict:

@@ -160,18 +160,15 @@ def run(
     return records[-1]
 
   workload = build_workload(spec.workload, spec.workload_options)
-  target = spec.target
   params = workload.init_params(jax.random.key(spec.seed))
   state = _optimizer(spec, workload).init(params)
   progress = {"step": 0, "train_time": 0.0, "nonfinite": 0, "step_times": []}
   if ckpt_path.exists():
-    (params, state), meta = _load_checkpoint(ckpt_path, (params, state))
-    if meta.get("spec_id") == spec.spec_id:
-      progress = meta["progress"]
+    restored, meta = _load_checkpoint(ckpt_path, (params, state))
+    if meta.get("spec_id") == spec.spec_id:  # another spec's checkpoint: start afresh
+      (params, state), progress = restored, meta["progress"]
       records = [r for r in records if r.get("step", 0) <= progress["step"]]
     else:
-      params = workload.init_params(jax.random.key(spec.seed))
-      state = _optimizer(spec, workload).init(params)
       records = []
   else:
     records = []
@@ -228,7 +225,7 @@ def run(
     record_at(step)
   on_steps(spec.steps - step)  # a run that stopped early still completes its share of progress
   summary = _summary(
-    spec, workload, records[1:], target, progress, compile_s, memory, state, step, diverged
+    spec, workload, records[1:], spec.target, progress, compile_s, memory, state, step, diverged
   )
   results.append_record(log_path, summary)
   ckpt_path.unlink(missing_ok=True)
@@ -296,7 +293,7 @@ def _summary(
     failure = "no step ran"
   elif skipped > FAILED_SKIP_FRACTION * step:
     failure = f"guard skipped {skipped} of {step} steps"
-  elif not _finite(last.get("train_loss")):
+  elif not results.finite_number(last.get("train_loss")):
     failure = "final training loss not finite"
   return {
     "event": "done",
@@ -334,7 +331,3 @@ def _summary(
     "failure": failure,
     "spec": spec.identity(),
   }
-
-
-def _finite(x: Any) -> bool:
-  return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
