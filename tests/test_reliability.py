@@ -552,3 +552,91 @@ def test_empty_parameters_give_empty_updates(name, empty):
   assert updates == empty
   # optax.tree.map_params still sees the parameter-shaped parts of a real state.
   optax.tree.map_params(opt, lambda x: x, opt.init(params))
+
+
+def _two_leaf_problem():
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {"w": jax.random.normal(k[0], (4, 3)), "b": jax.random.normal(k[1], (3,))}
+  x = jax.random.normal(k[2], (16, 4))
+
+  def model_fn(p):
+    return jnp.tanh(x @ p["w"] + p["b"])
+
+  def loss_fn(outputs):
+    return jnp.mean(outputs**2)
+
+  return params, model_fn, loss_fn
+
+
+_LOSS_OPTIMIZERS = {
+  **_VALUE_FN_OPTIMIZERS,
+  "egn": lambda: curvopt.egn(0.5, damping=1e-2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_LOSS_OPTIMIZERS))
+def test_masked_equals_the_same_optimizer_on_the_sub_tree(name):
+  params, model_fn, loss_fn = _two_leaf_problem()
+  mask = {"w": True, "b": False}
+  tx, ref = curvopt.masked(_LOSS_OPTIMIZERS[name](), mask), _LOSS_OPTIMIZERS[name]()
+  state, ref_state = tx.init(params), ref.init(params["w"])
+
+  def on_w(fn, p):
+    return lambda w: fn({"w": w, "b": p["b"]})
+
+  p = params
+  for _ in range(3):
+    loss = lambda q: loss_fn(model_fn(q))  # noqa: E731
+    grads = jax.grad(loss)(p)
+    updates, state = tx.update(grads, state, p, value_fn=loss, model_fn=model_fn, loss_fn=loss_fn)
+    ref_updates, ref_state = ref.update(
+      grads["w"],
+      ref_state,
+      p["w"],
+      value_fn=on_w(loss, p),
+      model_fn=on_w(model_fn, p),
+      loss_fn=loss_fn,
+    )
+    chex.assert_trees_all_close(updates["w"], ref_updates, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_equal(updates["b"], grads["b"])  # masked-out leaves pass through
+    p = optax.apply_updates(p, updates)
+
+
+@pytest.mark.parametrize("name", ["adahessian", "sophia_h", "egn"])
+def test_multi_transform_gives_each_group_the_full_parameters(name):
+  params, model_fn, loss_fn = _two_leaf_problem()
+  loss = lambda q: loss_fn(model_fn(q))  # noqa: E731
+  labels = {"w": "curved", "b": "plain"}
+  tx = curvopt.multi_transform(
+    {"curved": _LOSS_OPTIMIZERS[name](), "plain": optax.adam(0.1)}, labels
+  )
+  alone = curvopt.masked(_LOSS_OPTIMIZERS[name](), {"w": True, "b": False})
+  grads = jax.grad(loss)(params)
+  extra = {"value_fn": loss, "model_fn": model_fn, "loss_fn": loss_fn}
+  updates, _ = tx.update(grads, tx.init(params), params, **extra)
+  expected, _ = alone.update(grads, alone.init(params), params, **extra)
+  adam, _ = optax.adam(0.1).update(grads["b"], optax.adam(0.1).init(params["b"]))
+  chex.assert_trees_all_close(updates["w"], expected["w"])
+  chex.assert_trees_all_close(updates["b"], adam)
+
+
+@pytest.mark.parametrize("name", sorted(_LOSS_OPTIMIZERS))
+@pytest.mark.parametrize("wrapper", ["masked", "multi_transform"])
+def test_plain_optax_masking_of_a_loss_optimizer_says_to_use_curvopts(name, wrapper):
+  params, model_fn, loss_fn = _two_leaf_problem()
+  if wrapper == "masked":
+    tx = optax.masked(_LOSS_OPTIMIZERS[name](), {"w": True, "b": False})
+  else:
+    tx = optax.multi_transform(
+      {"a": _LOSS_OPTIMIZERS[name](), "b": optax.sgd(0.1)}, {"w": "a", "b": "b"}
+    )
+  loss = lambda q: loss_fn(model_fn(q))  # noqa: E731
+  with pytest.raises(TypeError, match="use curvopt.masked or curvopt.multi_transform"):
+    tx.update(
+      jax.grad(loss)(params),
+      tx.init(params),
+      params,
+      value_fn=loss,
+      model_fn=model_fn,
+      loss_fn=loss_fn,
+    )

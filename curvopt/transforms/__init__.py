@@ -26,6 +26,8 @@ from curvopt.transforms._line_search import gauss_newton_objective as gauss_newt
 from curvopt.transforms._line_search import (
   scale_by_armijo_backtracking as scale_by_armijo_backtracking,
 )
+from curvopt.transforms._masking import masked as masked
+from curvopt.transforms._masking import multi_transform as multi_transform
 from curvopt.transforms._momentum import EmaMomentumState as EmaMomentumState
 from curvopt.transforms._momentum import ema_momentum as ema_momentum
 from curvopt.transforms._psgd import PreconditionerFamily as PreconditionerFamily

@@ -9,13 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from curvopt import _checks, _tree
+from curvopt.transforms._masking import refuse_masked_view
 
 PyTree = Any
 Mask = PyTree | Callable[[PyTree], PyTree] | None
 
 
 def require_model_and_loss(
-  optimizer: str, model_fn: Any, loss_fn: Any
+  optimizer: str, model_fn: Any, loss_fn: Any, params: PyTree = None
 ) -> tuple[Callable, Callable]:
   """Raises a clear error at trace time when the model or the loss is missing."""
   if model_fn is None or loss_fn is None:
@@ -27,7 +28,10 @@ def require_model_and_loss(
       "loss_fn: call update(grads, state, params, model_fn=lambda p: apply(p, inputs), "
       f"loss_fn=lambda outputs: loss(outputs, targets)); {missing} missing."
     )
-  return _checks.callable_arg("model_fn", model_fn), _checks.callable_arg("loss_fn", loss_fn)
+  _checks.callable_arg("model_fn", model_fn)
+  if params is not None:
+    refuse_masked_view(optimizer, params, model_fn)
+  return model_fn, _checks.callable_arg("loss_fn", loss_fn)
 
 
 class GaussNewtonModel(NamedTuple):

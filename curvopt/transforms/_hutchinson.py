@@ -12,6 +12,7 @@ import optax
 from curvopt import _checks, _tree
 from curvopt.oracles import random_vector
 from curvopt.oracles._probes import DISTRIBUTIONS, Distribution
+from curvopt.transforms._masking import refuse_masked_view
 
 PyTree = Any
 
@@ -44,6 +45,7 @@ def require_value_fn(
     )
   _checks.callable_arg("value_fn", value_fn)
   if params is not None:
+    refuse_masked_view(optimizer, params, value_fn)
     loss = (lambda p: value_fn(p)[0]) if has_aux else value_fn
     _checks.scalar_function(f"{optimizer}'s value_fn", loss, params)
   return value_fn

@@ -126,7 +126,7 @@ def levenberg_marquardt(
     )
 
   def update(updates, state, params=None, *, model_fn=None, loss_fn=None, **extra_args):
-    model_fn, loss_fn = require_model_and_loss(name, model_fn, loss_fn)
+    model_fn, loss_fn = require_model_and_loss(name, model_fn, loss_fn, params)
     if params is None:
       raise ValueError(f"{name} needs params in update(updates, state, params, ...).")
     extra_args.pop("damping", None)
