@@ -50,8 +50,6 @@ from curvopt.estimators import lanczos_eigenpairs as lanczos_eigenpairs
 from curvopt.estimators import power_iteration as power_iteration
 from curvopt.estimators import sharpness as sharpness
 from curvopt.estimators import spectral_density as spectral_density
-from curvopt.transforms import masked as masked
-from curvopt.transforms import multi_transform as multi_transform
 from curvopt.oracles import POSITIVE_SEMIDEFINITE as POSITIVE_SEMIDEFINITE
 from curvopt.oracles import SYMMETRIC as SYMMETRIC
 from curvopt.oracles import LinearOperator as LinearOperator
@@ -70,5 +68,7 @@ from curvopt.oracles import preconditioned as preconditioned
 from curvopt.oracles import random_vector as random_vector
 from curvopt.oracles import restrict as restrict
 from curvopt.oracles import value_grad_hvp as value_grad_hvp
+from curvopt.transforms import masked as masked
+from curvopt.transforms import multi_transform as multi_transform
 
 __version__ = "0.1.0.dev0"

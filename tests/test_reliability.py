@@ -586,7 +586,7 @@ def test_masked_equals_the_same_optimizer_on_the_sub_tree(name):
 
   p = params
   for _ in range(3):
-    loss = lambda q: loss_fn(model_fn(q))  # noqa: E731
+    loss = lambda q: loss_fn(model_fn(q))
     grads = jax.grad(loss)(p)
     updates, state = tx.update(grads, state, p, value_fn=loss, model_fn=model_fn, loss_fn=loss_fn)
     ref_updates, ref_state = ref.update(
@@ -605,7 +605,7 @@ def test_masked_equals_the_same_optimizer_on_the_sub_tree(name):
 @pytest.mark.parametrize("name", ["adahessian", "sophia_h", "egn"])
 def test_multi_transform_gives_each_group_the_full_parameters(name):
   params, model_fn, loss_fn = _two_leaf_problem()
-  loss = lambda q: loss_fn(model_fn(q))  # noqa: E731
+  loss = lambda q: loss_fn(model_fn(q))
   labels = {"w": "curved", "b": "plain"}
   tx = curvopt.multi_transform(
     {"curved": _LOSS_OPTIMIZERS[name](), "plain": optax.adam(0.1)}, labels
@@ -630,8 +630,8 @@ def test_plain_optax_masking_of_a_loss_optimizer_says_to_use_curvopts(name, wrap
     tx = optax.multi_transform(
       {"a": _LOSS_OPTIMIZERS[name](), "b": optax.sgd(0.1)}, {"w": "a", "b": "b"}
     )
-  loss = lambda q: loss_fn(model_fn(q))  # noqa: E731
-  with pytest.raises(TypeError, match="use curvopt.masked or curvopt.multi_transform"):
+  loss = lambda q: loss_fn(model_fn(q))
+  with pytest.raises(TypeError, match=r"use curvopt\.masked or curvopt\.multi_transform"):
     tx.update(
       jax.grad(loss)(params),
       tx.init(params),

@@ -131,8 +131,8 @@ def multi_transform(
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> params = {"w": jnp.ones(3), "b": jnp.zeros(())}
     >>> loss = lambda p: jnp.sum((p["w"] - 2.0) ** 2) + p["b"] ** 2
-    >>> tx = curvopt.multi_transform(
-    ...   {"curved": curvopt.sophia_h(0.1), "plain": optax.adam(0.1)}, {"w": "curved", "b": "plain"})
+    >>> groups = {"curved": curvopt.sophia_h(0.1), "plain": optax.adam(0.1)}
+    >>> tx = curvopt.multi_transform(groups, {"w": "curved", "b": "plain"})
     >>> updates, _ = tx.update(jax.grad(loss)(params), tx.init(params), params, value_fn=loss)
     >>> sorted(updates)
     ['b', 'w']
