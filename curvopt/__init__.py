@@ -72,3 +72,12 @@ from curvopt.transforms import masked as masked
 from curvopt.transforms import multi_transform as multi_transform
 
 __version__ = "0.1.0.dev0"
+
+
+def __getattr__(name: str):
+  # The flax integrations import flax, an optional dependency: load them on first use.
+  if name in ("nnx", "linen"):
+    import importlib
+
+    return importlib.import_module(f"curvopt.{name}")
+  raise AttributeError(f"module 'curvopt' has no attribute {name!r}")

@@ -73,6 +73,8 @@ _NO_PAPER = {
   "is_positive_semidefinite",
   "dataset_operator",
   "preconditioned",
+  "masked",
+  "multi_transform",
 }
 
 

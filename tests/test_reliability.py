@@ -640,3 +640,63 @@ def test_plain_optax_masking_of_a_loss_optimizer_says_to_use_curvopts(name, wrap
       model_fn=model_fn,
       loss_fn=loss_fn,
     )
+
+
+@pytest.mark.parametrize("name", sorted(_VALUE_FN_OPTIMIZERS))
+def test_nnx_value_fn_helper_on_a_model_with_batchnorm_and_dropout(name):
+  nnx = pytest.importorskip("flax.nnx")
+  import curvopt.nnx
+
+  model = nnx.Sequential(
+    nnx.Linear(4, 8, rngs=nnx.Rngs(0)),
+    nnx.BatchNorm(8, rngs=nnx.Rngs(0)),
+    nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=1)),
+    nnx.Linear(8, 3, rngs=nnx.Rngs(2)),
+  )
+  optimizer = nnx.Optimizer(model, _VALUE_FN_OPTIMIZERS[name](), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(3), (16, 4))
+  labels = jnp.arange(16) % 3
+
+  def loss_fn(m):
+    return optax.softmax_cross_entropy_with_integer_labels(m(x), labels).mean()
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    value_fn = curvopt.nnx.value_fn(model, loss_fn)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    stats = nnx.state(model, nnx.BatchStat)
+    same_loss = value_fn(nnx.state(model, nnx.Param))  # the gradient pass's dropout mask
+    optimizer.update(model, grads, value_fn=value_fn)
+    return loss, same_loss, stats, nnx.state(model, nnx.BatchStat)
+
+  for _ in range(2):
+    loss, same_loss, stats_before, stats_after = train_step(model, optimizer)
+    assert math.isfinite(float(loss))
+    assert float(same_loss) == pytest.approx(float(loss), rel=1e-6)
+    # The optimizer's own loss evaluations never move the running averages.
+    chex.assert_trees_all_equal(stats_before, stats_after)
+
+
+def test_linen_apply_gradients_forwards_value_fn():
+  nn = pytest.importorskip("flax.linen")
+  from flax.training import train_state
+
+  import curvopt.linen
+
+  model, x = nn.Dense(2), jnp.ones((4, 3))
+  state = train_state.TrainState.create(
+    apply_fn=model.apply,
+    params=model.init(jax.random.key(0), x)["params"],
+    tx=curvopt.adahessian(0.1),
+  )
+
+  def loss(p):
+    return jnp.mean((state.apply_fn({"params": p}, x) - 1.0) ** 2)
+
+  grads = jax.grad(loss)(state.params)
+  with pytest.raises(TypeError, match=r"curvopt\.linen\.apply_gradients"):
+    state.apply_gradients(grads=grads)
+  new = curvopt.linen.apply_gradients(state, grads=grads, value_fn=loss)
+  updates, _ = state.tx.update(grads, state.opt_state, state.params, value_fn=loss)
+  chex.assert_trees_all_close(new.params, optax.apply_updates(state.params, updates))
+  assert int(new.step) == 1

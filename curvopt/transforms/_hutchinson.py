@@ -41,7 +41,10 @@ def require_value_fn(
     raise TypeError(
       f"{optimizer} needs the loss as an extra argument: call "
       f"update(grads, state, params, value_fn=lambda p: loss(p, batch)), where value_fn "
-      "returns the scalar loss of the current batch."
+      "returns the scalar loss of the current batch (with flax.nnx, build it with "
+      "curvopt.nnx.value_fn(model, loss_fn)). flax.linen's TrainState.apply_gradients "
+      "cannot forward value_fn: use curvopt.linen.apply_gradients(state, grads=grads, "
+      "value_fn=...)."
     )
   _checks.callable_arg("value_fn", value_fn)
   if params is not None:
