@@ -700,3 +700,37 @@ def test_linen_apply_gradients_forwards_value_fn():
   updates, _ = state.tx.update(grads, state.opt_state, state.params, value_fn=loss)
   chex.assert_trees_all_close(new.params, optax.apply_updates(state.params, updates))
   assert int(new.step) == 1
+
+
+@pytest.mark.parametrize(
+  "factory",
+  [
+    lambda: curvopt.psgd_kron(0.1),
+    lambda: curvopt.psgd_kron(0.1, fit="newton"),
+    lambda: curvopt.psgd_lra(0.1),
+    lambda: curvopt.psgd_dense(0.1),
+  ],
+  ids=["kron", "kron_newton", "lra", "dense"],
+)
+def test_psgd_is_invariant_to_the_loss_scale(factory):
+  w0 = {"a": jnp.ones((4, 3), jnp.float32), "b": jnp.ones(3, jnp.float32)}
+
+  def run(scale):
+    def loss(w):
+      return scale * sum(jnp.sum((x - 0.5) ** 2) for x in jax.tree.leaves(w))
+
+    opt = factory()
+
+    def step(carry, _):
+      w, state = carry
+      updates, state = opt.update(jax.grad(loss)(w), state, w, value_fn=loss)
+      return (optax.apply_updates(w, updates), state), None
+
+    (w, state), _ = jax.jit(lambda c: jax.lax.scan(step, c, length=30))((w0, opt.init(w0)))
+    return float(loss(w) / scale), int(state.skipped)
+
+  small, skipped = run(1e-30)
+  unit, _ = run(1.0)
+  assert skipped == 0
+  assert small == pytest.approx(unit, rel=1e-3)
+  assert small < 0.1 * 3.75  # it trains: the loss starts at 3.75

@@ -95,9 +95,12 @@ def psgd_kron(
       itself and its target is `E[g g^T]^{-1/2}`, not that of the momentum.
     - The update's RMS is clipped per leaf at `max_update_rms` (psgd_jax's
       1.1) before weight decay and the learning rate.
-    - Damping (`h + (damping + eps |h|) xi`) is applied in both modes, so a
+    - Damping (`h + (damping rms(h) + eps |h|) xi`) is applied in both modes, so a
       parameter whose gradient is always zero keeps a finite `Q` (bounded by
-      `P <= I / damping`) instead of growing geometrically.
+      `P <= I / (damping rms(h))`) instead of growing geometrically. It is
+      relative to the probe's RMS over all leaves (psgd_torch: absolute), so
+      scaling the loss by any factor leaves the iterates unchanged (an absolute
+      1e-9 swamped gradients of 1e-30 and the fit overflowed).
     - Factors are rebalanced at every fit (psgd_torch: with probability 0.01):
       it is cheap and deterministic.
     - The probes, the coin flip for fitting, and the LRA's coin for `U` or

@@ -151,8 +151,8 @@ def scale_by_psgd(
   `E[h^T P h + v^T P^-1 v]`: Newton type, `v ~ N(0, I)` and `h = H v`
   from the extra argument `value_fn` (minimizer `|H|^-1`); whitening,
   `h = g` (minimizer `E[g g^T]^-1/2`). `h` is damped as
-  `h + (damping + eps |h|) xi` with `xi ~ N(0, I)`, which bounds `P <= I /
-  damping`. Then the output is `P g` with the fitted `P`.
+  `h + (damping rms(h) + eps |h|) xi` with `xi ~ N(0, I)`, which bounds `P <=
+  I / (damping rms(h))` and keeps the fit invariant to the loss scale. Then the output is `P g` with the fitted `P`.
   """
   _checks.one_of("fit", fit, FITS)
   _checks.in_range("beta_l", beta_l, 0.0, 1.0)
@@ -235,8 +235,22 @@ def scale_by_psgd(
 
 
 def _damped(h: PyTree, damping: float, noise: PyTree) -> PyTree:
+  """`h + (damping * rms(h) + eps |h|) xi`: damping relative to the probe's scale.
+
+  psgd_torch adds an absolute `damping * xi`; relative to the RMS of `h` over
+  all leaves, the fit is invariant to the loss scale (at gradients ~1e-30 an
+  absolute 1e-9 dominated `h`, and the fit's products overflowed float32). An
+  all-zero `h` keeps the absolute form, so `P` stays bounded on a flat stretch.
+  """
+  leaves = jax.tree.leaves(h)
+  peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
+  safe_peak = jnp.where(peak > 0, peak, 1.0)
+  # Scaled by the peak before squaring, so tiny probes do not underflow.
+  mean_square = sum(jnp.sum((x / safe_peak) ** 2) for x in leaves) / sum(x.size for x in leaves)
+  scale = jnp.where(peak > 0, safe_peak * jnp.sqrt(mean_square), 1.0)
+
   def damp(x, xi):
     eps = jnp.finfo(x.dtype).eps
-    return x + (damping + eps * jnp.abs(x)) * xi
+    return x + (damping * scale.astype(x.dtype) + eps * jnp.abs(x)) * xi
 
   return jax.tree.map(damp, h, noise)

@@ -286,7 +286,8 @@ def scale_by_psgd_kron(
       probe pair (see `initial_scales`; 1 for a zero gradient).
     beta_l: decay of the running bound `L_i`; 0 gives the paper's per-step
       normalizer `mu / ||T_1 + T_2||` (psgd_jax).
-    damping: `h + (damping + eps |h|) xi`, `xi ~ N(0, I)`; bounds `P <= I / damping`.
+    damping: `h + (damping rms(h) + eps |h|) xi`, `xi ~ N(0, I)`, with `rms(h)` over all
+      leaves (1 if `h` is zero); bounds `P <= I / (damping rms(h))`.
     max_size: largest dense factor; None for no limit.
     max_skew: dense only if `d_i^2 <= max_skew * numel`; `float("inf")` for all dense.
     geometry: "Q0.5EQ1.5" (psgd_torch 2026, default), "QE" (psgd_torch 2025)
