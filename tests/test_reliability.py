@@ -734,3 +734,32 @@ def test_psgd_is_invariant_to_the_loss_scale(factory):
   assert skipped == 0
   assert small == pytest.approx(unit, rel=1e-3)
   assert small < 0.1 * 3.75  # it trains: the loss starts at 3.75
+
+
+@pytest.mark.parametrize("mode", ["dense", "matrix_free"])
+@pytest.mark.parametrize("scale", [1e19, 1e30])
+def test_lazy_newton_steps_at_any_loss_scale(mode, scale):
+  w = jnp.array([1.0, -2.0, 0.5], jnp.float32)
+
+  def loss(w):
+    return jnp.sum((w - 1.5) ** 2) + 0.1 * jnp.sum(w**4)
+
+  def scaled(w):
+    return scale * loss(w)
+
+  opt = curvopt.lazy_newton(mode=mode, krylov_dim=3)
+  step, state = opt.update(jax.grad(scaled)(w), opt.init(w), w, value_fn=scaled)
+  # At a large scale M = 1 is negligible: the step is Newton's.
+  newton = -jnp.linalg.solve(jax.hessian(loss)(w), jax.grad(loss)(w))
+  chex.assert_trees_all_close(step, newton, rtol=1e-3)
+  assert int(state.inner_state[0].rejected_steps) == 0
+
+
+def test_lazy_newton_counts_the_steps_it_rejects():
+  w = jnp.ones(3, jnp.float32)
+  opt = curvopt.lazy_newton(max_doublings=1)
+  # A loss whose value rises whatever the step: every search runs out.
+  value_fn = lambda p: jnp.sum(p**2) + 1e3 * jnp.sum(jnp.abs(p - 1.0))  # noqa: E731
+  step, state = opt.update(jnp.ones(3), opt.init(w), w, value_fn=value_fn)
+  chex.assert_trees_all_equal(step, jnp.zeros(3))
+  assert int(state.inner_state[0].rejected_steps) == 1

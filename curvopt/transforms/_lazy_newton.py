@@ -39,6 +39,9 @@ class LazyNewtonState(NamedTuple):
     hessians: curvature snapshots computed so far (dense Hessians or Krylov bases).
     function_values: loss evaluations by the adaptive search for `M`.
     key: the PRNG key Lanczos restarts draw from (matrix-free mode).
+    rejected_steps: steps returned as exactly zero because `max_doublings`
+      doublings of `M` never reached sufficient decrease (a visible count,
+      not a silent stall).
   """
 
   count: jax.Array
@@ -49,21 +52,33 @@ class LazyNewtonState(NamedTuple):
   hessians: jax.Array
   function_values: jax.Array
   key: jax.Array
+  rejected_steps: jax.Array
 
 
-def _dense_snapshot(value_fn, params, flat_dtype):
-  matrix = hessian(value_fn, params).as_matrix().astype(flat_dtype)
-  return jnp.linalg.eigh(0.5 * (matrix + matrix.T))
+def _in_gradient_units(value_fn, gradient):
+  """`value_fn / c` and `c = max |g|`: the curvature in units where float32 squares fit."""
+  c = jnp.max(jnp.abs(gradient))
+  c = jnp.where((c > 0) & jnp.isfinite(c), c, 1.0)
+  return (lambda p: value_fn(p) / c.astype(value_fn(p).dtype)), c
+
+
+def _dense_snapshot(value_fn, params, gradient, flat_dtype):
+  scaled, c = _in_gradient_units(value_fn, gradient)
+  matrix = hessian(scaled, params).as_matrix().astype(flat_dtype)
+  values, vectors = jnp.linalg.eigh(0.5 * (matrix + matrix.T))
+  return values * c, vectors
 
 
 def _krylov_snapshot(value_fn, params, gradient, key, dim, unravel, dtype):
   """Lanczos from the gradient; the basis rotated into the eigenvectors of its matrix."""
+  scaled, c = _in_gradient_units(value_fn, gradient)
   decomposition = lanczos(
-    hessian(value_fn, params), key, num_iterations=dim, initial_vector=unravel(gradient)
+    hessian(scaled, params), key, num_iterations=dim, initial_vector=unravel(gradient / c)
   )
   alphas, betas = decomposition.alphas.astype(dtype), decomposition.betas.astype(dtype)
   tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
   eigenvalues, rotation = jnp.linalg.eigh(tridiagonal)
+  eigenvalues = eigenvalues * c
   basis = jax.vmap(lambda i: ravel_pytree(_tree.stacked_get(decomposition.basis, i))[0])(
     jnp.arange(alphas.size)
   ).astype(dtype)
@@ -168,6 +183,7 @@ def scale_by_lazy_newton(
       hessians=zero,
       function_values=zero,
       key=make_key(),
+      rejected_steps=zero,
     )
 
   def update(updates, state, params=None, *, value_fn=None, **extra_args):
@@ -184,7 +200,7 @@ def scale_by_lazy_newton(
 
     def refresh():
       if dense:
-        values, vectors = _dense_snapshot(value_fn, params_w, dtype)
+        values, vectors = _dense_snapshot(value_fn, params_w, g, dtype)
         snapshot = state.snapshot
       else:
         values, vectors = _krylov_snapshot(
@@ -232,10 +248,11 @@ def scale_by_lazy_newton(
       m, step, trials = jax.lax.while_loop(
         insufficient, double, (m, solve_in_basis(m), jnp.zeros((), jnp.int32))
       )
-      step = jnp.where(trials < max_doublings, step, 0.0)
+      rejected = trials >= max_doublings
+      step = jnp.where(rejected, 0.0, step)
       evaluations = trials + 1
     else:
-      step, evaluations = solve_in_basis(m), 0
+      step, evaluations, rejected = solve_in_basis(m), 0, False
     out = _tree.cast_like(unravel(-step), updates)
     new_state = LazyNewtonState(
       state.count + 1,
@@ -246,6 +263,7 @@ def scale_by_lazy_newton(
       hessians,
       state.function_values + evaluations,
       key,
+      state.rejected_steps + jnp.asarray(rejected, jnp.int32),
     )
     return out, new_state
 
@@ -258,15 +276,29 @@ def _subproblem(kind: str) -> Callable:
   return lambda values, g, m: regularized_newton_step(values, g, jnp.sqrt(m * jnp.linalg.norm(g)))
 
 
+def _loss_scale(values: jax.Array, g: jax.Array) -> jax.Array:
+  """The model's scale `c = max(|lambda|, |g|)`, 1 for a zero model.
+
+  The subproblem's minimizer is unchanged when `g`, `H` and `M` are all
+  divided by `c`, and in those units `||g||^2` cannot overflow: a loss scaled
+  by 1e19 in float32 gave an exactly zero step before.
+  """
+  c = jnp.maximum(jnp.max(jnp.abs(values)), jnp.max(jnp.abs(g)))
+  return jnp.where((c > 0) & jnp.isfinite(c), c, 1.0)
+
+
 def _basis_solver(values, vectors, g, kind):
   """Dense mode: `M -> h` in parameter space, the eigenbasis fixed."""
-  g_basis = jnp.matmul(vectors.T, g, precision=_HIGHEST)
+  c = _loss_scale(values, g)
+  g_basis = jnp.matmul(vectors.T, g / c, precision=_HIGHEST)
   solve = _subproblem(kind)
-  return lambda m: jnp.matmul(vectors, solve(values, g_basis, m), precision=_HIGHEST)
+  return lambda m: jnp.matmul(vectors, solve(values / c, g_basis, m / c), precision=_HIGHEST)
 
 
 def _krylov_solver(values, basis, snapshot, g, value_fn, unravel, kind):
   """Matrix-free mode: the Krylov basis plus the gradient's remainder, curvature at the snapshot."""
+  c = _loss_scale(values, g)
+  g, values = g / c, values / c
   coefficients = jnp.matmul(basis, g, precision=_HIGHEST)
   remainder = g - jnp.matmul(basis.T, coefficients, precision=_HIGHEST)
   # Twice, and dropped at round-off size: a "remainder" of rounding errors
@@ -276,7 +308,7 @@ def _krylov_solver(values, basis, snapshot, g, value_fn, unravel, kind):
   kept = norm > 1e3 * jnp.finfo(g.dtype).eps * jnp.linalg.norm(g)
   u = jnp.where(kept, remainder / jnp.where(kept, norm, 1.0), 0.0)
   norm = jnp.where(kept, norm, 0.0)
-  hu = ravel_pytree(hvp(value_fn, unravel(snapshot), unravel(u)))[0].astype(g.dtype)
+  hu = ravel_pytree(hvp(value_fn, unravel(snapshot), unravel(u)))[0].astype(g.dtype) / c
   cross = jnp.matmul(basis, hu, precision=_HIGHEST)
   k = values.size
   projected = jnp.zeros((k + 1, k + 1), g.dtype)
@@ -288,7 +320,7 @@ def _krylov_solver(values, basis, snapshot, g, value_fn, unravel, kind):
   solve = _subproblem(kind)
 
   def step(m):
-    h_small = small_vectors @ solve(small_values, g_small, m)
+    h_small = small_vectors @ solve(small_values, g_small, m / c)
     return jnp.matmul(full_basis.T, h_small, precision=_HIGHEST)
 
   return step
