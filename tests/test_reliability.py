@@ -759,7 +759,7 @@ def test_lazy_newton_counts_the_steps_it_rejects():
   w = jnp.ones(3, jnp.float32)
   opt = curvopt.lazy_newton(max_doublings=1)
   # A loss whose value rises whatever the step: every search runs out.
-  value_fn = lambda p: jnp.sum(p**2) + 1e3 * jnp.sum(jnp.abs(p - 1.0))  # noqa: E731
+  value_fn = lambda p: jnp.sum(p**2) + 1e3 * jnp.sum(jnp.abs(p - 1.0))
   step, state = opt.update(jnp.ones(3), opt.init(w), w, value_fn=value_fn)
   chex.assert_trees_all_equal(step, jnp.zeros(3))
   assert int(state.inner_state[0].rejected_steps) == 1

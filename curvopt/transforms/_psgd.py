@@ -151,8 +151,9 @@ def scale_by_psgd(
   `E[h^T P h + v^T P^-1 v]`: Newton type, `v ~ N(0, I)` and `h = H v`
   from the extra argument `value_fn` (minimizer `|H|^-1`); whitening,
   `h = g` (minimizer `E[g g^T]^-1/2`). `h` is damped as
-  `h + (damping rms(h) + eps |h|) xi` with `xi ~ N(0, I)`, which bounds `P <=
-  I / (damping rms(h))` and keeps the fit invariant to the loss scale. Then the output is `P g` with the fitted `P`.
+  `h + (damping rms(h) + eps |h|) xi` with `xi ~ N(0, I)`, which bounds
+  `P <= I / (damping rms(h))` and keeps the fit invariant to the loss scale.
+  Then the output is `P g` with the fitted `P`.
   """
   _checks.one_of("fit", fit, FITS)
   _checks.in_range("beta_l", beta_l, 0.0, 1.0)
