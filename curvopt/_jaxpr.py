@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -115,3 +116,43 @@ def _channels_last_convolution(lhs, rhs, *, dimension_numbers, **params):
   # `out` is (batch, *spatial, feature); put each axis where `out_spec` wants it.
   placed = (out_spec[0], *out_spec[2:], out_spec[1])
   return jnp.transpose(out, np.argsort(placed))
+
+
+def _equation_flops(eqn: Any) -> float:
+  """Multiply-adds count twice; every other primitive once per output element."""
+  name = eqn.primitive.name
+  if name == "dot_general":
+    (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    out = eqn.outvars[0].aval.shape
+    return 2.0 * math.prod(out) * math.prod(lhs[i] for i in lhs_contracting)
+  if name == "conv_general_dilated":
+    rhs = eqn.invars[1].aval.shape
+    spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
+    per_output = math.prod(rhs[i] for i in spec[1:])
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+  return float(sum(math.prod(getattr(v.aval, "shape", ())) for v in eqn.outvars))
+
+
+def _jaxpr_flops(jaxpr: Any) -> float:
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    subs = list(jax.extend.core.jaxprs_in_params(eqn.params))
+    if subs:
+      # Loops run their body more than once; `scan` says how often.
+      repeats = eqn.params.get("length", 1)
+      total += repeats * sum(_jaxpr_flops(sub) for sub in subs)
+    else:
+      total += _equation_flops(eqn)
+  return total
+
+
+def forward_flops(fn: Callable, *args: Any) -> float:
+  """An estimate of the floating-point operations of `fn(*args)`, from its jaxpr.
+
+  Matrix products and convolutions count `2 x` their multiply-adds (a
+  convolution's weights are reused at every output position, which is why a
+  small CNN costs far more than its parameter count suggests); elementwise
+  work counts one per output element. Traced abstractly: nothing runs.
+  """
+  return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)

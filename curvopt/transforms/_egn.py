@@ -12,6 +12,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from curvopt import _checks, _tree
+from curvopt._jaxpr import forward_flops
 from curvopt.oracles import GaussNewtonFactor, gauss_newton_factor
 from curvopt.transforms._gauss_newton_model import GaussNewtonModel, Mask, require_model_and_loss
 
@@ -56,11 +57,55 @@ def _solve_cg(factor, diagonal, rhs_extra, tol, maxiter):
   return scale(jax.tree.map(jnp.add, factor.rmv(z), rhs_extra))
 
 
-def choose_solver(num_params: int, num_rows: int, max_factor_size: int) -> str:
-  """`auto`: factor in the smaller of the two spaces while it is at most `max_factor_size`."""
-  if min(num_params, num_rows) > max_factor_size:
+# A batch of vmapped products and one factorization do several times more
+# useful work per flop than CG's sequence of matrix-vector products, and they
+# are exact: factor unless that costs this many times CG's estimate.
+_FACTOR_PREFERENCE = 4.0
+
+
+def solver_costs(
+  num_params: int, num_rows: int, product_flops: float, cg_maxiter: int
+) -> dict[str, float]:
+  """Estimated flops of each solver for `d` parameters, `n = b k` rows, one product `F`.
+
+  Materializing `A` costs `min(d, n)` products (JVPs or VJPs); the batch
+  Cholesky then forms `A A^T` (`n^2 d`) and factors it (`n^3 / 3`), the
+  parameter Cholesky `A^T A` (`d^2 n`) and `d^3 / 3`; CG costs a JVP and a
+  VJP per iteration, `2 cg_maxiter F` at most.
+  """
+  d, n = float(num_params), float(num_rows)
+  materialize = min(d, n) * product_flops
+  return {
+    "cholesky": materialize + n * n * d + n**3 / 3,
+    "parameter_cholesky": materialize + d * d * n + d**3 / 3,
+    "cg": 2.0 * cg_maxiter * product_flops,
+  }
+
+
+def choose_solver(
+  num_params: int,
+  num_rows: int,
+  max_factor_size: int,
+  product_flops: float,
+  cg_maxiter: int,
+) -> str:
+  """`auto`: the cheaper factorization unless CG is much cheaper; CG above `max_factor_size`.
+
+  `product_flops` is one model product's cost (`curvopt._jaxpr.forward_flops`
+  of `model_fn`): on a convolutional net each of the `b k` products that
+  materialize `A` costs a full pass, and CG's 100 passes win; on an MLP
+  the factorization does.
+  """
+  costs = solver_costs(num_params, num_rows, product_flops, cg_maxiter)
+  allowed = [
+    s
+    for s, size in (("parameter_cholesky", num_params), ("cholesky", num_rows))
+    if size <= max_factor_size
+  ]
+  if not allowed:
     return "cg"
-  return "parameter_cholesky" if num_params <= num_rows else "cholesky"
+  best = min(allowed, key=costs.__getitem__)
+  return "cg" if costs[best] > _FACTOR_PREFERENCE * costs["cg"] else best
 
 
 def scale_by_egn(
@@ -91,8 +136,12 @@ def scale_by_egn(
   Solvers: `"cholesky"` (the above), `"cg"` (matrix-free conjugate gradients
   on the same system, one JVP and one VJP per iteration, for batches too
   large to factor), `"parameter_cholesky"` (the `d x d` system, for models
-  smaller than the batch), or `"auto"`: factor in the smaller space while it
-  has at most `max_factor_size` rows, else `"cg"`.
+  smaller than the batch), or `"auto"`: by estimated cost (`solver_costs`,
+  with one model product's flops counted from `model_fn`'s jaxpr), the
+  cheaper factorization with at most `max_factor_size` rows unless it costs
+  more than 4x CG. On a convolutional net every row of the factor costs a full
+  pass, so a batch of 64 x 10 classes goes to CG; on an MLP the factorization
+  wins.
 
   The direction is computed from `model_fn` and `loss_fn` (the extra
   arguments): the incoming gradient is not used, so transforms before this
@@ -179,7 +228,8 @@ def egn_direction(
   flat, unravel = ravel_pytree(params)
   b, k = factor.row_shape
   if solver == "auto":
-    solver = choose_solver(flat.size, b * k, max_factor_size)
+    flops = forward_flops(model.model_fn, params)
+    solver = choose_solver(flat.size, b * k, max_factor_size, flops, cg_maxiter)
   if solver == "cg":
     return _solve_cg(factor, diagonal, rhs_extra, cg_tol, cg_maxiter)
   solve: Callable = _solve_batch_cholesky if solver == "cholesky" else _solve_parameter_cholesky
