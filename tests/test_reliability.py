@@ -763,3 +763,35 @@ def test_lazy_newton_counts_the_steps_it_rejects():
   step, state = opt.update(jnp.ones(3), opt.init(w), w, value_fn=value_fn)
   chex.assert_trees_all_equal(step, jnp.zeros(3))
   assert int(state.inner_state[0].rejected_steps) == 1
+
+
+def test_psgd_dense_default_clip_keeps_a_large_learning_rate_finite():
+  k = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(k[0], (64, 4))
+  y = jnp.sin(x @ jax.random.normal(k[1], (4, 1)))
+  p0 = {"w1": jax.random.normal(k[2], (4, 16)), "w2": 0.1 * jax.random.normal(k[3], (16, 1))}
+
+  def loss(p):
+    return jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2)
+
+  def run(opt):
+    def step(carry, _):
+      p, s = carry
+      u, s = opt.update(jax.grad(loss)(p), s, p, value_fn=loss)
+      rms = jnp.stack([jnp.sqrt(jnp.mean(v**2)) for v in jax.tree.leaves(u)])
+      return (optax.apply_updates(p, u), s), (loss(p), jnp.max(rms))
+
+    (p, s), (losses, rms) = jax.jit(lambda c: jax.lax.scan(step, c, length=60))((p0, opt.init(p0)))
+    return p, s, losses, rms
+
+  # psgd_torch's DenseNewton does not clip: its updates grow until they overflow.
+  _, unclipped, losses, _ = run(curvopt.psgd_dense(1.0, max_update_rms=None))
+  assert not float(losses.max()) < 1e6 or int(unclipped.skipped) > 0  # NaN counts too
+  params, state, losses, rms = run(curvopt.psgd_dense(1.0))
+  assert all(math.isfinite(float(v)) for v in losses)
+  assert int(state.skipped) == 0
+  assert float(rms.max()) <= 1.1 * (1 + 1e-5)
+  # Where the clip does not bind, it changes nothing.
+  _, _, clipped, _ = run(curvopt.psgd_dense(0.3))
+  _, _, free, _ = run(curvopt.psgd_dense(0.3, max_update_rms=None))
+  chex.assert_trees_all_close(clipped, free)

@@ -232,7 +232,7 @@ def psgd_dense(
   damping: float = 1e-9,
   geometry: Geometry = "Q0.5EQ1.5",
   max_dimension: int = 16384,
-  max_update_rms: float | None = None,
+  max_update_rms: float | None = 1.1,
   weight_decay_mask: Any | Callable | None = None,
   seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -240,8 +240,11 @@ def psgd_dense(
 
   The chain of `psgd_kron` with `scale_by_psgd_dense`. Defaults follow
   psgd_torch's `DenseNewton`: Newton-type fitting from the extra argument
-  `value_fn` (`P -> |H|^{-1}`, saddle-free), a fit every step, no momentum,
-  no clipping. `O(n^2)` memory.
+  `value_fn` (`P -> |H|^{-1}`, saddle-free), a fit every step, no momentum;
+  but the update's RMS is clipped at 1.1 as in `psgd_kron` (`DenseNewton`
+  does not clip: after a flat stretch its fitted `P` is huge when curvature
+  returns, and on a small MLP at learning rate 1 the unclipped updates grew
+  3-10x a step until they overflowed). `O(n^2)` memory.
   Decisions where the references differ: as for `psgd_kron`.
 
   Args:
