@@ -787,7 +787,7 @@ def test_psgd_dense_default_clip_keeps_a_large_learning_rate_finite():
   # psgd_torch's DenseNewton does not clip: its updates grow until they overflow.
   _, unclipped, losses, _ = run(curvopt.psgd_dense(1.0, max_update_rms=None))
   assert not float(losses.max()) < 1e6 or int(unclipped.skipped) > 0  # NaN counts too
-  params, state, losses, rms = run(curvopt.psgd_dense(1.0))
+  _, state, losses, rms = run(curvopt.psgd_dense(1.0))
   assert all(math.isfinite(float(v)) for v in losses)
   assert int(state.skipped) == 0
   assert float(rms.max()) <= 1.1 * (1 + 1e-5)
