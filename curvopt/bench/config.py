@@ -231,7 +231,12 @@ def _workload_options(name: str, table: dict) -> dict:
   options = {k: v for k, v in table.items() if k not in ("target", *_BUDGET_KEYS)}
   for key, value in options.items():
     default = parameters[key].default
-    types = (numbers.Real,) if isinstance(default, float) else (int, type(None))
+    if isinstance(default, str):
+      types = (str,)
+    elif isinstance(default, float):
+      types = (numbers.Real,)
+    else:
+      types = (int, type(None))
     _expect(f"workloads.{name}.{key}", value, types, f"like its default {default!r}")
   workload = build_workload(name, tuple(sorted(options.items())))
   target = table.get("target", workload.target)

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from curvopt.bench.workloads._base import Workload as Workload
 from curvopt.bench.workloads.classification import breast_cancer_logreg, digits_mlp, mnist1d_cnn
 from curvopt.bench.workloads.language import char_transformer
+from curvopt.bench.workloads.noisy_quadratic import noisy_quadratic
 from curvopt.bench.workloads.regression import diabetes_mlp, quadratic, rosenbrock
 
 WORKLOADS: dict[str, Callable[..., Workload]] = {
@@ -15,4 +16,5 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
   "char_transformer": char_transformer,
   "quadratic": quadratic,
   "rosenbrock": rosenbrock,
+  "noisy_quadratic": noisy_quadratic,
 }
