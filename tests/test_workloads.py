@@ -86,3 +86,61 @@ def test_nqm_sizes():
   chex.assert_type(
     WORKLOADS["noisy_quadratic"](size="tiny").init_params(None)["theta"], jnp.float32
   )
+
+
+def test_gpt_lm_tiny_corpus_split_and_a_uniform_start():
+  workload = WORKLOADS["gpt_lm"](size="tiny")
+  from curvopt.bench import data
+
+  corpus = data.python_source_corpus()
+  assert corpus.train.size + corpus.validation.size >= 5_000_000  # at least 5 MB of text
+  assert 0.02 < corpus.validation.size / corpus.train.size < 0.1
+  params = workload.init_params(jax.random.key(0))
+  assert "unembed" not in params  # tied embeddings
+  inputs, targets = workload.batch(seed=0, step=0)
+  assert inputs.shape == (8, 32) and inputs.dtype == np.int32
+  np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])  # next-byte targets
+  # Small initial logits: the loss starts at log(256), a uniform guess.
+  loss = float(workload.value_fn(params, workload.eval_batch()))
+  assert loss == pytest.approx(np.log(256), abs=0.05)
+  assert np.isfinite(float(workload.test_metric_fn(params)))
+
+
+def test_resnet_normalizes_per_example_and_blocks_start_as_the_identity():
+  workload = WORKLOADS["resnet_digits"](size="tiny")
+  params = workload.init_params(jax.random.key(0))
+  x = jnp.asarray(workload.train[0][:6])
+  together = workload.model_fn(params, x)
+  alone = jnp.concatenate([workload.model_fn(params, x[i : i + 1]) for i in range(6)])
+  chex.assert_trees_all_close(together, alone, atol=1e-5)  # GroupNorm: no batch statistics
+  # A zero-initialized last norm makes every residual branch zero at the start.
+  branchless = jax.tree.map(lambda v: v, params)
+  for name, block in params.items():
+    if name.startswith("stage"):
+      branchless[name] = {**block, "conv2": jnp.zeros_like(block["conv2"])}
+  chex.assert_trees_all_close(workload.model_fn(branchless, x), together, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt_lm", "resnet_digits", "noisy_quadratic"])
+def test_a_curvature_optimizer_trains_each_new_workload_through_value_fn(name):
+  import optax
+
+  import curvopt
+
+  workload = WORKLOADS[name](size="tiny")
+  params = workload.init_params(jax.random.key(0))
+  opt = curvopt.sophia_h(3e-3, refresh_every=1)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, batch):
+    value_fn = lambda p: workload.value_fn(p, batch)
+    updates, state = opt.update(jax.grad(value_fn)(params), state, params, value_fn=value_fn)
+    return optax.apply_updates(params, updates), state
+
+  before = float(workload.value_fn(params, workload.eval_batch()))
+  for i in range(10):
+    params, state = step(params, state, jax.tree.map(jnp.asarray, workload.batch(0, i)))
+  after = float(workload.value_fn(params, workload.eval_batch()))
+  assert int(state.skipped) == 0
+  assert after < before

@@ -21,9 +21,22 @@ from curvopt.bench.workloads import WORKLOADS
 def _list(_: argparse.Namespace) -> int:
   import inspect
 
-  print("Workloads:")
+  import jax
+
+  def parameters(factory, **options) -> str:
+    shapes = jax.eval_shape(factory(**options).init_params, jax.random.key(0))
+    count = sum(leaf.size for leaf in jax.tree.leaves(shapes))
+    return f"{count / 1e6:.2f}M" if count >= 10**5 else f"{count:,}"
+
+  print("Workloads (parameters; per size where there are sizes):")
   for name, factory in WORKLOADS.items():
     print(f"  {name:22s} {inspect.getdoc(factory).splitlines()[0]}")
+    if "size" in inspect.signature(factory).parameters:
+      sizes = ("tiny", "small", "full")
+      counts = ", ".join(f"{size} {parameters(factory, size=size)}" for size in sizes)
+    else:
+      counts = parameters(factory)
+    print(f"  {'':22s}   parameters: {counts}")
   print("\nOptimizers:")
   for name, spec in OPTIMIZERS.items():
     extra = f" (extra args: {', '.join(spec.extra_args)})" if spec.extra_args else ""

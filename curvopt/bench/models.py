@@ -81,16 +81,19 @@ def init_transformer(
   width: int = 64,
   depth: int = 2,
   heads: int = 4,
+  tied: bool = False,
 ) -> Params:
-  """A pre-norm decoder-only transformer with learned positions."""
+  """A pre-norm decoder-only transformer, learned positions; `tied`: unembedding = embedding^T."""
   keys = iter(jax.random.split(key, 3 + 4 * depth))
   normal = lambda shape, scale: jax.random.normal(next(keys), shape) * scale
   params = {
     "embed": normal((vocab_size, width), 0.02),
     "position": normal((context, width), 0.02),
     "final_norm": jnp.ones(width),
-    "unembed": normal((width, vocab_size), width**-0.5),
   }
+  unembed = normal((width, vocab_size), width**-0.5)
+  if not tied:
+    params["unembed"] = unembed
   for i in range(depth):
     params[f"block{i}"] = {
       "norm1": jnp.ones(width),
@@ -122,7 +125,8 @@ def transformer(params: Params, tokens: jax.Array, heads: int = 4) -> jax.Array:
     attended = jnp.einsum("bhqk,bkhd->bqhd", weights, split(v)).reshape(x.shape)
     x = x + attended @ block["proj"]
     x = x + jax.nn.gelu(_rms_norm(x, block["norm2"]) @ block["up"]) @ block["down"]
-  return _rms_norm(x, params["final_norm"]) @ params["unembed"]
+  unembed = params["unembed"] if "unembed" in params else params["embed"].T
+  return _rms_norm(x, params["final_norm"]) @ unembed
 
 
 def sequence_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -140,3 +144,84 @@ def binary_logistic_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def half_mean_squared_error(outputs: jax.Array, targets: jax.Array) -> jax.Array:
   """`0.5 * mean over examples of ||outputs - targets||^2`."""
   return 0.5 * jnp.mean(jnp.sum((outputs - targets) ** 2, axis=-1))
+
+
+def _conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+    x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+
+
+def _group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int) -> jax.Array:
+  """Per example and group of channels: no batch statistics, so `value_fn` needs no state."""
+  n, h, w, c = x.shape
+  g = x.reshape(n, h, w, groups, c // groups)
+  mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
+  var = jnp.var(g, axis=(1, 2, 4), keepdims=True)
+  g = (g - mean) * jax.lax.rsqrt(var + 1e-5)
+  return g.reshape(n, h, w, c) * scale + bias
+
+
+def init_resnet(
+  key: jax.Array,
+  widths: Sequence[int],
+  blocks_per_stage: int,
+  *,
+  in_channels: int = 1,
+  classes: int = 10,
+) -> Params:
+  """A pre-activation-free ResNet (He et al. 2016) with GroupNorm: stem, stages, linear head."""
+  keys = iter(jax.random.split(key, 2 + 3 * len(widths) * blocks_per_stage))
+
+  def conv(shape):  # He initialization for ReLU
+    fan_in = shape[0] * shape[1] * shape[2]
+    return jax.random.normal(next(keys), shape, jnp.float32) * (2.0 / fan_in) ** 0.5
+
+  def norm(c):
+    return {"scale": jnp.ones(c, jnp.float32), "bias": jnp.zeros(c, jnp.float32)}
+
+  params = {"stem": conv((3, 3, in_channels, widths[0])), "stem_norm": norm(widths[0])}
+  previous = widths[0]
+  for s, width in enumerate(widths):
+    for b in range(blocks_per_stage):
+      block = {
+        "conv1": conv((3, 3, previous, width)),
+        "norm1": norm(width),
+        "conv2": conv((3, 3, width, width)),
+        # The last norm of a branch starts at zero: each block starts as the identity.
+        "norm2": {"scale": jnp.zeros(width, jnp.float32), "bias": jnp.zeros(width, jnp.float32)},
+      }
+      if previous != width or (s > 0 and b == 0):  # a shape change: a 1x1 projection
+        block["project"] = conv((1, 1, previous, width))
+      params[f"stage{s}_block{b}"] = block
+      previous = width
+  params["head"] = {
+    "w": jax.random.normal(next(keys), (previous, classes), jnp.float32) * previous**-0.5,
+    "b": jnp.zeros(classes, jnp.float32),
+  }
+  return params
+
+
+def resnet(params: Params, x: jax.Array) -> jax.Array:
+  """Logits for NHWC images: stages halve the resolution after the first."""
+  groups = lambda c: min(8, c)
+  x = jax.nn.relu(
+    _group_norm(
+      _conv(x, params["stem"]), **params["stem_norm"], groups=groups(params["stem"].shape[-1])
+    )
+  )
+  stage_names = sorted({k.split("_")[0] for k in params if k.startswith("stage")})
+  for s, stage in enumerate(stage_names):
+    names = sorted(k for k in params if k.startswith(stage + "_"))
+    for b, name in enumerate(names):
+      block = params[name]
+      stride = 2 if s > 0 and b == 0 else 1
+      c = block["conv1"].shape[-1]
+      y = jax.nn.relu(
+        _group_norm(_conv(x, block["conv1"], stride), **block["norm1"], groups=groups(c))
+      )
+      y = _group_norm(_conv(y, block["conv2"]), **block["norm2"], groups=groups(c))
+      shortcut = _conv(x, block["project"], stride) if "project" in block else x
+      x = jax.nn.relu(shortcut + y)
+  pooled = jnp.mean(x, axis=(1, 2))
+  return pooled @ params["head"]["w"] + params["head"]["b"]

@@ -4,9 +4,10 @@ from collections.abc import Callable
 
 from curvopt.bench.workloads._base import Workload as Workload
 from curvopt.bench.workloads.classification import breast_cancer_logreg, digits_mlp, mnist1d_cnn
-from curvopt.bench.workloads.language import char_transformer
+from curvopt.bench.workloads.language import char_transformer, gpt_lm
 from curvopt.bench.workloads.noisy_quadratic import noisy_quadratic
 from curvopt.bench.workloads.regression import diabetes_mlp, quadratic, rosenbrock
+from curvopt.bench.workloads.vision import resnet_digits
 
 WORKLOADS: dict[str, Callable[..., Workload]] = {
   "digits_mlp": digits_mlp,
@@ -17,4 +18,6 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
   "quadratic": quadratic,
   "rosenbrock": rosenbrock,
   "noisy_quadratic": noisy_quadratic,
+  "gpt_lm": gpt_lm,
+  "resnet_digits": resnet_digits,
 }
