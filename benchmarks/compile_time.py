@@ -1,0 +1,116 @@
+"""First-step compile time of every runner optimizer against optax.adam, per workload.
+
+The runner's own jitted step (gradient, optimizer update, parameter update)
+is traced, lowered and compiled from a cold cache (`jax.clear_caches()`
+before each), so the figure is what a user waits for on the first step. Each
+optimizer is measured `--repeats` times, round-robin with Adam, and the
+median is kept; the table gives the ratio to Adam's median (target: at most
+2x), the time spent tracing and lowering beside XLA's compile, and the size
+of the traced program (equations, nested ones included), which is where
+unrolled Python loops over leaves or blocks show.
+
+Run:  python benchmarks/compile_time.py --workloads mnist1d_cnn,gpt_lm \\
+        --out benchmarks/results/compile_time.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import platform
+import statistics
+import time
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+
+from curvopt.bench.optimizers import OPTIMIZERS, build_optimizer
+from curvopt.bench.runner import make_step
+from curvopt.bench.workloads import WORKLOADS
+
+
+def count_equations(jaxpr) -> int:
+  """Equations of a jaxpr, those of nested jaxprs (loops, conditionals, calls) included."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    total += 1
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      total += count_equations(sub)
+  return total
+
+
+def measure_once(workload, name: str) -> dict:
+  spec = OPTIMIZERS[name]
+  optimizer = build_optimizer(spec, workload, 1e-3, {})
+  params = workload.init_params(jax.random.key(0))
+  state = optimizer.init(params)
+  batch = jax.tree.map(jnp.asarray, workload.batch(0, 0))
+  step = jax.jit(make_step(workload, spec, optimizer))
+  jax.clear_caches()
+  start = time.perf_counter()
+  traced = step.trace(params, state, batch)
+  traced_at = time.perf_counter()
+  lowered = traced.lower()
+  lowered_at = time.perf_counter()
+  lowered.compile()
+  compiled_at = time.perf_counter()
+  return {
+    "trace_s": traced_at - start,
+    "lower_s": lowered_at - traced_at,
+    "compile_s": compiled_at - lowered_at,
+    "total_s": compiled_at - start,
+    "equations": count_equations(traced.jaxpr.jaxpr),
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workloads", default="digits_mlp,mnist1d_cnn,char_transformer")
+  parser.add_argument("--optimizers", default=",".join(n for n in OPTIMIZERS if n != "adam"))
+  parser.add_argument("--size", default="small", help="for workloads with sizes")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  lines = [
+    f"Cold-cache first-step compile time, median of {args.repeats} (round-robin with Adam); "
+    f"jax {jax.__version__}, {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+    f"{platform.machine()}, {jax.device_count()} device(s). "
+    "`python benchmarks/compile_time.py` "
+    f"--workloads {args.workloads} --size {args.size}.",
+    "",
+  ]
+  for workload_name in args.workloads.split(","):
+    factory = WORKLOADS[workload_name]
+    sized = "size" in inspect.signature(factory).parameters
+    workload = factory(**({"size": args.size} if sized else {}))
+    names = ["adam", *[n for n in args.optimizers.split(",") if n != "adam"]]
+    samples: dict[str, list[dict]] = {n: [] for n in names}
+    for _ in range(args.repeats):
+      for name in names:
+        samples[name].append(measure_once(workload, name))
+    median = {
+      n: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for n, runs in samples.items()
+    }
+    adam = median["adam"]["total_s"]
+    title = f"### {workload_name}" + (f" ({args.size})" if sized else "")
+    lines += [
+      title,
+      "",
+      "| optimizer | total s | x adam | trace s | lower s | XLA compile s | equations |",
+      "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in median.items():
+      lines.append(
+        f"| {name} | {m['total_s']:.2f} | {m['total_s'] / adam:.2f} | {m['trace_s']:.2f} "
+        f"| {m['lower_s']:.2f} | {m['compile_s']:.2f} | {m['equations']:.0f} |"
+      )
+    lines.append("")
+    print("\n".join(lines[-(len(names) + 5) :]), flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
