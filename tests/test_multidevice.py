@@ -72,3 +72,90 @@ def test_shampoo_and_soap_blocks_distributed_over_the_mesh_equal_one_device():
     assert 12 in row["replicated"]["factor_stacks_per_device"], row
     assert 2 not in row["replicated"]["factor_stacks_per_device"], row
     assert 2 in row["distributed"]["factor_stacks_per_device"], row
+
+
+_MESH_CONFIG = """
+[benchmark]
+name = "mesh"
+steps = 12
+eval_every = 4
+seeds = [0]
+schedule = "constant"
+trials = 1
+
+[workloads.digits_mlp]
+batch_size = 64
+
+[optimizers.adam]
+learning_rates = [0.003]
+
+[optimizers.shampoo]
+learning_rates = [0.003]
+"""
+
+
+def _bench_losses(config, out, *mesh) -> dict:
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  done = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "curvopt.bench",
+      "run",
+      str(config),
+      "--out",
+      str(out),
+      "--quiet",
+      *mesh,
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  losses = {}
+  for log in sorted((out / "runs").glob("*.jsonl")):
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    optimizer = records[0]["spec"]["optimizer"]
+    assert records[0]["spec"].get("mesh") == (mesh[1] if mesh else None)
+    losses[optimizer] = [r["train_loss"] for r in records if "train_loss" in r]
+  return losses
+
+
+def test_the_runner_on_a_mesh_equals_one_device(tmp_path):
+  config = tmp_path / "mesh.toml"
+  config.write_text(_MESH_CONFIG)
+  single = _bench_losses(config, tmp_path / "one")
+  for mesh in ("data=8", "data=2,fsdp=4"):
+    sharded = _bench_losses(config, tmp_path / mesh.replace(",", "_"), "--mesh", mesh)
+    assert sorted(sharded) == ["adam", "shampoo"]
+    for name, losses in single.items():
+      assert len(losses) == len(sharded[name]) == 4
+      for a, b in zip(losses, sharded[name], strict=True):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (mesh, name, losses, sharded[name])
+
+
+def test_a_mesh_the_batch_cannot_split_over_is_refused_by_name(tmp_path):
+  config = tmp_path / "mesh.toml"
+  config.write_text(_MESH_CONFIG.replace("batch_size = 64", "batch_size = 60"))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  done = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "curvopt.bench",
+      "run",
+      str(config),
+      "--out",
+      str(tmp_path / "o"),
+      "--mesh",
+      "data=8",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert done.returncode == 2
+  assert "workloads.digits_mlp.batch_size" in done.stderr and "multiple of 8" in done.stderr

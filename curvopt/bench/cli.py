@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -162,6 +163,17 @@ def _run(args: argparse.Namespace) -> int:
   from curvopt.bench.config import check_buildable
 
   config = load(args.config)
+  if args.mesh:
+    from curvopt.bench import sharding
+
+    try:
+      mesh = sharding.parse_mesh(args.mesh)
+      sharding.make_mesh(mesh)
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
+    config = dataclasses.replace(
+      config, runs=tuple(dataclasses.replace(r, mesh=mesh) for r in config.runs)
+    )
   check_buildable(config)  # every workload and optimizer, before any folder or training
   out = _results_folder(pathlib.Path(args.out or pathlib.Path("runs") / config.name))
   with _locked(out):
@@ -296,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
   run.add_argument("config")
   run.add_argument("--out", help="results folder (default: runs/<config name>)")
   run.add_argument("--quiet", action="store_true")
+  run.add_argument(
+    "--mesh",
+    help="data=N: data-parallel over N devices; data=N,fsdp=M: parameters sharded over M too",
+  )
   run.set_defaults(func=_run)
   report = commands.add_parser(
     "report", help="tables and plots from a results folder, without training"

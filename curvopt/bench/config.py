@@ -48,12 +48,18 @@ class RunSpec:
   checkpoint_every: int
   sharpness_every: int
   target: float
+  # `(("data", N), ("fsdp", M))` from `curvopt-bench run --mesh`; empty: one device.
+  mesh: tuple[tuple[str, int], ...] = ()
 
   def identity(self, *, with_seed: bool = True) -> dict:
     """Everything that can change a run's numbers (not its checkpoint cadence)."""
     out = dataclasses.asdict(self)
     for key in ("trial", "tuned", "checkpoint_every", *(() if with_seed else ("seed",))):
       out.pop(key)
+    if self.mesh:  # step times differ across meshes: another run
+      out["mesh"] = ",".join(f"{name}={size}" for name, size in self.mesh)
+    else:  # one-device specs keep the digests they had before meshes existed
+      out.pop("mesh")
     out["workload_options"] = dict(self.workload_options)
     out["hyperparameters"] = dict(self.hyperparameters)
     return out
@@ -462,6 +468,13 @@ def check_buildable(config: Config) -> None:
     where = (run.workload, run.workload_options)
     if where not in params:
       params[where] = jax.eval_shape(workload.init_params, jax.random.key(0))
+      devices = math.prod(size for _, size in run.mesh)
+      leading = {len(x) for x in jax.tree.leaves(workload.batch(0, 0))}
+      if run.mesh and any(n % devices for n in leading):
+        raise ConfigError(
+          f"workloads.{run.workload}.batch_size: batches of {sorted(leading)} examples cannot "
+          f"be split over the {devices} devices of --mesh; choose a multiple of {devices}."
+        )
     shapes = params[where]
     lr = learning_rate_schedule(run.learning_rate, run.schedule, run.steps, run.warmup_fraction)
     try:

@@ -20,7 +20,7 @@ import optax
 
 import curvopt
 from curvopt import _tree
-from curvopt.bench import results
+from curvopt.bench import results, sharding
 from curvopt.bench.config import RunSpec, build_workload
 from curvopt.bench.optimizers import (
   OPTIMIZERS,
@@ -122,7 +122,12 @@ def _compile(spec: RunSpec, workload: Workload, params, state, first_batch):
   if key not in _compiled:
     opt_spec = OPTIMIZERS[spec.optimizer]
     optimizer = _optimizer(spec, workload)
-    step_fn = jax.jit(make_step(workload, opt_spec, optimizer))
+    if spec.mesh:  # the step hands back the layouts it was given: no resharding between steps
+      layout = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+      out_shardings = (layout(params), layout(state), None, None)
+      step_fn = jax.jit(make_step(workload, opt_spec, optimizer), out_shardings=out_shardings)
+    else:
+      step_fn = jax.jit(make_step(workload, opt_spec, optimizer))
     start = time.perf_counter()
     compiled = step_fn.lower(params, state, first_batch).compile()
     _compiled.clear()
@@ -160,6 +165,7 @@ def run(
     return records[-1]
 
   workload = build_workload(spec.workload, spec.workload_options)
+  mesh = sharding.make_mesh(spec.mesh) if spec.mesh else None
   params = workload.init_params(jax.random.key(spec.seed))
   state = _optimizer(spec, workload).init(params)
   progress = {"step": 0, "train_time": 0.0, "nonfinite": 0, "step_times": []}
@@ -172,11 +178,19 @@ def run(
       records = []
   else:
     records = []
+  if mesh is not None:
+    params, state = sharding.place_params(mesh, params), sharding.place_state(mesh, state, params)
   records = records or [_spec_record(spec)]
   results.write_atomic(log_path, "".join(f"{json.dumps(r)}\n" for r in records))
   on_steps(progress["step"])
 
-  first = jax.tree.map(jnp.asarray, workload.batch(spec.seed, progress["step"]))
+  def batch_at(step: int):
+    batch = workload.batch(spec.seed, step)
+    return (
+      sharding.place_batch(mesh, batch) if mesh is not None else jax.tree.map(jnp.asarray, batch)
+    )
+
+  first = batch_at(progress["step"])
   compiled, compile_s, memory = _compile(spec, workload, params, state, first)
   evaluate = _evaluator(workload, spec.sharpness_every)
 
@@ -200,7 +214,7 @@ def run(
   while step < spec.steps:
     if spec.max_seconds is not None and progress["train_time"] >= spec.max_seconds:
       break
-    batch = jax.tree.map(jnp.asarray, workload.batch(spec.seed, step))
+    batch = batch_at(step)
     tick = time.perf_counter()
     params, state, loss, finite = compiled(params, state, batch)
     finite = bool(finite)  # waits for the step to finish
