@@ -59,7 +59,7 @@ def egn(
   used (clip after EGN, not before). A regularizer must be the coupled
   `l2_regularization` (exact in `G` and `g`), since `loss_fn` sees only outputs.
 
-  Decisions (spec section 8, rows 10-12): the symmetric form with an exact
+  Decisions where the references differ: the symmetric form with an exact
   square root of the softmax Hessian (no `1e-6` jitter); somax v1's damping
   rule, with its `pred` including `lambda ||s||^2 / 2`; damping on the scale of
   the mean loss (the `b lambda` of the batch-space system is built in).

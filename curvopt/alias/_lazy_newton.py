@@ -40,7 +40,7 @@ def lazy_newton(
   it runs (and the conformance suite exercises it), but use a larger `M`,
   a shorter `hessian_every`, or full batches.
 
-  Decisions (spec section 5 and 8 row 13): the secular equation solved by
+  Decisions where the references differ: the secular equation solved by
   bisection on a bracket known in closed form (robust; Newton on `1/||h||`
   would be faster); the hard case by the eigenvector of the lowest
   eigenvalue; the adaptive `M` (x2 on failure, /4 at each snapshot) follows

@@ -74,13 +74,13 @@ def psgd_kron(
   probes (`fit="newton"`, pass `value_fn`: `P -> |H|^{-1}`, learning rates
   a fraction of a Newton step, psgd_torch's default 0.01).
 
-  Defaults per mode (spec section 8 row 9): whitening follows psgd_jax's
+  Defaults per mode: whitening follows psgd_jax's
   `kron` (momentum 0.9, update probability 1 for 500 steps then decaying to
   0.03, RMS clip 1.1) with psgd_torch's scale derived from the first gradient;
   for psgd_torch's `KronNewton` pass `fit="newton", b1=0.0,
   update_probability=1.0, max_update_rms=None`.
 
-  Decisions where the references differ (spec sections 3 and 8):
+  Decisions where the references differ:
     - The step normalizer is psgd_torch's running bound `L <- max(beta_l L +
       (1 - beta_l) ell, ell)`; `beta_l = 0` is the paper's and psgd_jax's
       per-step `mu / ||T_1 + T_2||`. Because `L` depends on the current

@@ -27,7 +27,7 @@ def sam(
   to the base optimizer, whose state is the only other state. Extra
   arguments reach the base optimizer too.
 
-  Decisions where the references differ (spec sections 6 and 8):
+  Decisions where the references differ:
     - `eps = 1e-12` in the normalization (google-sam has none and returns
       NaN for a zero gradient; davda54 1e-12, ASAM 1e-16).
     - ASAM's `T = |w| + eta` with the official `eta = 0.01`, on every
@@ -37,7 +37,7 @@ def sam(
       official default is 0.5.
     - Weight decay belongs to the base optimizer (davda54), which sees the
       perturbed gradient; an L2 term inside `value_fn` (google-sam) also works.
-    - Under data parallelism the choice is named (spec 8 row 15):
+    - Under data parallelism the choice is named:
       `perturbation="global"` (default; davda54's DDP behaviour) perturbs
       with the gradient passed in, which under `jit` with a sharded batch is
       already the global mean; `perturbation="per_group"` with `num_groups`
@@ -110,7 +110,7 @@ def gam(
   reference's CIFAR-10 ResNet row (`rho` 0.03, `grad_norm_rho` 0.2,
   `beta0 = beta1 = 0.1`, `gamma` 0.05).
 
-  Decision (spec section 8 row 17): the reference computes `beta2 = 1 -
+  Decision where the references differ: the reference computes `beta2 = 1 -
   beta0` but never applies `beta0` to `g0`; `apply_beta0=False` reproduces
   it, `True` follows the paper.
 

@@ -70,7 +70,7 @@ def shampoo(
   yourself: the leaf becomes a `(prod rows, prod columns)` matrix and the
   other axes a batch of independent blocks.
 
-  Decisions where the references differ (spec section 8):
+  Decisions where the references differ:
     - `beta2 = 1` (sum, Gupta et al. and Meta) by default; an EMA with `beta2 < 1`
       (Anil et al. use 0.999) is debiased as Meta does.
     - `epsilon` is relative to each factor's largest eigenvalue (Anil et al.)

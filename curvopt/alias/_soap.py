@@ -44,7 +44,7 @@ def soap(
   block layout (merging, `block_size`, `matrix_axes`) is Shampoo's; see
   `curvopt.shampoo`.
 
-  Decisions where the references differ (spec sections 7 and 8): the
+  Decisions where the references differ: the
   defaults are the paper's (`b1 = b2 = 0.95`, `f = 10`; the repository uses
   `b1 = 0.9`, `f = 2`); the eigenbasis is recomputed by `eigh`, not by the
   reference's one QR power-iteration step (exact, and `v` needs no

@@ -32,7 +32,7 @@ def sophia_h(
   with a Rademacher probe `z` and `H` the Hessian of the extra argument
   `value_fn`. Each step uses the `h` known before it, so the first step is
   the clipped sign step. This is optax's `contrib.sophia` update, step for
-  step, with the paper's clipping (spec `min(|m| / max(gamma h, eps), 1)`);
+  step, with the paper's clipping (`min(|m| / max(gamma h, eps), 1)`);
   the differences are deliberate: the probe's key lives in the state and is
   seeded by `seed`, the probe is one draw cut into the leaves (identical on
   every replica), statistics are float32 for bfloat16 parameters, and the
