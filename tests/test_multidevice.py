@@ -94,25 +94,15 @@ learning_rates = [0.003]
 """
 
 
-def _bench_losses(config, out, *mesh) -> dict:
+def _bench(config, out, *args) -> subprocess.CompletedProcess:
+  """`curvopt-bench run CONFIG --out OUT ARGS` on 8 forced CPU devices."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  done = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "curvopt.bench",
-      "run",
-      str(config),
-      "--out",
-      str(out),
-      "--quiet",
-      *mesh,
-    ],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  command = [sys.executable, "-m", "curvopt.bench", "run", str(config), "--out", str(out), *args]
+  return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _bench_losses(config, out, *mesh) -> dict:
+  done = _bench(config, out, "--quiet", *mesh)
   assert done.returncode == 0, done.stderr[-3000:]
   losses = {}
   for log in sorted((out / "runs").glob("*.jsonl")):
@@ -139,23 +129,6 @@ def test_the_runner_on_a_mesh_equals_one_device(tmp_path):
 def test_a_mesh_the_batch_cannot_split_over_is_refused_by_name(tmp_path):
   config = tmp_path / "mesh.toml"
   config.write_text(_MESH_CONFIG.replace("batch_size = 64", "batch_size = 60"))
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  done = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "curvopt.bench",
-      "run",
-      str(config),
-      "--out",
-      str(tmp_path / "o"),
-      "--mesh",
-      "data=8",
-    ],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  done = _bench(config, tmp_path / "o", "--mesh", "data=8")
   assert done.returncode == 2
   assert "workloads.digits_mlp.batch_size" in done.stderr and "multiple of 8" in done.stderr

@@ -466,11 +466,11 @@ def check_buildable(config: Config) -> None:
     seen.add(run.trial_id)
     workload = build_workload(run.workload, run.workload_options)
     where = (run.workload, run.workload_options)
-    if where not in params:
+    if where not in params:  # once per workload: its shapes, and its batch against the mesh
       params[where] = jax.eval_shape(workload.init_params, jax.random.key(0))
       devices = math.prod(size for _, size in run.mesh)
-      leading = {len(x) for x in jax.tree.leaves(workload.batch(0, 0))}
-      if run.mesh and any(n % devices for n in leading):
+      leading = {len(x) for x in jax.tree.leaves(workload.batch(0, 0))} if run.mesh else set()
+      if any(n % devices for n in leading):
         raise ConfigError(
           f"workloads.{run.workload}.batch_size: batches of {sorted(leading)} examples cannot "
           f"be split over the {devices} devices of --mesh; choose a multiple of {devices}."

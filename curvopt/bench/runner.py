@@ -122,12 +122,11 @@ def _compile(spec: RunSpec, workload: Workload, params, state, first_batch):
   if key not in _compiled:
     opt_spec = OPTIMIZERS[spec.optimizer]
     optimizer = _optimizer(spec, workload)
+    layouts = {}
     if spec.mesh:  # the step hands back the layouts it was given: no resharding between steps
       layout = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-      out_shardings = (layout(params), layout(state), None, None)
-      step_fn = jax.jit(make_step(workload, opt_spec, optimizer), out_shardings=out_shardings)
-    else:
-      step_fn = jax.jit(make_step(workload, opt_spec, optimizer))
+      layouts["out_shardings"] = (layout(params), layout(state), None, None)
+    step_fn = jax.jit(make_step(workload, opt_spec, optimizer), **layouts)
     start = time.perf_counter()
     compiled = step_fn.lower(params, state, first_batch).compile()
     _compiled.clear()
