@@ -204,27 +204,33 @@ def test_a_corrupted_incoming_state_skips_the_step_and_restarts_keeping_the_key(
   )
 
 
-def test_the_restart_is_fused_only_when_init_is_cheap():
-  """Zeros, identities and seeded keys are rebuilt every step; random draws are not."""
-  from curvopt import _jaxpr
-  from curvopt.transforms._safety import _CHEAP_INIT
-
+def test_a_corrupted_state_with_a_random_init_restarts_to_that_init():
+  """PSGD-LRA draws its U and V at init: the restart runs that draw, not zeros."""
   params = {"w": jnp.ones((6, 5)), "b": jnp.ones(5)}
-  cheap = lambda opt: _jaxpr.uses_only(
-    jax.make_jaxpr(lambda: opt.init(params))().jaxpr, _CHEAP_INIT
+  opt = curvopt.psgd_lra(0.1)
+  grads = jax.tree.map(jnp.cos, params)
+  step = jax.jit(opt.update)
+  state = opt.init(params)
+  _, state = step(grads, state, params)
+  corrupted = jax.tree.map(
+    lambda x: x.at[..., 0].set(jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating) else x, state
   )
-  assert cheap(optax.adam(0.1))
-  assert cheap(curvopt.shampoo(0.1))
-  assert cheap(curvopt.psgd_kron(0.1))  # Kronecker factors: identities and a seeded key
-  assert not cheap(curvopt.psgd_lra(0.1))  # Gaussian U and V
-  draws = optax.GradientTransformation(lambda p: jax.random.normal(jax.random.key(0), (3,)), None)
-  assert not cheap(draws)
-  loop = lambda p: jax.lax.fori_loop(0, 3, lambda i, x: x + 1, jnp.zeros(3))
-  assert not cheap(optax.GradientTransformation(loop, None))  # a loop of cheap steps is a loop
+  updates, after = step(grads, corrupted, params)
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+  fresh = opt.init(params)
+  floats = lambda tree: [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  restarted = floats(after)
+  assert any(float(jnp.max(jnp.abs(x))) > 0 for x in floats(fresh))  # a draw, not zeros
+  for got, want in zip(restarted, floats(fresh), strict=True):
+    chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-15)  # jitted vs eager init
 
 
 def test_the_guard_changes_no_healthy_step():
-  """Guarded Adam = optax.adam bit for bit, state and updates, over several steps."""
+  """Guarded Adam = optax.adam, state and updates, over several steps, to rounding.
+
+  Not bit for bit: where XLA fuses the guard's selects with Adam's arithmetic it
+  may contract a multiply-add differently (measured: 1 ulp in float64).
+  """
   params = {"a": jnp.arange(3.0), "b": jnp.ones((2, 2)), "c": jnp.zeros(())}
   plain, guarded = optax.adam(0.1), curvopt.transforms.skip_nonfinite(optax.adam(0.1))
   s_plain, s_guarded = plain.init(params), guarded.init(params)
@@ -232,8 +238,8 @@ def test_the_guard_changes_no_healthy_step():
     grads = jax.tree.map(lambda x, t=t: jnp.sin(x + t), params)
     u_plain, s_plain = jax.jit(plain.update)(grads, s_plain, params)
     u_guarded, s_guarded = jax.jit(guarded.update)(grads, s_guarded, params)
-    chex.assert_trees_all_equal(u_plain, u_guarded)
-    chex.assert_trees_all_equal(s_plain, s_guarded.inner_state)
+    chex.assert_trees_all_close(u_plain, u_guarded, rtol=1e-14, atol=0)
+    chex.assert_trees_all_close(s_plain, s_guarded.inner_state, rtol=1e-14, atol=0)
   assert (int(s_guarded.skipped), int(s_guarded.resets)) == (0, 0)
 
 

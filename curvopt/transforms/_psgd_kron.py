@@ -168,6 +168,36 @@ def _fit_leaf(q, p, lipschitz, v, h, step, beta_l, whitening, geometry, dense):
   return tuple(new_q), tuple(_squared(qi) for qi in new_q), jnp.stack(new_l)
 
 
+def _map_grouped(fn_for, groups: list[list[int]], *columns: list) -> list:
+  """`fn_for(i)` on leaf `i`'s entries of `columns`, `vmap`ped over the leaves of a group.
+
+  Leaves of equal shape and factor layout (a transformer's layers) share one
+  traced program instead of one each: the program, and XLA's compile time,
+  grow with the number of distinct shapes rather than of leaves.
+  """
+  out: list = [None] * len(columns[0])
+  for members in groups:
+    fn = fn_for(members[0])
+    if len(members) == 1:
+      out[members[0]] = fn(*(column[members[0]] for column in columns))
+      continue
+    stacked = [
+      jax.tree.map(lambda *xs: jnp.stack(xs), *(column[i] for i in members)) for column in columns
+    ]
+    batched = jax.vmap(fn)(*stacked)
+    for k, i in enumerate(members):
+      out[i] = jax.tree.map(lambda x, k=k: x[k], batched)
+  return out
+
+
+def _groups(signatures: list) -> list[list[int]]:
+  """Indices of equal signatures, in order of first appearance."""
+  groups: dict = {}
+  for i, signature in enumerate(signatures):
+    groups.setdefault(signature, []).append(i)
+  return list(groups.values())
+
+
 def kron_family(
   tree: PyTree,
   *,
@@ -184,6 +214,7 @@ def kron_family(
   else:
     shapes = [tuple(x.shape) or (1,) for x in leaves]
     layout = [dense_axes(s, max_size, max_skew) for s in shapes]
+  groups = _groups(list(zip(shapes, layout, strict=True)))
 
   def view(t):
     if flatten:
@@ -219,21 +250,23 @@ def kron_family(
 
   def fit(state, v, h, step, beta_l, whitening, key, count):
     del key, count
-    fitted = [
-      _fit_leaf(q, p, lip, vi, hi, step, beta_l, whitening, geometry, dense)
-      for q, p, lip, vi, hi, dense in zip(
-        state.q, state.p, state.lipschitz, v, h, layout, strict=True
+
+    def fit_for(i):
+      return lambda q, p, lipschitz, vi, hi: _fit_leaf(
+        q, p, lipschitz, vi, hi, step, beta_l, whitening, geometry, layout[i]
       )
-    ]
+
+    columns = (list(state.q), list(state.p), list(state.lipschitz), list(v), list(h))
+    fitted = _map_grouped(fit_for, groups, *columns)
     return KronFactors(*(tuple(part) for part in zip(*fitted, strict=True)))
 
   def apply(state, g):
-    out = []
-    for ps, x in zip(state.p, g, strict=True):
+    def apply_leaf(ps, x):
       for i, pi in enumerate(ps):
         x = _mode_product(x, pi, i)
-      out.append(x)
-    return out
+      return x
+
+    return _map_grouped(lambda i: apply_leaf, groups, list(state.p), list(g))
 
   return PreconditionerFamily(view, unview, init, rescale, fit, apply)
 

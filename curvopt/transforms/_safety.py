@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from curvopt import _checks, _jaxpr, _tree
+from curvopt import _checks, _tree
 from curvopt.transforms._cadence import refresh_when
 
 PyTree = Any
@@ -34,42 +33,31 @@ class SkipNonFiniteState(NamedTuple):
 def all_finite(tree: PyTree) -> jax.Array:
   """Whether every floating-point leaf of `tree` is finite (other leaves count as finite).
 
+  `sum(x * 0)` is 0 when every `x` is finite and NaN as soon as one is NaN
+  or infinite, whatever the magnitudes. A small tree is read as one float32
+  vector (float64 leaves as `x * 0`, which no cast can overflow) reduced in
+  one kernel: a reduction per leaf is a kernel per leaf, which on XLA:CPU
+  doubled a transformer step's compile time and cost a small model's step
+  more than its optimizer (benchmarks/guard_cost.py).
+
   Example:
     >>> import jax.numpy as jnp, curvopt
     >>> curvopt.transforms.all_finite({"a": jnp.ones(2), "n": jnp.int32(3), "b": jnp.inf})
     Array(False, dtype=bool)
   """
-  return _finiteness(tree)[0]
+  leaves = _float_leaves(tree)
+  if sum(x.size for x in leaves) > _ONE_VECTOR_LIMIT or jax.device_count() > 1:
+    checks = [jnp.all(jnp.isfinite(x)) for x in leaves]
+    return functools.reduce(jnp.logical_and, checks, jnp.bool_(True))
+  flat = [jnp.ravel(_exactly_castable(x)).astype(jnp.float32) for x in leaves]
+  return jnp.isfinite(jnp.sum(jnp.concatenate(flat) * 0)) if flat else jnp.bool_(True)
 
 
-# Above this many scalars the one-vector check below would copy a large state
-# (memory, bandwidth), and over several devices it would gather sharded
-# leaves: leaf-by-leaf reductions instead.
-_ONE_VECTOR_LIMIT = 1 << 20
-
-
-def _finiteness(*trees: PyTree) -> tuple[jax.Array, ...]:
-  """One boolean per tree: whether all its floating-point entries are finite.
-
-  `sum(x * 0)` is 0 when every `x` is finite and NaN as soon as one is NaN
-  or infinite, whatever the magnitudes. Small trees are copied into one
-  float32 vector (float64 leaves as `x * 0`, which no cast can overflow) and
-  reduced in one kernel per tree: per-leaf reductions cost a small model's
-  step more than its optimizer does (benchmarks/guard_cost.py).
-  """
-  groups = [_float_leaves(tree) for tree in trees]
-  sizes = [sum(x.size for x in group) for group in groups]
-  if sum(sizes) > _ONE_VECTOR_LIMIT or jax.device_count() > 1:
-    return tuple(
-      jnp.isfinite(
-        sum((jnp.sum(_exactly_castable(x) * 0, dtype=jnp.float32) for x in group), jnp.float32(0))
-      )
-      for group in groups
-    )
-  flat = [jnp.ravel(_exactly_castable(x)).astype(jnp.float32) for group in groups for x in group]
-  whole = jnp.concatenate(flat) if flat else jnp.zeros(0)
-  bounds = np.cumsum([0, *sizes])
-  return tuple(jnp.isfinite(jnp.sum(whole[lo:hi] * 0)) for lo, hi in itertools.pairwise(bounds))
+# XLA materializes the one vector (measured on XLA:CPU: a copy of 1.4M scalars,
+# about 1% of a transformer step). Above this many scalars (64 MiB in float32)
+# that copy, and over several devices the gather of sharded leaves, would cost
+# more than the per-leaf reductions' compile time: leaf-by-leaf instead.
+_ONE_VECTOR_LIMIT = 1 << 24
 
 
 def _exactly_castable(x: jax.Array) -> jax.Array:
@@ -86,7 +74,7 @@ def _float_leaves(tree: PyTree) -> list[jax.Array]:
 
 
 def _select(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-  """`new` where `condition` holds, else `old`, leaf by leaf.
+  """`new` where the scalar `condition` holds, else `old`, leaf by leaf.
 
   A leaf the step passed through unchanged is returned as is, so that `jit`
   forwards it without a new output buffer (a typed PRNG key rebuilt as a new
@@ -97,47 +85,18 @@ def _select(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     if a is b:
       return a
     if _tree.is_key(a):
-      data = jnp.where(condition, jax.random.key_data(a), jax.random.key_data(b))
+      data = jax.lax.select_n(condition, jax.random.key_data(b), jax.random.key_data(a))
       return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
-    return jnp.where(condition, a, b)
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+      return jnp.where(condition, a, b)
+    return jax.lax.select_n(condition, b, a)  # a scalar predicate: one operation per leaf
 
   return jax.tree.map(pick, new, old)
 
 
-def _select_in_sequence(condition: jax.Array, new: PyTree, old: PyTree) -> tuple[PyTree, jax.Array]:
-  """`_select`, and the condition again, the selects chained one after another on XLA:CPU.
-
-  The selects all wait for one finiteness check at the end of the step. On
-  XLA:CPU, a dozen of them becoming ready at once are split across threads,
-  and waking a second thread costs a small model more than all the selects
-  (measured 0.06 ms per step on digits_mlp; benchmarks/guard_cost.py). Each
-  select here also waits for an entry of the previous one, through a
-  condition that is numerically `condition` (selected entries are finite).
-  Elsewhere the selects stay independent, free to be fused side by side.
-  """
-  if jax.default_backend() != "cpu" or jax.device_count() > 1:  # no collective per select
-    return _select(condition, new, old), condition
-  leaves, treedef = jax.tree.flatten(new)
-  chosen = []
-  for a, b in zip(leaves, jax.tree.leaves(old), strict=True):
-    chosen.append(_select(condition, a, b))
-    if chosen[-1] is not a and not _tree.is_key(a) and a.size:
-      condition = condition & jnp.isfinite(jnp.ravel(chosen[-1])[0])
-  return jax.tree.unflatten(treedef, chosen), condition
-
-
-# An init made of these only (zeros, identities, a key from a seed) is
-# computed on every step and fused into the selects; any other (random
-# draws, which are loops on XLA:CPU; factorizations) runs in a conditional.
-_CHEAP_INIT = frozenset(
-  {"broadcast_in_dim", "iota", "eq", "ne", "convert_element_type", "add", "sub", "mul", "neg"}
-  | {"concatenate", "reshape", "squeeze", "expand_dims", "slice", "transpose", "select_n", "copy"}
-  | {"random_seed", "random_wrap", "random_unwrap"}
-)
-
-
 def _restarted(intact: jax.Array, state: PyTree, init: Callable[[], PyTree]) -> PyTree:
-  """`state` if `intact`, else `init()`; PRNG keys (never non-finite) are kept as they are."""
+  """`state` if `intact`, else `init()`, in a conditional; PRNG keys are kept as they are."""
   leaves, treedef = jax.tree.flatten(state)
   keys = [_tree.is_key(x) for x in leaves]
   current = [x for x, key in zip(leaves, keys, strict=True) if not key]
@@ -145,11 +104,7 @@ def _restarted(intact: jax.Array, state: PyTree, init: Callable[[], PyTree]) -> 
   def fresh() -> list[jax.Array]:
     return [x for x, key in zip(jax.tree.leaves(init()), keys, strict=True) if not key]
 
-  if _jaxpr.uses_only(jax.make_jaxpr(init)().jaxpr, _CHEAP_INIT):
-    values = _select(intact, current, fresh())
-  else:
-    values = refresh_when(~intact, fresh, lambda: current)
-  values = iter(values)
+  values = iter(refresh_when(~intact, fresh, lambda: current))
   return treedef.unflatten(
     [x if key else next(values) for x, key in zip(leaves, keys, strict=True)]
   )
@@ -220,15 +175,14 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
     # Where the parameters are known, the result is checked, not the updates alone:
     # finite updates can still overflow a low-precision parameter (float16: 65504).
     result = new_updates if params is None else optax.apply_updates(params, new_updates)
-    intact, finite = _finiteness(state.inner_state, (result, new_state))
-    applied = intact & finite
+    intact = all_finite(state.inner_state)
+    applied = intact & all_finite((result, new_state))
     kept = state.inner_state
     if params is not None:  # a corrupted state restarts
       kept = _restarted(intact, kept, lambda: inner.init(params))
-    new_state, applied = _select_in_sequence(applied, new_state, kept)
     zeros = jax.tree.map(jnp.zeros_like, new_updates)
     return _select(applied, new_updates, zeros), SkipNonFiniteState(
-      new_state,
+      _select(applied, new_state, kept),
       state.skipped + (~applied).astype(jnp.int32),
       state.resets + (~intact).astype(jnp.int32),
     )
