@@ -109,6 +109,7 @@ def test_readme_test_command_is_what_ci_runs():
 _LAYER_ZERO = (
   "curvopt._checks",
   "curvopt._jaxpr",
+  "curvopt._xla_cpu",
   "curvopt._tree",
   "curvopt._matrix_roots",
   "curvopt._cubic_subproblem",

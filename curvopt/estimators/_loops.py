@@ -3,14 +3,13 @@
 A `lax.while_loop` keeps compile time flat in the number of iterations and
 lets an estimator stop early. On XLA:CPU, though, a convolution inside
 `while`/`scan`/`cond` loses its fast path unless it is laid out channels-last
-(jax-ml/jax#12868): 20 Lanczos steps on a small 1-D CNN took 2.5 s in a plain
-`fori_loop`, 0.10 s unrolled (after 22 s of compilation). So `loop="auto"`
-(the default everywhere) keeps the `lax` loop and, when the backend is CPU
-*and* the operator's product contains a convolution (found by tracing one
-product to a jaxpr), rewrites the loop body's convolutions channels-last
-(`curvopt._jaxpr.with_channels_last_convolutions`): 0.10 s per run, 2.4 s to
-compile. `loop="lax"` is the loop as traced; `loop="unroll"` unrolls it in
-Python (every iteration runs, no early stop, compile time grows with it).
+(see `curvopt._xla_cpu`): 20 Lanczos steps on a small 1-D CNN took 2.5 s in a
+plain `fori_loop`, 0.10 s unrolled (after 22 s of compilation). So
+`loop="auto"` (the default everywhere) keeps the `lax` loop and, where those
+workarounds apply and the operator's product contains a convolution, rewrites
+the loop body's convolutions channels-last: 0.10 s per run, 2.4 s to compile.
+`loop="lax"` is the loop as traced; `loop="unroll"` unrolls it in Python
+(every iteration runs, no early stop, compile time grows with it).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from curvopt import _checks, _jaxpr
+from curvopt import _checks, _tree, _xla_cpu
 from curvopt.oracles import LinearOperator
 
 LoopMode = Literal["auto", "lax", "unroll"]
@@ -40,7 +39,11 @@ def resolve_loop(loop: LoopMode, operator: LinearOperator) -> Loop:
   _checks.one_of("loop", loop, LOOP_MODES)
   if loop == "unroll":
     return Loop(unroll=True, channels_last=False)
-  rewrite = loop == "auto" and jax.default_backend() == "cpu" and operator.contains_convolution
+  rewrite = (
+    loop == "auto"
+    and _xla_cpu.active()
+    and _xla_cpu.contains_convolution(operator.mv, _tree.zeros(operator.in_structure))
+  )
   return Loop(unroll=False, channels_last=rewrite)
 
 
@@ -58,7 +61,7 @@ def iterate(
   Early stopping applies to `lax` loops only.
   """
   if loop.channels_last:
-    body = _jaxpr.with_channels_last_convolutions(body)
+    body = _xla_cpu.with_channels_last_convolutions(body)
   if loop.unroll:
     # A Python int step lets bodies slice statically (e.g. only the basis
     # vectors filled so far).

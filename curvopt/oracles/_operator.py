@@ -8,7 +8,6 @@ costs nothing to build and composes with `jit`, `vmap` and `grad`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from curvopt import _checks, _jaxpr, _tree
+from curvopt import _checks, _tree
 
 SYMMETRIC = "symmetric"
 POSITIVE_SEMIDEFINITE = "positive_semidefinite"
@@ -100,12 +99,6 @@ class LinearOperator:
     return LinearOperator(
       lambda v: transposed(v)[0], self.in_structure, self.tags, self.num_examples
     )
-
-  @functools.cached_property
-  def contains_convolution(self) -> bool:
-    """Whether the product runs a convolution (decides loop unrolling on CPU)."""
-    jaxpr = jax.make_jaxpr(self.matvec)(_tree.zeros(self.in_structure))
-    return _jaxpr.contains_primitive(jaxpr.jaxpr, "conv_general_dilated")
 
 
 def is_symmetric(operator: LinearOperator) -> bool:

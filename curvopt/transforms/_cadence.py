@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from curvopt import _jaxpr
+from curvopt import _xla_cpu
 
 
 def value_at(value: Any, count: jax.Array) -> Any:
@@ -31,17 +31,11 @@ def refresh_if_due(
 def refresh_when(due: jax.Array, refresh: Callable[[], Any], keep: Callable[[], Any]):
   """`refresh()` where the boolean `due` holds, else `keep()`, in a `lax.cond`.
 
-  On XLA:CPU a convolution inside a conditional loses its fast path unless
-  it is laid out channels-last (jax-ml/jax#12868; a CNN's Hessian product
-  measured 20x slower), so there the refresh's convolutions are rewritten to
-  that layout (`_jaxpr.with_channels_last_convolutions`); results are
-  identical. Outside `jit` (`due` concrete) this is a Python branch: an eager
-  `lax.cond` would compile a new program on every call.
+  On XLA:CPU the refresh's convolutions are laid out channels-last
+  (`curvopt._xla_cpu.for_control_flow`); results are identical. Outside `jit`
+  (`due` concrete) this is a Python branch: an eager `lax.cond` would compile
+  a new program on every call.
   """
   if not isinstance(due, jax.core.Tracer):
     return refresh() if bool(due) else keep()
-  if jax.default_backend() == "cpu":
-    closed = jax.make_jaxpr(refresh)()
-    if _jaxpr.contains_primitive(closed.jaxpr, "conv_general_dilated"):
-      refresh = _jaxpr.with_channels_last_convolutions(refresh)
-  return jax.lax.cond(due, refresh, keep)
+  return jax.lax.cond(due, _xla_cpu.for_control_flow(refresh), keep)

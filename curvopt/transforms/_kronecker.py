@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from curvopt import _xla_cpu
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -80,17 +82,16 @@ def map_factors(fn, factors, key=None, sharding=None) -> list[list]:
   Factors with the same key (by default their size `d`) from every block
   shape and axis are concatenated into one stack, so one batched call (an
   `eigh`, a root) serves them all; the results are cut back per factor. The
-  calls are ordered one after another: jaxlib's batched LAPACK kernels wait
-  on the XLA:CPU thread pool from inside it, and two of them running at once
-  deadlock a two-thread pool (measured: `eigh` refreshes of a CNN hung).
-  An optimization barrier does not order them (it is gone before the thunk
-  schedule is built); a data dependency does.
+  calls are ordered one after another on XLA:CPU (`curvopt._xla_cpu`: two
+  batched LAPACK calls at once deadlock its thread pool). An optimization
+  barrier does not order them (it is gone before the thunk schedule is
+  built); a data dependency does.
 
   With `sharding` (a `NamedSharding` over the stack's leading axis), each
   stack is padded with identity factors to a multiple of the shards and
   constrained to it, so every device computes its share of the roots.
   """
-  if jax.default_backend() == "cpu" and jax.device_count() > 1:
+  if _xla_cpu.lapack_one_at_a_time():
     fn = _one_at_a_time(fn)
   if sharding is not None:
     fn = _distributed(fn, sharding)
@@ -103,7 +104,7 @@ def map_factors(fn, factors, key=None, sharding=None) -> list[list]:
   previous = None
   for k, members in jobs.items():
     stacked = jnp.concatenate([factors[g][a] for g, a in members])
-    if previous is not None:
+    if previous is not None and _xla_cpu.order_lapack_calls():
       stacked = stacked + _zero_depending_on(previous)
     previous = fn(k, stacked)
     offset = 0
