@@ -55,7 +55,7 @@ from curvopt.oracles import SYMMETRIC as SYMMETRIC
 from curvopt.oracles import LinearOperator as LinearOperator
 from curvopt.oracles import compose as compose
 from curvopt.oracles import dataset_operator as dataset_operator
-from curvopt.oracles import diagonal as diagonal
+from curvopt.oracles import diagonal_operator as diagonal_operator
 from curvopt.oracles import empirical_fisher as empirical_fisher
 from curvopt.oracles import gauss_newton as gauss_newton
 from curvopt.oracles import gauss_newton_factor as gauss_newton_factor
@@ -67,6 +67,7 @@ from curvopt.oracles import linear_operator as linear_operator
 from curvopt.oracles import preconditioned as preconditioned
 from curvopt.oracles import random_vector as random_vector
 from curvopt.oracles import restrict as restrict
+from curvopt.oracles import to_lineax as to_lineax
 from curvopt.oracles import value_grad_hvp as value_grad_hvp
 from curvopt.transforms import masked as masked
 from curvopt.transforms import multi_transform as multi_transform

@@ -194,6 +194,21 @@ def positive(name: str, value: Any, why: str = "") -> Any:
   if not value > 0 or value == float("inf"):
     raise ValueError(f"{name} must be a finite number > 0{why}, got {value}.")
   return value
-  if not value > 0 or value == float("inf"):
-    raise ValueError(f"{name} must be a finite number > 0{why}, got {value}.")
-  return value
+
+
+# The ranges of the hyperparameters the named optimizers share.
+_SHARED_RANGES = {
+  "learning_rate": (0.0, float("inf")),
+  "b1": (0.0, 1.0),
+  "b2": (0.0, 1.0),
+  "eps": (0.0, float("inf")),
+  "weight_decay": (0.0, float("inf")),
+  "gamma": (0.0, float("inf")),
+}
+
+
+def shared_hyperparameters(**values: Any) -> None:
+  """Checks by name the hyperparameters named optimizers share (`learning_rate`, `b1`, ...)."""
+  for name, value in values.items():
+    low, high = _SHARED_RANGES[name]
+    in_range(name, value, low, high)

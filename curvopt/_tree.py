@@ -50,6 +50,11 @@ def zeros(structure: Any, dtype: Any = None) -> Any:
   return jax.tree.map(lambda s: jnp.zeros(s.shape, dtype or s.dtype), structure)
 
 
+def statistics_zeros(tree: Any) -> Any:
+  """Zeros shaped like `tree` for optimizer statistics: float32 at least (bfloat16 -> float32)."""
+  return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), tree)
+
+
 def cast(tree: Any, dtype: Any) -> Any:
   return optax.tree.cast(tree, dtype)
 

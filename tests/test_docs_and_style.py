@@ -3,7 +3,9 @@
 import ast
 import contextlib
 import doctest
+import functools
 import importlib
+import inspect
 import pathlib
 import pkgutil
 import re
@@ -46,7 +48,8 @@ def _public_functions():
   for module in (curvopt, curvopt.transforms):
     for name in dir(module):
       obj = getattr(module, name)
-      if callable(obj) and not name.startswith("_") and not isinstance(obj, type):
+      is_function = inspect.isfunction(obj) or isinstance(obj, functools.partial)
+      if callable(obj) and not name.startswith("_") and is_function:
         yield name, obj
 
 
@@ -63,7 +66,7 @@ _NO_PAPER = {
   "flax_averaging_axes",
   "spatial_average",
   "compose",
-  "diagonal",
+  "diagonal_operator",
   "linear_operator",
   "random_vector",
   "restrict",
@@ -179,3 +182,24 @@ def test_demo_runs():
   assert result.returncode == 0, result.stderr
   assert "sharpness (largest Hessian eigenvalue) on 1438 examples" in result.stdout
   assert "top-5 eigenvalues" in result.stdout
+
+
+def test_no_module_imports_a_private_name_from_another():
+  """Private modules (`_tree`, `_checks`) are the internal API; their `_names` are not."""
+  offenders = []
+  for path in sorted((ROOT / "curvopt").rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if not (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("curvopt")):
+        continue
+      for alias in node.names:
+        module = ROOT / pathlib.Path(*f"{node.module}.{alias.name}".split("."))
+        is_module = module.with_suffix(".py").exists() or (module / "__init__.py").exists()
+        if alias.name.startswith("_") and not is_module:
+          offenders.append(f"{path.relative_to(ROOT)}: {node.module}.{alias.name}")
+  assert not offenders, offenders
+
+
+def test_named_optimizers_use_only_the_public_transforms():
+  for path in sorted((ROOT / "curvopt" / "alias").glob("*.py")):
+    private = re.findall(r"from curvopt\.transforms\.(_\w+)", path.read_text())
+    assert not private, f"{path.name} imports curvopt.transforms.{private[0]}"

@@ -159,7 +159,8 @@ def test_hutchinson_diagonal_of_the_mlp_hessian(mlp_hessian):
 
 
 def test_hutchinson_stops_early_at_tolerance():
-  op = curvopt.diagonal(jnp.arange(1.0, 11.0))  # exact with Rademacher probes: zero variance
+  # Exact with Rademacher probes: zero variance.
+  op = curvopt.diagonal_operator(jnp.arange(1.0, 11.0))
   est = curvopt.hutchinson_trace(op, jax.random.key(0), num_probes=80, probes_per_step=4, tol=1e-6)
   assert int(est.num_matvecs) == 4 and bool(est.converged)  # one step of 4 probes
   assert float(est.trace) == pytest.approx(55.0)

@@ -182,7 +182,7 @@ def test_preconditioned_has_the_spectrum_of_p_inverse_a():
 
 
 def test_transpose_of_a_non_symmetric_composition():
-  a = curvopt.diagonal(jnp.array([1.0, 2.0]))
+  a = curvopt.diagonal_operator(jnp.array([1.0, 2.0]))
   b = curvopt.linear_operator(lambda v: jnp.array([v[1], 0.0]), jnp.zeros(2))
   ab = curvopt.compose(a, b)
   np.testing.assert_allclose(ab.transpose().as_matrix(), ab.as_matrix().T)
@@ -248,3 +248,76 @@ def test_mask_selecting_nothing_is_rejected():
   op = curvopt.hessian(lambda p: jnp.sum(p["w"] ** 2), {"w": jnp.ones(3)})
   with pytest.raises(ValueError, match="mask selects no leaves"):
     curvopt.restrict(op, {"w": False})
+
+
+# --- Operators are values: pytrees through jit and vmap, and lineax's solvers. ---
+
+
+def _small_regression():
+  x = jax.random.normal(jax.random.key(0), (7, 3), jnp.float64)
+  y = jax.random.normal(jax.random.key(1), (7, 2), jnp.float64)
+  params = {"w": jax.random.normal(jax.random.key(2), (3, 2), jnp.float64), "b": jnp.ones(2)}
+  model_fn = lambda p: jnp.tanh(x @ p["w"] + p["b"])
+  loss_fn = lambda out: 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+  return model_fn, loss_fn, params, lambda p: loss_fn(model_fn(p))
+
+
+def test_an_operator_crosses_jit_boundaries_both_ways():
+  with jax.enable_x64(True):
+    _, _, params, loss = _small_regression()
+    built_inside = jax.jit(lambda p: curvopt.hessian(loss, p))(params)
+    assert isinstance(built_inside, curvopt.LinearOperator) and jax.tree.leaves(built_inside)
+    dense = jax.hessian(lambda flat: loss(unravel(flat)))(ravel(params))
+    np.testing.assert_allclose(built_inside.as_matrix(), dense, rtol=1e-12, atol=1e-12)
+    apply = jax.jit(lambda op, v: op.mv(v))
+    v = jax.tree.map(jnp.ones_like, params)
+    eager = curvopt.hessian(loss, params)
+    chex.assert_trees_all_close(apply(eager, v), eager.mv(v), rtol=1e-12)
+    chex.assert_trees_all_close(apply(eager, v), eager.mv(v), rtol=1e-12)
+    assert apply._cache_size() == 1  # the same operator again: no retrace
+
+
+def test_vmap_over_operators_of_two_parameter_sets():
+  with jax.enable_x64(True):
+    _, _, params, loss = _small_regression()
+    second = jax.tree.map(lambda x: 0.5 * x - 0.1, params)
+    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), params, second)
+    operators = jax.vmap(lambda p: curvopt.hessian(loss, p))(stacked)
+    v = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape), params)
+    batched = jax.vmap(lambda op: op.mv(v))(operators)
+    for i, p in enumerate((params, second)):
+      chex.assert_trees_all_close(
+        jax.tree.map(lambda x, i=i: x[i], batched), curvopt.hessian(loss, p).mv(v), rtol=1e-12
+      )
+
+
+@pytest.mark.parametrize("solver", ["cg", "cholesky"])
+def test_to_lineax_solves_a_damped_gauss_newton_system(solver):
+  lx = pytest.importorskip("lineax")
+  with jax.enable_x64(True):
+    model_fn, loss_fn, params, _ = _small_regression()
+    gn = curvopt.gauss_newton(model_fn, loss_fn, params)
+    damping = 0.1
+    damped = curvopt.linear_operator(
+      lambda v: jax.tree.map(lambda a, b: a + damping * b, gn.mv(v), v),
+      params,
+      symmetric=True,
+      positive_semidefinite=True,
+    )
+    operator = curvopt.to_lineax(damped)
+    assert lx.is_symmetric(operator) and lx.is_positive_semidefinite(operator)
+    b = jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape), params)
+    method = lx.CG(rtol=1e-12, atol=1e-12) if solver == "cg" else lx.Cholesky()
+    if solver == "cholesky":
+      operator = lx.materialise(operator)
+    solution = lx.linear_solve(operator, b, method).value
+    matrix = gn.as_matrix() + damping * np.eye(gn.size)
+    expected = unravel(np.linalg.solve(matrix, ravel(b)))
+    chex.assert_trees_all_close(solution, expected, rtol=1e-9, atol=1e-10)
+    with pytest.raises(TypeError, match="operator must be a curvopt LinearOperator"):
+      curvopt.to_lineax(matrix)
+
+
+def unravel(flat):
+  params = _small_regression()[2]
+  return jax.flatten_util.ravel_pytree(params)[1](flat)

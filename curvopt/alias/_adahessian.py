@@ -89,12 +89,13 @@ def adahessian(
     Yao, Gholami, Shen, Mustafa, Keutzer, Mahoney, "ADAHESSIAN: An Adaptive
     Second Order Optimizer for Machine Learning", AAAI 2021.
   """
-  inf = float("inf")
-  _checks.in_range("learning_rate", learning_rate, 0.0, inf)
-  _checks.in_range("b1", b1, 0.0, 1.0)
-  _checks.in_range("b2", b2, 0.0, 1.0)
-  _checks.in_range("eps", eps, 0.0, inf)
-  _checks.in_range("weight_decay", weight_decay, 0.0, inf)
+  _checks.shared_hyperparameters(
+    learning_rate=learning_rate,
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    weight_decay=weight_decay,
+  )
   _checks.in_range("hessian_power", hessian_power, 0.0, 1.0, high_inclusive=True)
   return skip_nonfinite(
     optax.chain(

@@ -6,6 +6,7 @@ import optax
 
 from curvopt import _checks
 from curvopt.transforms import (
+  Mask,
   ema_momentum,
   gauss_newton_objective,
   levenberg_marquardt,
@@ -13,7 +14,6 @@ from curvopt.transforms import (
   scale_by_egn,
   skip_nonfinite,
 )
-from curvopt.transforms._gauss_newton_model import Mask
 
 
 def egn(

@@ -9,14 +9,14 @@ import optax
 
 from curvopt import _checks
 from curvopt.transforms import (
+  Fit,
+  Geometry,
   ema_momentum,
   scale_by_psgd_dense,
   scale_by_psgd_kron,
   scale_by_psgd_lra,
   skip_nonfinite,
 )
-from curvopt.transforms._psgd import Fit
-from curvopt.transforms._psgd_kron import Geometry
 
 
 def _chain(
@@ -27,12 +27,9 @@ def _chain(
   weight_decay_mask: Any,
   max_update_rms: float | None,
 ) -> optax.GradientTransformationExtraArgs:
-  inf = float("inf")
-  _checks.in_range("learning_rate", learning_rate, 0.0, inf)
-  _checks.in_range("b1", b1, 0.0, 1.0)
-  _checks.in_range("weight_decay", weight_decay, 0.0, inf)
+  _checks.shared_hyperparameters(learning_rate=learning_rate, b1=b1, weight_decay=weight_decay)
   if max_update_rms is not None:
-    _checks.in_range("max_update_rms", max_update_rms, 0.0, inf)
+    _checks.in_range("max_update_rms", max_update_rms, 0.0, float("inf"))
   return skip_nonfinite(
     optax.chain(
       preconditioner,

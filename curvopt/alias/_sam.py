@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from curvopt.transforms import gam_gradient, sam_gradient, skip_nonfinite
-from curvopt.transforms._sam import Perturbation
+from curvopt.transforms import Perturbation, gam_gradient, sam_gradient, skip_nonfinite
 
 
 def sam(

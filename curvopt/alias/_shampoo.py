@@ -7,9 +7,7 @@ import optax
 
 from curvopt import _checks
 from curvopt._matrix_roots import RootMethod
-from curvopt.transforms import ema_momentum, scale_by_shampoo, skip_nonfinite
-from curvopt.transforms._blocks import MatrixAxes
-from curvopt.transforms._grafting import Grafting
+from curvopt.transforms import Grafting, MatrixAxes, ema_momentum, scale_by_shampoo, skip_nonfinite
 
 
 def shampoo(
@@ -142,10 +140,7 @@ def shampoo(
     Distributed Data-Parallel PyTorch Implementation of the Distributed
     Shampoo Optimizer for Training Neural Networks At-Scale", 2023.
   """
-  inf = float("inf")
-  _checks.in_range("learning_rate", learning_rate, 0.0, inf)
-  _checks.in_range("b1", b1, 0.0, 1.0)
-  _checks.in_range("weight_decay", weight_decay, 0.0, inf)
+  _checks.shared_hyperparameters(learning_rate=learning_rate, b1=b1, weight_decay=weight_decay)
   return skip_nonfinite(
     optax.chain(
       scale_by_shampoo(

@@ -6,8 +6,7 @@ import jax
 import optax
 
 from curvopt import _checks
-from curvopt.transforms import scale_by_soap, skip_nonfinite
-from curvopt.transforms._blocks import MatrixAxes
+from curvopt.transforms import MatrixAxes, scale_by_soap, skip_nonfinite
 
 
 def soap(
@@ -87,12 +86,13 @@ def soap(
     Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson, Kakade,
     "SOAP: Improving and Stabilizing Shampoo using Adam", ICLR 2025.
   """
-  inf = float("inf")
-  _checks.in_range("learning_rate", learning_rate, 0.0, inf)
-  _checks.in_range("b1", b1, 0.0, 1.0)
-  _checks.in_range("b2", b2, 0.0, 1.0)
-  _checks.in_range("eps", eps, 0.0, inf)
-  _checks.in_range("weight_decay", weight_decay, 0.0, inf)
+  _checks.shared_hyperparameters(
+    learning_rate=learning_rate,
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    weight_decay=weight_decay,
+  )
   if shampoo_beta is not None:
     _checks.in_range("shampoo_beta", shampoo_beta, 0.0, 1.0)
   return skip_nonfinite(

@@ -67,13 +67,14 @@ def sophia_h(
     Liu, Li, Hall, Liang, Ma, "Sophia: A Scalable Stochastic Second-order
     Optimizer for Language Model Pre-training", ICLR 2024.
   """
-  inf = float("inf")
-  _checks.in_range("learning_rate", learning_rate, 0.0, inf)
-  _checks.in_range("b1", b1, 0.0, 1.0)
-  _checks.in_range("b2", b2, 0.0, 1.0)
-  _checks.in_range("gamma", gamma, 0.0, inf)
-  _checks.in_range("eps", eps, 0.0, inf)
-  _checks.in_range("weight_decay", weight_decay, 0.0, inf)
+  _checks.shared_hyperparameters(
+    learning_rate=learning_rate,
+    b1=b1,
+    b2=b2,
+    gamma=gamma,
+    eps=eps,
+    weight_decay=weight_decay,
+  )
   _checks.positive("clip_threshold", clip_threshold, " (0 would never move)")
   return skip_nonfinite(
     optax.chain(

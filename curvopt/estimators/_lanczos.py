@@ -81,7 +81,7 @@ def _unit(v: PyTree) -> PyTree:
   return optax.tree.scale(1.0 / jnp.where(n > 0, n, 1.0), v)
 
 
-def _run(
+def lanczos_recurrence(
   operator: LinearOperator,
   key: jax.Array,
   num_iterations: int,
@@ -90,6 +90,10 @@ def _run(
   loop: Loop,
   done: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
 ) -> LanczosDecomposition:
+  """`num_iterations` Lanczos steps from `start` (shared by `lanczos` and the SLQ restarts).
+
+  `done(alphas, betas, steps)`, when given, stops a `lax` loop early.
+  """
   dtype = operator.dtype
   structure = operator.in_structure
   eps = jnp.finfo(dtype).eps
@@ -242,7 +246,7 @@ def lanczos(
 
   Example:
     >>> import jax, jax.numpy as jnp, curvopt
-    >>> op = curvopt.diagonal(jnp.array([1.0, 2.0, 3.0]))
+    >>> op = curvopt.diagonal_operator(jnp.array([1.0, 2.0, 3.0]))
     >>> out = curvopt.lanczos(op, jax.random.key(0), num_iterations=3)
     >>> jnp.linalg.eigvalsh(jnp.diag(out.alphas) + jnp.diag(out.betas[:-1], 1)
     ...     + jnp.diag(out.betas[:-1], -1)).round(4)
@@ -259,7 +263,7 @@ def lanczos(
   else:
     _checks.matches_structure("initial_vector", initial_vector, operator.in_structure)
     start = initial_vector
-  return _run(operator, key, m, start, loop=resolve_loop(loop, operator))
+  return lanczos_recurrence(operator, key, m, start, loop=resolve_loop(loop, operator))
 
 
 def lanczos_eigenpairs(
@@ -294,7 +298,7 @@ def lanczos_eigenpairs(
 
   Example:
     >>> import jax, jax.numpy as jnp, curvopt
-    >>> op = curvopt.diagonal(jnp.array([1.0, -5.0, 3.0, 2.0]))
+    >>> op = curvopt.diagonal_operator(jnp.array([1.0, -5.0, 3.0, 2.0]))
     >>> curvopt.lanczos_eigenpairs(op, jax.random.key(0), k=2).eigenvalues.round(4)
     Array([3., 2.], dtype=float32)
     >>> curvopt.lanczos_eigenpairs(op, jax.random.key(0), k=1, which="LM").eigenvalues.round(4)
@@ -322,7 +326,7 @@ def lanczos_eigenpairs(
     _, _, residuals, norm = _ritz_pairs(alphas, betas, steps, k, which)
     return (steps >= k) & jnp.all(residuals <= tol * norm)
 
-  decomposition = _run(
+  decomposition = lanczos_recurrence(
     operator,
     restart_key,
     m,

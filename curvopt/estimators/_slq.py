@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from curvopt import _checks
-from curvopt.estimators._lanczos import _run, ritz_decomposition
+from curvopt.estimators._lanczos import lanczos_recurrence, ritz_decomposition
 from curvopt.estimators._loops import LoopMode, resolve_loop
 from curvopt.oracles import LinearOperator, random_vector
 
@@ -82,7 +82,7 @@ def spectral_density(
 
   Example:
     >>> import jax, jax.numpy as jnp, curvopt
-    >>> op = curvopt.diagonal(jnp.array([1.0, 2.0, 3.0, 4.0]))
+    >>> op = curvopt.diagonal_operator(jnp.array([1.0, 2.0, 3.0, 4.0]))
     >>> sd = curvopt.spectral_density(op, jax.random.key(0), num_iterations=4)
     >>> [round(float(x), 3) for x in sd.nodes[0]], round(float(sd.weights.sum()), 4)
     ([1.0, 2.0, 3.0, 4.0], 1.0)
@@ -100,7 +100,7 @@ def spectral_density(
   def one_probe(probe_key: jax.Array) -> tuple[jax.Array, jax.Array]:
     start_key, restart_key = jax.random.split(probe_key)
     start = random_vector(start_key, operator.in_structure, "rademacher", operator.dtype)
-    out = _run(operator, restart_key, m, start, loop=plan)
+    out = lanczos_recurrence(operator, restart_key, m, start, loop=plan)
     theta, s, valid = ritz_decomposition(out.alphas, out.betas, out.num_iterations)
     weights = jnp.where(valid, s[0] ** 2, 0.0)
     order = jnp.argsort(jnp.where(valid, theta, jnp.inf))

@@ -13,11 +13,12 @@ from curvopt.oracles._gauss_newton_factor import gauss_newton_factor as gauss_ne
 from curvopt.oracles._hessian import hessian as hessian
 from curvopt.oracles._hessian import hvp as hvp
 from curvopt.oracles._hessian import value_grad_hvp as value_grad_hvp
+from curvopt.oracles._lineax import to_lineax as to_lineax
 from curvopt.oracles._operator import POSITIVE_SEMIDEFINITE as POSITIVE_SEMIDEFINITE
 from curvopt.oracles._operator import SYMMETRIC as SYMMETRIC
 from curvopt.oracles._operator import LinearOperator as LinearOperator
 from curvopt.oracles._operator import compose as compose
-from curvopt.oracles._operator import diagonal as diagonal
+from curvopt.oracles._operator import diagonal_operator as diagonal_operator
 from curvopt.oracles._operator import is_positive_semidefinite as is_positive_semidefinite
 from curvopt.oracles._operator import is_symmetric as is_symmetric
 from curvopt.oracles._operator import linear_operator as linear_operator

@@ -2,16 +2,21 @@
 
 The vocabulary follows lineax (`mv`, `as_matrix`, `transpose`,
 `in_structure`, `out_structure`, tags) on plain JAX pytrees, so an operator
-costs nothing to build and composes with `jit`, `vmap` and `grad`.
+costs nothing to build and composes with `jit`, `vmap` and `grad`. An
+operator is itself a pytree: its leaves are the arrays its product closes
+over (the parameters, the batch), so it can be passed into and returned from
+a jitted function, or batched by `vmap`, as lineax's `FunctionLinearOperator`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
@@ -23,12 +28,17 @@ POSITIVE_SEMIDEFINITE = "positive_semidefinite"
 PyTree = Any
 
 
+@jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True, eq=False)
 class LinearOperator:
   """A square linear map on vectors shaped like a parameter pytree.
 
   Build operators inside the function you `jax.jit`: they close over the
-  parameters and the batch, and are rebuilt for free at every trace.
+  parameters and the batch, and are rebuilt for free at every trace. An
+  operator is also a pytree whose leaves are the arrays its product closes
+  over: flattening it traces the product once to a jaxpr (closure
+  conversion), so it can cross a `jit` boundary or be `vmap`ped. Passing the
+  same operator object again reuses that jaxpr; a new one retraces.
 
   Attributes:
     matvec: the raw product, a linear function from a vector pytree to one of
@@ -91,6 +101,32 @@ class LinearOperator:
     columns = jax.vmap(lambda e: ravel_pytree(self.mv(unravel(e)))[0].astype(self.dtype))(eye)
     return columns.T
 
+  def tree_flatten(self) -> tuple[tuple, tuple]:
+    program, consts = self._closure_converted
+    leaves, treedef = jax.tree.flatten(self.in_structure)
+    return tuple(consts), (program, tuple(leaves), treedef, self.tags, self.num_examples)
+
+  @classmethod
+  def tree_unflatten(cls, aux: tuple, consts: tuple) -> LinearOperator:
+    program, leaves, treedef, tags, num_examples = aux
+    operator = cls(
+      functools.partial(_run_program, program, consts),
+      jax.tree.unflatten(treedef, leaves),
+      tags,
+      num_examples,
+    )
+    object.__setattr__(operator, "_closure_converted", (program, consts))
+    return operator
+
+  @functools.cached_property
+  def _closure_converted(self) -> tuple[_Program, list]:
+    """The product as a jaxpr (static) and the arrays it closes over (the leaves)."""
+    closed, out_shape = jax.make_jaxpr(self.matvec, return_shape=True)(
+      _tree.zeros(self.in_structure)
+    )
+    program = _Program(closed.jaxpr, jax.tree.structure(out_shape))
+    return program, list(closed.consts)
+
   def transpose(self) -> LinearOperator:
     """`A^T`: the operator itself when symmetric, else by `jax.linear_transpose`."""
     if SYMMETRIC in self.tags:
@@ -99,6 +135,20 @@ class LinearOperator:
     return LinearOperator(
       lambda v: transposed(v)[0], self.in_structure, self.tags, self.num_examples
     )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Program:
+  """A traced product: compared by identity, so one operator's flattenings share a jit cache."""
+
+  jaxpr: Any
+  out_tree: Any
+
+
+def _run_program(program: _Program, consts: tuple, vector: PyTree) -> PyTree:
+  closed = jax.extend.core.ClosedJaxpr(program.jaxpr, list(consts))
+  outs = jax.extend.core.jaxpr_as_fun(closed)(*jax.tree.leaves(vector))
+  return jax.tree.unflatten(program.out_tree, outs)
 
 
 def is_symmetric(operator: LinearOperator) -> bool:
@@ -151,12 +201,14 @@ def linear_operator(
   return LinearOperator(matvec, _tree.structure_of(like), frozenset(tags), num_examples)
 
 
-def diagonal(values: PyTree) -> LinearOperator:
+def diagonal_operator(values: PyTree) -> LinearOperator:
   """The diagonal operator `diag(values)` on pytrees shaped like `values`.
+
+  (lineax's `diagonal(op)` goes the other way: it extracts an operator's diagonal.)
 
   Example:
     >>> import jax.numpy as jnp, curvopt
-    >>> curvopt.diagonal(jnp.array([1.0, 3.0])).mv(jnp.array([2.0, 2.0]))
+    >>> curvopt.diagonal_operator(jnp.array([1.0, 3.0])).mv(jnp.array([2.0, 2.0]))
     Array([2., 6.], dtype=float32)
   """
   _checks.float_pytree("values", values)
@@ -172,7 +224,7 @@ def compose(*operators: LinearOperator) -> LinearOperator:
 
   Example:
     >>> import jax.numpy as jnp, curvopt
-    >>> a = curvopt.diagonal(jnp.array([2.0, 3.0]))
+    >>> a = curvopt.diagonal_operator(jnp.array([2.0, 3.0]))
     >>> curvopt.compose(a, a).mv(jnp.ones(2))
     Array([4., 9.], dtype=float32)
   """
@@ -212,7 +264,7 @@ def preconditioned(operator: LinearOperator, preconditioner: PyTree) -> LinearOp
 
   Example:
     >>> import jax.numpy as jnp, curvopt
-    >>> a = curvopt.diagonal(jnp.array([4.0, 9.0]))
+    >>> a = curvopt.diagonal_operator(jnp.array([4.0, 9.0]))
     >>> curvopt.preconditioned(a, jnp.array([4.0, 1.0])).mv(jnp.ones(2))
     Array([1., 9.], dtype=float32)
   """

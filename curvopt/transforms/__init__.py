@@ -7,8 +7,11 @@ take them as an argument.
 
 from curvopt.transforms._adahessian import ScaleByAdaHessianState as ScaleByAdaHessianState
 from curvopt.transforms._adahessian import scale_by_adahessian as scale_by_adahessian
+from curvopt.transforms._blocks import MatrixAxes as MatrixAxes
 from curvopt.transforms._egn import scale_by_egn as scale_by_egn
 from curvopt.transforms._gauss_newton_model import GaussNewtonModel as GaussNewtonModel
+from curvopt.transforms._gauss_newton_model import Mask as Mask
+from curvopt.transforms._grafting import Grafting as Grafting
 from curvopt.transforms._hutchinson import HutchinsonDiagonalState as HutchinsonDiagonalState
 from curvopt.transforms._hutchinson import flax_averaging_axes as flax_averaging_axes
 from curvopt.transforms._hutchinson import (
@@ -30,11 +33,13 @@ from curvopt.transforms._masking import masked as masked
 from curvopt.transforms._masking import multi_transform as multi_transform
 from curvopt.transforms._momentum import EmaMomentumState as EmaMomentumState
 from curvopt.transforms._momentum import ema_momentum as ema_momentum
+from curvopt.transforms._psgd import Fit as Fit
 from curvopt.transforms._psgd import PreconditionerFamily as PreconditionerFamily
 from curvopt.transforms._psgd import ScaleByPSGDNewtonState as ScaleByPSGDNewtonState
 from curvopt.transforms._psgd import ScaleByPSGDState as ScaleByPSGDState
 from curvopt.transforms._psgd import psgd_update_probability as psgd_update_probability
 from curvopt.transforms._psgd_dense import scale_by_psgd_dense as scale_by_psgd_dense
+from curvopt.transforms._psgd_kron import Geometry as Geometry
 from curvopt.transforms._psgd_kron import KronFactors as KronFactors
 from curvopt.transforms._psgd_kron import scale_by_psgd_kron as scale_by_psgd_kron
 from curvopt.transforms._psgd_lra import LowRankFactors as LowRankFactors
@@ -43,6 +48,7 @@ from curvopt.transforms._safety import SkipNonFiniteState as SkipNonFiniteState
 from curvopt.transforms._safety import all_finite as all_finite
 from curvopt.transforms._safety import skip_nonfinite as skip_nonfinite
 from curvopt.transforms._sam import GradientNormAwareState as GradientNormAwareState
+from curvopt.transforms._sam import Perturbation as Perturbation
 from curvopt.transforms._sam import SharpnessAwareState as SharpnessAwareState
 from curvopt.transforms._sam import gam_gradient as gam_gradient
 from curvopt.transforms._sam import sam_gradient as sam_gradient

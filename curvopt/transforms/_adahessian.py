@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt import _checks
+from curvopt import _checks, _tree
 from curvopt.transforms._cadence import refresh_if_due
 from curvopt.transforms._hutchinson import hutchinson_diagonal_estimator, spatial_average
 
@@ -33,10 +33,6 @@ class ScaleByAdaHessianState(NamedTuple):
   nu: PyTree
   diagonal: PyTree
   estimator: Any
-
-
-def _float32_like(params: PyTree) -> PyTree:
-  return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
 
 
 def scale_by_adahessian(
@@ -73,7 +69,7 @@ def scale_by_adahessian(
   estimator = hessian_diagonal_fn or hutchinson_diagonal_estimator(name="adahessian")
 
   def init(params: PyTree) -> ScaleByAdaHessianState:
-    zeros = _float32_like(params)
+    zeros = _tree.statistics_zeros(params)
     kept = zeros if refresh_every > 1 else None
     return ScaleByAdaHessianState(
       jnp.zeros((), jnp.int32), zeros, zeros, kept, estimator.init(params)

@@ -15,7 +15,7 @@ from curvopt._cubic_subproblem import cubic_subproblem, regularized_newton_step
 from curvopt.estimators import lanczos
 from curvopt.oracles import hessian, hvp
 from curvopt.transforms._cadence import refresh_when
-from curvopt.transforms._hutchinson import require_value_fn
+from curvopt.transforms._extra_args import require_value_fn
 
 PyTree = Any
 MODES = ("auto", "dense", "matrix_free")

@@ -11,7 +11,7 @@ initial scale derived from the first pair, and the step-size schedules.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -21,31 +21,52 @@ from curvopt import _checks, _tree
 from curvopt.oracles import hvp, random_vector
 from curvopt.oracles._probes import counter_uniform
 from curvopt.transforms._cadence import refresh_when, value_at
-from curvopt.transforms._hutchinson import require_value_fn
+from curvopt.transforms._extra_args import require_value_fn
 
 PyTree = Any
 Fit = Literal["whitening", "newton"]
 FITS = ("whitening", "newton")
 
 
-class PreconditionerFamily(NamedTuple):
-  """What a PSGD preconditioner form supplies to the driver.
+class FitSettings(NamedTuple):
+  """What every family's fit is built with: the bound's decay and the fitting criterion."""
+
+  beta_l: float
+  whitening: bool
+
+
+class PreconditionerFamily(Protocol):
+  """What a PSGD preconditioner form supplies to the driver (`scale_by_psgd`).
 
   `view(tree) -> x` and `unview(x, like) -> tree` map parameter-shaped trees
-  to the family's own arrays (the identity for Kronecker factors, the
-  flattened vector for dense and low-rank forms). On `x`:
-  `init(x, key) -> state` (the preconditioner `I`), `rescale(state, scales)`
-  (one scale per leaf of `x`: `Q <- s Q`), `fit(state, v, h, step, beta_l,
-  whitening, key) -> state` (one Lie-group step of the fitting criterion),
-  `apply(state, g) -> P g`.
+  to the family's own arrays (the leaves for Kronecker factors, the flattened
+  vector for dense and low-rank forms). On `x`: `init(x, key) -> state` (the
+  preconditioner `I`), `rescale(state, scales)` (one scale per array of `x`:
+  `Q <- s Q`), `fit(state, v, h, step, coin) -> state` (one Lie-group step of
+  the fitting criterion with step size `step`; `coin` is a fresh uniform draw
+  in [0, 1) for families that randomize a step, as low rank alternates `U`
+  and `V`), `apply(state, g) -> P g`.
   """
 
-  view: Callable[[PyTree], PyTree]
-  unview: Callable[[PyTree, PyTree], PyTree]
-  init: Callable[[PyTree, jax.Array], Any]
+  def view(self, tree: PyTree) -> list[jax.Array]: ...
+  def unview(self, x: list[jax.Array], like: PyTree) -> PyTree: ...
+  def init(self, x: list[jax.Array], key: jax.Array) -> Any: ...
+  def rescale(self, state: Any, scales: list) -> Any: ...
+  def fit(
+    self, state: Any, v: list[jax.Array], h: list[jax.Array], step: Any, coin: jax.Array
+  ) -> Any: ...
+  def apply(self, state: Any, g: list[jax.Array]) -> list[jax.Array]: ...
+
+
+class Family(NamedTuple):
+  """A `PreconditionerFamily` from its six functions."""
+
+  view: Callable[[PyTree], list[jax.Array]]
+  unview: Callable[[list[jax.Array], PyTree], PyTree]
+  init: Callable[[list[jax.Array], jax.Array], Any]
   rescale: Callable[[Any, list], Any]
   fit: Callable[..., Any]
-  apply: Callable[[Any, PyTree], PyTree]
+  apply: Callable[[Any, list[jax.Array]], list[jax.Array]]
 
 
 class ScaleByPSGDState(NamedTuple):
@@ -133,7 +154,7 @@ def _inverse_eighth_root_of_mean_fourth_power(x: jax.Array) -> jax.Array:
 
 
 def scale_by_psgd(
-  family_for: Callable[[PyTree], PreconditionerFamily],
+  family_for: Callable[[PyTree, FitSettings], PreconditionerFamily],
   *,
   fit: Fit,
   lr_preconditioner: optax.ScalarOrSchedule,
@@ -169,6 +190,7 @@ def scale_by_psgd(
   if not callable(lr_preconditioner):
     _checks.in_range("lr_preconditioner", lr_preconditioner, 0.0, 1.0, high_inclusive=True)
   whitening = fit == "whitening"
+  settings = FitSettings(beta_l, whitening)
   state_type = ScaleByPSGDState if whitening else ScaleByPSGDNewtonState
   make_key = _checks.seed("seed", seed)
 
@@ -178,7 +200,7 @@ def scale_by_psgd(
     zero = jnp.zeros((), jnp.int32)
     if not jax.tree.leaves(params):  # `optax.tree.map_params`'s placeholder
       return state_type(zero, key, zero, jnp.zeros((0,), dtype))
-    family = family_for(params)
+    family = family_for(params, settings)
     x = family.view(_tree.zeros(_tree.structure_of(params), dtype))
     preconditioner = family.init(x, key)
     if init_scale is not None:
@@ -195,7 +217,7 @@ def scale_by_psgd(
           f"{name} with fit='newton' needs params in update(updates, state, params)."
         )
       value_fn = require_value_fn(name, value_fn, params)
-    family = family_for(updates)
+    family = family_for(updates, settings)
     dtype = _tree.working_dtype(_tree.structure_of(updates))
     grads = _tree.cast(updates, dtype)
     count = state.count
@@ -219,8 +241,8 @@ def scale_by_psgd(
       noise = random_vector(state.key, grads, "gaussian", dtype, counter=3 * count + 1)
       xh = family.view(_damped(h, damping, noise))
       step = value_at(lr_preconditioner, count)
-      coin_key = jax.random.fold_in(state.key, 2)  # fixed; the family mixes in the count
-      return family.fit(preconditioner, xv, xh, step, beta_l, whitening, coin_key, count)
+      coin = counter_uniform(jax.random.fold_in(state.key, 2), count)
+      return family.fit(preconditioner, xv, xh, step, coin)
 
     preconditioner = refresh_when(due, fit_preconditioner, lambda: state.preconditioner)
     direction = family.unview(family.apply(preconditioner, family.view(grads)), updates)

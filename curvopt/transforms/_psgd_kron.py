@@ -11,7 +11,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from curvopt import _checks
-from curvopt.transforms._psgd import Fit, PreconditionerFamily, scale_by_psgd
+from curvopt.transforms._psgd import Family, Fit, FitSettings, PreconditionerFamily, scale_by_psgd
 
 PyTree = Any
 Geometry = Literal["Q0.5EQ1.5", "QE", "EQ"]
@@ -200,6 +200,7 @@ def _groups(signatures: list) -> list[list[int]]:
 
 def kron_family(
   tree: PyTree,
+  settings: FitSettings,
   *,
   geometry: Geometry,
   max_size: int | None,
@@ -248,12 +249,12 @@ def kron_family(
     )
     return KronFactors(q, p, state.lipschitz)
 
-  def fit(state, v, h, step, beta_l, whitening, key, count):
-    del key, count
+  def fit(state, v, h, step, coin):
+    del coin  # every factor takes its step
 
     def fit_for(i):
       return lambda q, p, lipschitz, vi, hi: _fit_leaf(
-        q, p, lipschitz, vi, hi, step, beta_l, whitening, geometry, layout[i]
+        q, p, lipschitz, vi, hi, step, *settings, geometry, layout[i]
       )
 
     columns = (list(state.q), list(state.p), list(state.lipschitz), list(v), list(h))
@@ -268,7 +269,7 @@ def kron_family(
 
     return _map_grouped(lambda i: apply_leaf, groups, list(state.p), list(g))
 
-  return PreconditionerFamily(view, unview, init, rescale, fit, apply)
+  return Family(view, unview, init, rescale, fit, apply)
 
 
 def scale_by_psgd_kron(
@@ -347,7 +348,9 @@ def scale_by_psgd_kron(
   _checks.static("max_skew", max_skew)
   _checks.in_range("max_skew", max_skew, 0.0, float("inf"), high_inclusive=True)
   return scale_by_psgd(
-    lambda tree: kron_family(tree, geometry=geometry, max_size=max_size, max_skew=max_skew),
+    lambda tree, settings: kron_family(
+      tree, settings, geometry=geometry, max_size=max_size, max_skew=max_skew
+    ),
     fit=fit,
     lr_preconditioner=lr_preconditioner,
     update_probability=update_probability,

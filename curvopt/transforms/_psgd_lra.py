@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from curvopt.oracles._probes import counter_uniform
-from curvopt.transforms._psgd import Fit, PreconditionerFamily, scale_by_psgd
+from curvopt.transforms._psgd import Family, Fit, FitSettings, PreconditionerFamily, scale_by_psgd
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -99,7 +98,7 @@ def _fit(f: LowRankFactors, v, h, step, beta_l, update_u: jax.Array) -> LowRankF
   return LowRankFactors(u * s[:, None], w / s[:, None], f.d * s, jnp.stack([lip_u, lip_w, lip_d]))
 
 
-def lra_family(tree: PyTree, *, rank: int) -> PreconditionerFamily:
+def lra_family(tree: PyTree, settings: FitSettings, *, rank: int) -> PreconditionerFamily:
   """Low-rank-plus-diagonal PSGD on the flattened leaves of `tree`."""
   n = sum(x.size for x in jax.tree.leaves(tree))
   rank = min(rank, n - 1)  # a rank-n correction would not be low rank
@@ -126,15 +125,13 @@ def lra_family(tree: PyTree, *, rank: int) -> PreconditionerFamily:
     (s,) = scales
     return f._replace(d=f.d * s)
 
-  def fit(f, v, h, step, beta_l, whitening, key, count):
-    del whitening
-    update_u = counter_uniform(key, count) < 0.5
-    return _fit(f, v[0], h[0], step, beta_l, update_u)
+  def fit(f, v, h, step, coin):
+    return _fit(f, v[0], h[0], step, settings.beta_l, update_u=coin < 0.5)
 
   def apply(f, g):
     return [_apply_p(f, g[0])]
 
-  return PreconditionerFamily(view, unview, init, rescale, fit, apply)
+  return Family(view, unview, init, rescale, fit, apply)
 
 
 def scale_by_psgd_lra(
@@ -191,7 +188,7 @@ def scale_by_psgd_lra(
   if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
     raise ValueError(f"rank must be a non-negative integer, got {rank!r}.")
   return scale_by_psgd(
-    lambda tree: lra_family(tree, rank=rank),
+    lambda tree, settings: lra_family(tree, settings, rank=rank),
     fit=fit,
     lr_preconditioner=lr_preconditioner,
     update_probability=update_probability,

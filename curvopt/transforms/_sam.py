@@ -11,7 +11,7 @@ import optax
 
 from curvopt import _checks, _tree
 from curvopt.transforms._cadence import value_at
-from curvopt.transforms._hutchinson import require_value_fn
+from curvopt.transforms._extra_args import require_value_fn
 
 PyTree = Any
 Perturbation = Literal["global", "per_group"]

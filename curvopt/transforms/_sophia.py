@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt import _checks
-from curvopt.transforms._adahessian import _float32_like
+from curvopt import _checks, _tree
 from curvopt.transforms._cadence import refresh_if_due
 from curvopt.transforms._hutchinson import hutchinson_diagonal_estimator
 
@@ -63,7 +62,7 @@ def scale_by_sophia_h(
   estimator = hessian_diagonal_fn or hutchinson_diagonal_estimator(name="sophia_h")
 
   def init(params: PyTree) -> ScaleBySophiaState:
-    zeros = _float32_like(params)
+    zeros = _tree.statistics_zeros(params)
     return ScaleBySophiaState(jnp.zeros((), jnp.int32), zeros, zeros, estimator.init(params))
 
   def update(updates, state, params=None, **extra_args):
