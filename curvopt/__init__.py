@@ -11,7 +11,7 @@ Layers, each importing only the ones before it:
 4. the named optimizers (`curvopt.adahessian`, `curvopt.sophia_h`,
    `curvopt.shampoo`, `curvopt.soap`, `curvopt.psgd_kron`,
    `curvopt.psgd_lra`, `curvopt.psgd_dense`, `curvopt.sam`, `curvopt.gam`,
-   `curvopt.egn`, `curvopt.lazy_newton`),
+   `curvopt.egn`, `curvopt.lazy_newton`, `curvopt.mfac`, `curvopt.newton_cg`),
    each a short `optax.chain` of transforms.
 """
 
@@ -27,6 +27,8 @@ from curvopt.alias import adahessian as adahessian
 from curvopt.alias import egn as egn
 from curvopt.alias import gam as gam
 from curvopt.alias import lazy_newton as lazy_newton
+from curvopt.alias import mfac as mfac
+from curvopt.alias import newton_cg as newton_cg
 from curvopt.alias import psgd_dense as psgd_dense
 from curvopt.alias import psgd_kron as psgd_kron
 from curvopt.alias import psgd_lra as psgd_lra

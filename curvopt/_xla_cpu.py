@@ -44,9 +44,12 @@ def contains_convolution(fn: Callable[..., Any], *args: Any) -> bool:
   return _jaxpr.contains_primitive(jax.make_jaxpr(fn)(*args).jaxpr, "conv_general_dilated")
 
 
-def for_control_flow(fn: Callable[[], Any]) -> Callable[[], Any]:
-  """`fn` (no arguments) to run inside a conditional or a loop: channels-last if that helps."""
-  if active() and contains_convolution(fn):
+def for_control_flow(fn: Callable[..., Any], *example_args: Any) -> Callable[..., Any]:
+  """`fn` to run inside a conditional or a loop body: channels-last where that helps.
+
+  `example_args` are what `fn` will be called with (shapes and dtypes matter).
+  """
+  if active() and contains_convolution(fn, *example_args):
     return with_channels_last_convolutions(fn)
   return fn
 

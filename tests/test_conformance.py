@@ -104,6 +104,30 @@ OPTIMIZERS = {
     # every seed tried; measured, see the issue note.
     problem_kwargs={"rosenbrock": {"learning_rate": 1.0, "eps": 1.0, "b1": 0.0}},
   ),
+  "mfac": Entry(
+    curvopt.mfac,
+    {"learning_rate": 0.2, "num_grads": 4, "damping": 1.0, "momentum": 0.5},
+    static_args=("num_grads",),
+    problem_kwargs={"rosenbrock": {"learning_rate": 0.01}},
+    needs_value_fn=False,
+  ),
+  "newton_cg": Entry(  # Gauss-Newton, Martens' damping rule, CG-backtracking
+    curvopt.newton_cg,
+    {"learning_rate": 1.0, "damping": 1.0, "max_cg_iters": 10},
+    static_args=("curvature", "adaptive_damping", "max_cg_iters", "backtracking"),
+    needs_value_fn=False,  # the model and the loss apart, as EGN
+  ),
+  "newton_cg_hessian": Entry(  # the Hessian, fixed damping, negative-curvature exit
+    curvopt.newton_cg,
+    {
+      "learning_rate": 0.5,
+      "damping": 0.1,
+      "curvature": "hessian",
+      "adaptive_damping": False,
+      "max_cg_iters": 10,
+    },
+    static_args=("curvature", "adaptive_damping", "max_cg_iters", "backtracking"),
+  ),
   "psgd_dense": Entry(
     curvopt.psgd_dense,
     {"learning_rate": 0.5},

@@ -3,6 +3,8 @@
 from curvopt.alias._adahessian import adahessian as adahessian
 from curvopt.alias._egn import egn as egn
 from curvopt.alias._lazy_newton import lazy_newton as lazy_newton
+from curvopt.alias._mfac import mfac as mfac
+from curvopt.alias._newton_cg import newton_cg as newton_cg
 from curvopt.alias._psgd import psgd_dense as psgd_dense
 from curvopt.alias._psgd import psgd_kron as psgd_kron
 from curvopt.alias._psgd import psgd_lra as psgd_lra

@@ -122,6 +122,17 @@ def _psgd_kron_newton(
   )
 
 
+def _mfac(
+  learning_rate: float,
+  num_grads: int = 32,
+  damping: float = 1e-4,
+  momentum: float = 0.9,
+  weight_decay: float = 0.0,
+):
+  # A CPU-sized window (the paper's 1024 holds 1024 copies of the gradient).
+  return curvopt.mfac(learning_rate, num_grads, damping, momentum, weight_decay)
+
+
 def _sam(learning_rate: float, rho: float = 0.05, momentum: float = 0.9):
   return curvopt.sam(optax.sgd(learning_rate, momentum=momentum), rho)
 
@@ -228,6 +239,18 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
       "curvopt.lazy_newton: cubic Newton, one Hessian per d steps (full-batch problems)",
       curvopt.lazy_newton,
       extra_args=("value_fn",),
+      takes_schedule=False,
+    ),
+    OptimizerSpec(
+      "mfac",
+      "curvopt.mfac: inverse empirical Fisher of the last 32 gradients (Frantar et al. 2021)",
+      _mfac,
+    ),
+    OptimizerSpec(
+      "newton_cg",
+      "curvopt.newton_cg: Hessian-free Newton, truncated CG on the damped Gauss-Newton (Martens)",
+      functools.partial(curvopt.newton_cg, max_cg_iters=20),
+      extra_args=("model_fn", "loss_fn"),
       takes_schedule=False,
     ),
     OptimizerSpec(

@@ -6,6 +6,8 @@ stops early at a tolerance, and returns a NamedTuple with convergence
 information. All are pure functions: call them inside your `jax.jit`.
 """
 
+from curvopt.estimators._fisher_inverse import inverse_fisher_diagonal as inverse_fisher_diagonal
+from curvopt.estimators._fisher_inverse import obs_scores as obs_scores
 from curvopt.estimators._hutchinson import DiagonalEstimate as DiagonalEstimate
 from curvopt.estimators._hutchinson import TraceEstimate as TraceEstimate
 from curvopt.estimators._hutchinson import hutchinson_diagonal as hutchinson_diagonal

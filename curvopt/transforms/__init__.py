@@ -31,8 +31,13 @@ from curvopt.transforms._line_search import (
 )
 from curvopt.transforms._masking import masked as masked
 from curvopt.transforms._masking import multi_transform as multi_transform
+from curvopt.transforms._mfac import ScaleByMFACState as ScaleByMFACState
+from curvopt.transforms._mfac import scale_by_mfac as scale_by_mfac
 from curvopt.transforms._momentum import EmaMomentumState as EmaMomentumState
 from curvopt.transforms._momentum import ema_momentum as ema_momentum
+from curvopt.transforms._newton_cg import Curvature as Curvature
+from curvopt.transforms._newton_cg import NewtonCGState as NewtonCGState
+from curvopt.transforms._newton_cg import scale_by_newton_cg as scale_by_newton_cg
 from curvopt.transforms._psgd import Fit as Fit
 from curvopt.transforms._psgd import PreconditionerFamily as PreconditionerFamily
 from curvopt.transforms._psgd import ScaleByPSGDNewtonState as ScaleByPSGDNewtonState

@@ -1,0 +1,102 @@
+"""M-FAC: the windowed inverse empirical Fisher against dense inverses (float64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import count_compilations
+
+import curvopt
+
+D, M, DAMPING = 7, 4, 1e-2
+
+
+def _gradients(n, d=D):
+  return np.asarray(jax.random.normal(jax.random.key(0), (n, d), jnp.float64))
+
+
+def _dense_inverse(window, damping=DAMPING, m=M):
+  return np.linalg.inv(damping * np.eye(window.shape[1]) + window.T @ window / m)
+
+
+def test_every_window_state_gives_the_dense_inverse_product_and_the_gram_of_its_rows():
+  """Filling (1..m gradients, zero rows elsewhere) and sliding (the last m) alike."""
+  with jax.enable_x64(True):
+    tx = curvopt.transforms.scale_by_mfac(num_grads=M, damping=DAMPING)
+    gradients = _gradients(3 * M + 1)
+    state = tx.init(jnp.zeros(D))
+    step = jax.jit(tx.update)
+    for t, g in enumerate(gradients):
+      u, state = step(jnp.asarray(g), state)
+      window = gradients[max(0, t + 1 - M) : t + 1]
+      np.testing.assert_allclose(u, _dense_inverse(window) @ g, rtol=1e-8, atol=1e-10)
+      # The incrementally updated Gram matrix equals the one recomputed from the window.
+      np.testing.assert_allclose(state.gram, state.grads @ state.grads.T, rtol=1e-12, atol=1e-12)
+      rows = np.asarray(state.grads)[: len(window)]  # the ring holds exactly the window
+      assert sorted(map(tuple, rows)) == sorted(map(tuple, window))
+    with count_compilations() as compiled:
+      step(jnp.asarray(gradients[0]), state)
+    assert not compiled
+
+
+def test_inverse_fisher_diagonal_and_obs_scores_match_the_dense_inverse():
+  with jax.enable_x64(True):
+    gradients = _gradients(5)
+    grads = {
+      "w": jnp.asarray(gradients[:, :4].reshape(5, 2, 2)),
+      "b": jnp.asarray(gradients[:, 4:]),
+    }
+    params = {"w": jnp.arange(4.0).reshape(2, 2) - 1.5, "b": jnp.array([0.3, -2.0, 1.0])}
+    dense = np.diag(_dense_inverse(gradients, damping=0.1, m=5))
+    diagonal = curvopt.estimators.inverse_fisher_diagonal(grads, damping=0.1)
+    np.testing.assert_allclose(diagonal["w"].ravel(), dense[:4], rtol=1e-10)
+    np.testing.assert_allclose(diagonal["b"], dense[4:], rtol=1e-10)
+    scores = curvopt.estimators.obs_scores(grads, params, damping=0.1)
+    flat_w = np.concatenate([np.asarray(params["w"]).ravel(), np.asarray(params["b"])])
+    expected = flat_w**2 / (2 * dense)
+    np.testing.assert_allclose(
+      np.concatenate([scores["w"].ravel(), scores["b"]]), expected, rtol=1e-10
+    )
+
+
+def test_mfac_is_the_paper_step_with_momentum_and_weight_decay():
+  """g += wd w; u = F^-1 g (g in the window); v = mu v + (1 - mu) u; w -= lr v."""
+  with jax.enable_x64(True):
+    lr, mu, wd = 0.1, 0.9, 0.01
+    opt = curvopt.mfac(lr, num_grads=M, damping=DAMPING, momentum=mu, weight_decay=wd)
+    w = jnp.linspace(-1.0, 1.0, D)
+    state = opt.init(w)
+    reference_w, v, window = np.asarray(w), np.zeros(D), []
+    for g in _gradients(6):
+      updates, state = opt.update(jnp.asarray(g), state, w)
+      w = optax.apply_updates(w, updates)
+      g = g + wd * reference_w
+      window = [*window, g][-M:]
+      v = mu * v + (1 - mu) * _dense_inverse(np.array(window)) @ g
+      reference_w = reference_w - lr * v
+      np.testing.assert_allclose(w, reference_w, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+  "make, message",
+  [
+    (lambda: curvopt.mfac(0.1, damping=0.0), "damping must be a finite number > 0"),
+    (lambda: curvopt.mfac(0.1, num_grads=0), "num_grads"),
+    (lambda: curvopt.mfac(-0.1), r"learning_rate must be in"),
+    (lambda: curvopt.mfac(0.1, momentum=1.0), r"momentum must be in"),
+  ],
+)
+def test_bad_hyperparameters_are_named(make, message):
+  with pytest.raises(ValueError, match=message):
+    make()
+
+
+def test_stacked_gradients_must_share_a_leading_axis():
+  grads = {"a": jnp.ones((3, 2)), "b": jnp.ones((4,))}
+  with pytest.raises(ValueError, match="grads must stack the m gradients on a leading axis"):
+    curvopt.estimators.inverse_fisher_diagonal(grads, damping=0.1)
+  with pytest.raises(ValueError, match="damping must be a finite number > 0"):
+    curvopt.estimators.inverse_fisher_diagonal({"a": jnp.ones((3, 2))}, damping=-1.0)
+  with pytest.raises((ValueError, TypeError), match="params"):
+    curvopt.estimators.obs_scores({"a": jnp.ones((3, 2))}, {"b": jnp.ones(2)}, damping=0.1)

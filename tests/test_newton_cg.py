@@ -1,0 +1,157 @@
+"""Hessian-free Newton-CG: exact on quadratics, negative curvature, Martens' damping rule."""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvopt
+
+
+def _quadratic(d=6):
+  a = jax.random.normal(jax.random.key(0), (d, d), jnp.float64)
+  a = a @ a.T + 0.5 * jnp.eye(d, dtype=jnp.float64)
+  b = jax.random.normal(jax.random.key(1), (d,), jnp.float64)
+  return a, b, lambda w: 0.5 * w @ a @ w - b @ w
+
+
+@pytest.mark.parametrize("backtracking", [True, False])
+@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
+def test_one_undamped_step_with_enough_cg_iterations_solves_a_quadratic(curvature, backtracking):
+  with jax.enable_x64(True):
+    a, b, loss = _quadratic()
+    root = jnp.linalg.cholesky(a)  # loss = 1/2 ||L^T w - L^-1 b||^2 + const
+    model_fn = lambda w: root.T @ w - jax.scipy.linalg.solve_triangular(root, b, lower=True)
+    loss_fn = lambda f: 0.5 * jnp.sum(f**2)
+    opt = curvopt.newton_cg(
+      damping=0.0,
+      curvature=curvature,
+      adaptive_damping=False,
+      max_cg_iters=12,
+      cg_tol=1e-14,
+      backtracking=backtracking,
+    )
+    w = jnp.linspace(-1.0, 1.0, 6)
+    extra = {"value_fn": loss, "model_fn": model_fn, "loss_fn": loss_fn}
+    updates, state = jax.jit(lambda w, s: opt.update(jax.grad(loss)(w), s, w, **extra))(
+      w, opt.init(w)
+    )
+    np.testing.assert_allclose(w + updates, np.linalg.solve(a, b), rtol=1e-9, atol=1e-10)
+    inner = state.inner_state[0]
+    assert int(inner.cg_iterations) <= 7 and int(inner.negative_curvature) == 0
+
+
+def test_cg_on_an_indefinite_hessian_stops_at_negative_curvature():
+  with jax.enable_x64(True):
+    h = jnp.diag(jnp.array([2.0, 1.0, -1.0]))
+    b = jnp.array([0.1, 0.0, 1.0])
+    loss = lambda w: 0.5 * w @ h @ w - b @ w
+    tx = curvopt.transforms.scale_by_newton_cg(0.0, curvature="hessian", max_cg_iters=10)
+    w = jnp.zeros(3)
+    g = jax.grad(loss)(w)
+    updates, state = tx.update(g, tx.init(w), w, value_fn=loss)
+    assert int(state.negative_curvature) == 1 and int(state.cg_iterations) == 1
+    assert bool(jnp.all(jnp.isfinite(updates)))
+    # A descent direction: the step -updates decreases the loss to first order.
+    assert float(g @ -updates) < 0 and float(loss(w - updates)) < float(loss(w))
+    # Positive definite: no early exit.
+    spd = lambda w: 0.5 * w @ jnp.abs(h) @ w - b @ w
+    _, state = tx.update(jax.grad(spd)(w), tx.init(w), w, value_fn=spd)
+    assert int(state.negative_curvature) == 0
+
+
+@pytest.mark.parametrize(
+  "start, branch, factor",
+  [
+    (0.5, "unchanged", 1.0),  # rho = 0.44
+    (0.1, "increase", 1.5),  # rho < 0: the step overshoots into r = 24
+    (2.0, "decrease", 2.0 / 3.0),  # rho = 0.96
+  ],
+)
+def test_martens_damping_rule_on_every_branch(start, branch, factor):
+  """Gain ratio rho of the damped Gauss-Newton model: < 1/4 up 3/2, > 3/4 down 2/3."""
+  with jax.enable_x64(True):
+    model_fn = lambda w: w**2 - 1.0
+    loss_fn = lambda f: 0.5 * jnp.sum(f**2)
+    opt = curvopt.newton_cg(damping=1e-3, backtracking=False)
+    w = jnp.array([start])
+    g = jax.grad(lambda w: loss_fn(model_fn(w)))(w)
+    _, state = opt.update(g, opt.init(w), w, model_fn=model_fn, loss_fn=loss_fn)
+    lm = state.inner_state
+    rho = float(lm.gain_ratio)
+    expected = {"unchanged": 0.25 <= rho <= 0.75, "increase": rho < 0.25, "decrease": rho > 0.75}
+    assert bool(lm.measured) and expected[branch], rho
+    np.testing.assert_allclose(float(lm.damping), 1e-3 * factor, rtol=1e-12)
+
+
+def test_backtracking_never_returns_a_worse_iterate_than_the_last():
+  with jax.enable_x64(True):
+    x = jnp.linspace(-1.0, 1.0, 12)
+    model_fn = lambda w: jnp.tanh(w[0] * x + w[1]) * w[2]
+    loss_fn = lambda f: 0.5 * jnp.sum((f - jnp.sin(2 * x)) ** 2)
+    objective = lambda w: loss_fn(model_fn(w))
+    w = jnp.array([3.0, -1.0, 0.2])
+    g = jax.grad(objective)(w)
+    make = lambda bt: curvopt.transforms.scale_by_newton_cg(1e-4, max_cg_iters=8, backtracking=bt)
+    with_bt, state = make(True).update(g, make(True).init(w), w, model_fn=model_fn, loss_fn=loss_fn)
+    last, _ = make(False).update(g, make(False).init(w), w, model_fn=model_fn, loss_fn=loss_fn)
+    assert float(objective(w - with_bt)) <= float(objective(w - last))
+    chex.assert_trees_all_close(state.previous, -last, rtol=1e-12)  # the warm start is CG's own
+
+
+def test_the_warm_start_carries_the_previous_solution():
+  with jax.enable_x64(True):
+    a, b, loss = _quadratic()
+    tx = curvopt.transforms.scale_by_newton_cg(
+      0.0, curvature="hessian", max_cg_iters=2, warm_start=1.0, backtracking=False
+    )
+    w = jnp.zeros(6)
+    state = tx.init(w)
+    residuals = []
+    for _ in range(4):  # the same system each time: warm-started CG keeps improving
+      updates, state = tx.update(jax.grad(loss)(w), state, w, value_fn=loss)
+      residuals.append(float(jnp.linalg.norm(a @ (w - updates) - b)))
+    assert all(later < earlier for earlier, later in itertools.pairwise(residuals))
+
+
+@pytest.mark.parametrize(
+  "make, error, message",
+  [
+    (lambda: curvopt.newton_cg(curvature="newton"), ValueError, "curvature must be one of"),
+    (lambda: curvopt.newton_cg(curvature="hessian"), ValueError, "adaptive_damping=False"),
+    (lambda: curvopt.newton_cg(damping=-1.0), ValueError, "damping must be in"),
+    (lambda: curvopt.newton_cg(max_cg_iters=0), ValueError, "max_cg_iters"),
+    (lambda: curvopt.newton_cg(-1.0), ValueError, "learning_rate must be in"),
+  ],
+)
+def test_bad_arguments_are_named(make, error, message):
+  with pytest.raises(error, match=message):
+    make()
+
+
+def test_missing_extra_arguments_are_named():
+  w = jnp.zeros(2)
+  opt = curvopt.newton_cg()
+  with pytest.raises(TypeError, match="model_fn and loss_fn"):
+    opt.update(w, opt.init(w), w)
+  hessian = curvopt.newton_cg(curvature="hessian", adaptive_damping=False)
+  with pytest.raises(TypeError, match="value_fn"):
+    hessian.update(w, hessian.init(w), w)
+
+
+def test_a_jitted_step_compiles_once():
+  from helpers import count_compilations
+
+  loss = _quadratic()[2]
+  opt = curvopt.newton_cg(curvature="hessian", adaptive_damping=False, damping=0.1)
+  step = jax.jit(lambda w, s: opt.update(jax.grad(loss)(w), s, w, value_fn=loss))
+  w = jnp.zeros(6, jnp.float32)
+  u, state = step(w, opt.init(w))
+  w = optax.apply_updates(w, u)
+  with count_compilations() as compiled:
+    step(w, state)
+  assert not compiled
