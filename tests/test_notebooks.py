@@ -36,9 +36,9 @@ def _run(name: str, out: pathlib.Path) -> dict:
   return json.loads((out / f"{name}_fast.json").read_text())
 
 
-def test_the_five_notebooks_are_there_in_jupytext_percent_format():
+def test_the_six_notebooks_are_there_in_jupytext_percent_format():
   jupytext = pytest.importorskip("jupytext")
-  assert len(NAMES) == 5, NAMES
+  assert len(NAMES) == 6, NAMES
   for name in NAMES:
     notebook = jupytext.read(NOTEBOOKS / f"{name}.py")
     kinds = [cell.cell_type for cell in notebook.cells]
@@ -96,3 +96,14 @@ def test_optimizer_zoo(tmp_path):
     assert sorted(ranked) == ["adam", "egn", "psgd_kron", "sam", "shampoo", "sophia_h"]
     sharpness = numbers["final_sharpness"][workload]
     assert all(0 < value < 1e4 for value in sharpness.values()), sharpness
+
+
+def test_curvature_pruning(tmp_path):
+  numbers = _run("06_curvature_pruning", tmp_path)
+  assert numbers["dense_accuracy"] > 0.9
+  accuracy = numbers["accuracy"]
+  for name, by_sparsity in accuracy.items():
+    assert by_sparsity[0] > numbers["dense_accuracy"] - 0.03, name  # 50%: nearly free
+    assert by_sparsity[0] >= by_sparsity[1] - 0.01 >= by_sparsity[2] - 0.02, name
+  # On this converged network OBS stays within noise of magnitude at 90% (the table).
+  assert abs(accuracy["M-FAC OBS"][2] - accuracy["magnitude"][2]) < 0.1
