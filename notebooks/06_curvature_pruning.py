@@ -35,7 +35,6 @@
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
-import numpy as np
 import optax
 from _setup import cross_entropy, fast_or_full, init_mlp, mlp, record, save_figure
 
@@ -74,8 +73,10 @@ def prune(params, scores, sparsity):
   """Zeroes the `sparsity` fraction of weight-matrix entries with the lowest scores (global)."""
   flat = jnp.concatenate([s["w"].ravel() for s in scores])
   threshold = jnp.sort(flat)[int(sparsity * flat.size)]
-  return [{**layer, "w": jnp.where(s["w"] >= threshold, layer["w"], 0.0)} for layer, s in
-          zip(params, scores, strict=True)]
+  return [
+    {**layer, "w": jnp.where(s["w"] >= threshold, layer["w"], 0.0)}
+    for layer, s in zip(params, scores, strict=True)
+  ]
 
 
 magnitude = [{"w": jnp.abs(layer["w"])} for layer in params]
@@ -86,8 +87,9 @@ diagonal = curvopt.hutchinson_diagonal(
 layer_curvature = [float(jnp.mean(jnp.abs(d["w"]))) for d in diagonal]
 hawq = [{"w": layer["w"] ** 2 * c} for layer, c in zip(params, layer_curvature, strict=True)]
 
-per_example = jax.vmap(jax.grad(lambda p, xi, yi: cross_entropy(mlp(p, xi[None]), yi[None])),
-                       in_axes=(None, 0, 0))
+per_example = jax.vmap(
+  jax.grad(lambda p, xi, yi: cross_entropy(mlp(p, xi[None]), yi[None])), in_axes=(None, 0, 0)
+)
 grads = per_example(params, x[:num_grads], y[:num_grads])
 mean_square = float(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))) / (
   num_grads * sum(g.size for g in jax.tree.leaves(params))
@@ -99,7 +101,8 @@ results = {
   name: [accuracy(prune(params, scores, s)) for s in sparsities] for name, scores in methods.items()
 }
 for name, accs in results.items():
-  print(f"{name:>24}: " + "  ".join(f"{s:.0%} {a:.3f}" for s, a in zip(sparsities, accs, strict=True)))
+  pairs = zip(sparsities, accs, strict=True)
+  print(f"{name:>24}: " + "  ".join(f"{s:.0%} {a:.3f}" for s, a in pairs))
 
 # %%
 fig, ax = plt.subplots(figsize=(5.5, 3.8))
