@@ -21,6 +21,22 @@ def contains_primitive(jaxpr: Any, name: str) -> bool:
   return False
 
 
+# Loops and conditionals count as themselves whatever their bodies hold.
+_CONTROL_FLOW = frozenset({"cond", "while", "scan"})
+
+
+def uses_only(jaxpr: Any, names: frozenset[str]) -> bool:
+  """Whether `jaxpr` applies only primitives in `names`, looking inside calls (not loops)."""
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name in names:
+      continue
+    subs = list(jax.extend.core.jaxprs_in_params(eqn.params))
+    if not subs or name in _CONTROL_FLOW or not all(uses_only(sub, names) for sub in subs):
+      return False
+  return True
+
+
 def _equation_flops(eqn: Any) -> float:
   """Multiply-adds count twice; every other primitive once per output element."""
   name = eqn.primitive.name

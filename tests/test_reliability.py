@@ -204,6 +204,25 @@ def test_a_corrupted_incoming_state_skips_the_step_and_restarts_keeping_the_key(
   )
 
 
+def test_the_restart_is_fused_only_when_init_is_cheap():
+  """Zeros, identities and seeded keys are rebuilt every step; random draws are not."""
+  from curvopt import _jaxpr
+  from curvopt.transforms._safety import _CHEAP_INIT
+
+  params = {"w": jnp.ones((6, 5)), "b": jnp.ones(5)}
+  cheap = lambda opt: _jaxpr.uses_only(
+    jax.make_jaxpr(lambda: opt.init(params))().jaxpr, _CHEAP_INIT
+  )
+  assert cheap(optax.adam(0.1))
+  assert cheap(curvopt.shampoo(0.1))
+  assert cheap(curvopt.psgd_kron(0.1))  # Kronecker factors: identities and a seeded key
+  assert not cheap(curvopt.psgd_lra(0.1))  # Gaussian U and V
+  draws = optax.GradientTransformation(lambda p: jax.random.normal(jax.random.key(0), (3,)), None)
+  assert not cheap(draws)
+  loop = lambda p: jax.lax.fori_loop(0, 3, lambda i, x: x + 1, jnp.zeros(3))
+  assert not cheap(optax.GradientTransformation(loop, None))  # a loop of cheap steps is a loop
+
+
 def test_a_corrupted_state_with_a_random_init_restarts_to_that_init():
   """PSGD-LRA draws its U and V at init: the restart runs that draw, not zeros."""
   params = {"w": jnp.ones((6, 5)), "b": jnp.ones(5)}

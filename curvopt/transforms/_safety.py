@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt import _checks, _tree
+from curvopt import _checks, _jaxpr, _tree
 from curvopt.transforms._cadence import refresh_when
 
 PyTree = Any
@@ -95,8 +95,19 @@ def _select(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
   return jax.tree.map(pick, new, old)
 
 
+# An init made of these only (zeros, identities, a key from a seed) is rebuilt
+# on every step and fused into the final select; any other (random draws,
+# factorizations) runs in a conditional. Measured (mnist1d_cnn, PSGD-Kron): a
+# conditional restart copies the state every step, 9.3 ms a step against 6.9 ms.
+_CHEAP_INIT = frozenset(
+  {"broadcast_in_dim", "iota", "eq", "ne", "convert_element_type", "add", "sub", "mul", "neg"}
+  | {"concatenate", "reshape", "squeeze", "expand_dims", "slice", "transpose", "select_n", "copy"}
+  | {"random_seed", "random_wrap", "random_unwrap"}
+)
+
+
 def _restarted(intact: jax.Array, state: PyTree, init: Callable[[], PyTree]) -> PyTree:
-  """`state` if `intact`, else `init()`, in a conditional; PRNG keys are kept as they are."""
+  """`state` if `intact`, else `init()`; PRNG keys (never non-finite) are kept as they are."""
   leaves, treedef = jax.tree.flatten(state)
   keys = [_tree.is_key(x) for x in leaves]
   current = [x for x, key in zip(leaves, keys, strict=True) if not key]
@@ -104,7 +115,11 @@ def _restarted(intact: jax.Array, state: PyTree, init: Callable[[], PyTree]) -> 
   def fresh() -> list[jax.Array]:
     return [x for x, key in zip(jax.tree.leaves(init()), keys, strict=True) if not key]
 
-  values = iter(refresh_when(~intact, fresh, lambda: current))
+  if _jaxpr.uses_only(jax.make_jaxpr(init)().jaxpr, _CHEAP_INIT):
+    values = _select(intact, current, fresh())
+  else:
+    values = refresh_when(~intact, fresh, lambda: current)
+  values = iter(values)
   return treedef.unflatten(
     [x if key else next(values) for x, key in zip(leaves, keys, strict=True)]
   )
