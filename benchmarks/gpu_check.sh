@@ -2,7 +2,8 @@
 # Device check, run from the repository root on a machine with an accelerator, in about
 # 12 minutes: the oracle and estimator tests, the configs/gpu.toml comparison (step time,
 # peak memory from memory_stats, compile time, time to target), the compile-time table
-# at full size, then the oracle speed table. Writes to ${OUT:-/tmp/curvopt-gpu}; commit
+# at full size, SOAP's eigenbasis refresh (eigh against power + QR: the per-backend
+# default), then the oracle speed table. Writes to ${OUT:-/tmp/curvopt-gpu}; commit
 # what it wrote with the device named (env.txt names it).
 set -uo pipefail
 out="${OUT:-/tmp/curvopt-gpu}"
@@ -24,5 +25,7 @@ timeout 420 python -m curvopt.bench run configs/gpu.toml --out "$out/gpu" --quie
 timeout 150 python benchmarks/compile_time.py --workloads gpt_lm --size full --repeats 1 \
   --optimizers adamw,soap,shampoo,psgd_kron,sophia_h --out "$out/compile_time_gpu.md" 2>&1 | tail -12 \
   | tee "$out/compile.txt"
+timeout 60 python benchmarks/soap_refresh.py --sizes 256,512,1024 --out "$out/soap_refresh_gpu.md" \
+  2>&1 | tail -8 | tee "$out/soap_refresh.txt"
 timeout 90 python benchmarks/oracle_speed.py --synthetic --repeats 50 --out "$out/oracle_speed_gpu.md" \
   2>&1 | tail -40 | tee "$out/bench.txt"

@@ -227,6 +227,18 @@ OPTIMIZERS = {
     problem_kwargs={"rosenbrock": {"learning_rate": 0.01}},
     needs_value_fn=False,
   ),
+  "soap_power_qr": Entry(  # eigh once, then one power step and a QR per refresh
+    curvopt.soap,
+    {"learning_rate": 0.05, "weight_decay": 0.0, "eigenbasis_method": "power_qr"},
+    static_args=(
+      "precondition_frequency",
+      "start_preconditioning_step",
+      "block_size",
+      "eigenbasis_method",
+    ),
+    problem_kwargs={"rosenbrock": {"learning_rate": 0.01}},
+    needs_value_fn=False,
+  ),
   "sophia_h": Entry(
     curvopt.sophia_h,
     {"learning_rate": 0.02, "weight_decay": 0.0},

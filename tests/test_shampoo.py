@@ -452,3 +452,39 @@ def test_batched_root_calls_do_not_deadlock_the_cpu_thread_pool():
     pytest.fail("the refresh loop deadlocked: batched eigh calls ran concurrently")
   assert done.returncode == 0, done.stderr[-2000:]
   assert done.stdout.strip() == "0"
+
+
+def test_soap_power_qr_refresh_converges_to_the_eigenbasis():
+  """Repeated `Q <- qr(S Q)` (columns ordered by diag(Q^T S Q)) reaches eigh's basis."""
+  from curvopt.transforms._soap import _power_qr_bases
+
+  with jax.enable_x64(True):
+    rotation = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (5, 5), jnp.float64))[0]
+    eigenvalues = jnp.array([5.0, 3.0, 2.0, 1.0, 0.5])
+    s = (rotation * eigenvalues) @ rotation.T
+    q = jnp.linalg.qr(jax.random.normal(jax.random.key(1), (5, 5), jnp.float64))[0]
+    statistics, bases = ((s[None],),), ((q[None],),)
+    for _ in range(80):
+      bases = _power_qr_bases(statistics, bases)
+    overlap = jnp.abs(bases[0][0][0].T @ rotation)  # columns in descending eigenvalue order
+    np.testing.assert_allclose(overlap, np.eye(5), atol=1e-8)
+
+
+def test_soap_power_qr_takes_eigh_first_and_stays_close_to_it():
+  gradients = jax.random.normal(jax.random.key(0), (12, 6, 4))
+  runs = {}
+  for method in ("eigh", "power_qr"):
+    tx = scale_by_soap(precondition_frequency=2, eigenbasis_method=method, one_sided=False)
+    state = tx.init(gradients[0])
+    bases = []
+    for g in gradients:
+      _, state = tx.update(g, state)
+      bases.append(state.eigenbases)
+    runs[method] = bases
+  # The first refresh (step 0) is eigh in both; later ones differ but stay orthogonal.
+  chex.assert_trees_all_close(runs["power_qr"][0], runs["eigh"][0], atol=1e-6)
+  assert not np.allclose(runs["power_qr"][-1][0][0], runs["eigh"][-1][0][0], atol=1e-3)
+  for q in jax.tree.leaves(runs["power_qr"][-1]):
+    np.testing.assert_allclose(q[0].T @ q[0], np.eye(q.shape[-1]), atol=1e-5)
+  with pytest.raises(ValueError, match="eigenbasis_method must be one of"):
+    curvopt.soap(0.1, eigenbasis_method="qr")

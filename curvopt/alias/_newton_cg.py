@@ -66,32 +66,24 @@ def newton_cg(
       "newton_cg: adaptive_damping needs curvature='gauss_newton' (the gain ratio uses the "
       "Gauss-Newton model); pass adaptive_damping=False for a fixed damping with the Hessian."
     )
-  if not adaptive_damping:
-    return skip_nonfinite(
-      optax.chain(
-        scale_by_newton_cg(
-          damping,
-          curvature=curvature,
-          max_cg_iters=max_cg_iters,
-          cg_tol=cg_tol,
-          warm_start=warm_start,
-          backtracking=backtracking,
-        ),
-        optax.scale_by_learning_rate(learning_rate),
-      )
+
+  def steps(damping_or_none):
+    return optax.chain(
+      scale_by_newton_cg(
+        damping_or_none,
+        curvature=curvature,
+        max_cg_iters=max_cg_iters,
+        cg_tol=cg_tol,
+        warm_start=warm_start,
+        backtracking=backtracking,
+      ),
+      optax.scale_by_learning_rate(learning_rate),
     )
+
+  if not adaptive_damping:
+    return skip_nonfinite(steps(damping))
   _checks.positive("damping", damping, " (the adaptive rule multiplies it)")
-  inner = optax.chain(
-    scale_by_newton_cg(
-      None,
-      curvature="gauss_newton",
-      max_cg_iters=max_cg_iters,
-      cg_tol=cg_tol,
-      warm_start=warm_start,
-      backtracking=backtracking,
-    ),
-    optax.scale_by_learning_rate(learning_rate),
-  )
+  inner = steps(None)  # the damping arrives from levenberg_marquardt
   return skip_nonfinite(
     levenberg_marquardt(
       inner,

@@ -59,6 +59,7 @@ from curvopt.transforms._sam import gam_gradient as gam_gradient
 from curvopt.transforms._sam import sam_gradient as sam_gradient
 from curvopt.transforms._shampoo import ScaleByShampooState as ScaleByShampooState
 from curvopt.transforms._shampoo import scale_by_shampoo as scale_by_shampoo
+from curvopt.transforms._soap import EigenbasisMethod as EigenbasisMethod
 from curvopt.transforms._soap import ScaleBySoapState as ScaleBySoapState
 from curvopt.transforms._soap import scale_by_soap as scale_by_soap
 from curvopt.transforms._sophia import ScaleBySophiaState as ScaleBySophiaState

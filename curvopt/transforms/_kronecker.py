@@ -54,7 +54,7 @@ def _distributed(fn, sharding):
   def run(key, stacked):
     n, d = stacked.shape[0], stacked.shape[-1]
     pad = -n % _shard_count(sharding)
-    identities = jnp.broadcast_to(jnp.eye(d, dtype=stacked.dtype), (pad, d, d))
+    identities = jnp.broadcast_to(jnp.eye(d, dtype=stacked.dtype), (pad, *stacked.shape[1:]))
     padded = jax.lax.with_sharding_constraint(jnp.concatenate([stacked, identities]), sharding)
     return jax.tree.map(lambda r: r[:n], fn(key, padded))
 
