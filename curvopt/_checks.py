@@ -45,6 +45,13 @@ def non_negative_float(name: str, value: Any) -> float:
   return float(value)
 
 
+def flag(name: str, value: Any) -> bool:
+  """Checks a Python-level switch: `True` or `False`, nothing that merely looks truthy."""
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be True or False, got {value!r}.")
+  return value
+
+
 def one_of(name: str, value: Any, choices: tuple[str, ...]) -> str:
   """Returns `value` if it is one of `choices`, else raises naming them."""
   if value not in choices:

@@ -126,6 +126,8 @@ def test_the_warm_start_carries_the_previous_solution():
     (lambda: curvopt.newton_cg(damping=-1.0), ValueError, "damping must be in"),
     (lambda: curvopt.newton_cg(max_cg_iters=0), ValueError, "max_cg_iters"),
     (lambda: curvopt.newton_cg(-1.0), ValueError, "learning_rate must be in"),
+    (lambda: curvopt.newton_cg(backtracking="yes"), TypeError, "backtracking must be True or"),
+    (lambda: curvopt.newton_cg(adaptive_damping=1), TypeError, "adaptive_damping must be True"),
   ],
 )
 def test_bad_arguments_are_named(make, error, message):

@@ -60,6 +60,7 @@ def newton_cg(
   """
   _checks.shared_hyperparameters(learning_rate=learning_rate)
   _checks.one_of("curvature", curvature, ("gauss_newton", "hessian"))
+  _checks.flag("adaptive_damping", adaptive_damping)
   _checks.in_range("damping", damping, 0.0, float("inf"))
   if adaptive_damping and curvature == "hessian":
     raise ValueError(

@@ -122,17 +122,6 @@ def _psgd_kron_newton(
   )
 
 
-def _mfac(
-  learning_rate: float,
-  num_grads: int = 32,
-  damping: float = 1e-4,
-  momentum: float = 0.9,
-  weight_decay: float = 0.0,
-):
-  # A CPU-sized window (the paper's 1024 holds 1024 copies of the gradient).
-  return curvopt.mfac(learning_rate, num_grads, damping, momentum, weight_decay)
-
-
 def _sam(learning_rate: float, rho: float = 0.05, momentum: float = 0.9):
   return curvopt.sam(optax.sgd(learning_rate, momentum=momentum), rho)
 
@@ -244,7 +233,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     OptimizerSpec(
       "mfac",
       "curvopt.mfac: inverse empirical Fisher of the last 32 gradients (Frantar et al. 2021)",
-      _mfac,
+      # A CPU-sized window (the paper's 1024 holds 1024 copies of the gradient).
+      functools.partial(curvopt.mfac, num_grads=32, damping=1e-4, momentum=0.9),
     ),
     OptimizerSpec(
       "newton_cg",

@@ -23,9 +23,9 @@ PyTree = Any
 
 
 def factor(gram: jax.Array, damping: jax.Array | float) -> Any:
-  """The Cholesky factor of `A = m lambda I + gram` (`gram = U U^T`), for `inverse_product`."""
+  """`(L, True)`, `A = L L^T = m lambda I + gram` (`gram = U U^T`), for `inverse_product`."""
   m = gram.shape[0]
-  return jax.scipy.linalg.cho_factor(gram + m * damping * jnp.eye(m, dtype=gram.dtype))
+  return jax.scipy.linalg.cho_factor(gram + m * damping * jnp.eye(m, dtype=gram.dtype), lower=True)
 
 
 def inverse_product(rows: jax.Array, chol: Any, damping: jax.Array | float, x: jax.Array):
@@ -74,9 +74,9 @@ def inverse_fisher_diagonal(grads: PyTree, damping: float) -> PyTree:
   """
   _checks.positive("damping", damping)
   rows, unravel = _flat_rows(grads, "grads")
-  m = rows.shape[0]
-  lower = jnp.linalg.cholesky(rows @ rows.T + m * damping * jnp.eye(m, dtype=rows.dtype))
-  whitened = jax.scipy.linalg.solve_triangular(lower, rows, lower=True)  # L^-1 U
+  lower, _ = factor(rows @ rows.T, damping)
+  # diag(U^T A^-1 U) is the squared column norms of L^-1 U.
+  whitened = jax.scipy.linalg.solve_triangular(lower, rows, lower=True)
   return unravel((1.0 - jnp.sum(whitened * whitened, axis=0)) / damping)
 
 

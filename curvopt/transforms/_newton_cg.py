@@ -149,6 +149,7 @@ def scale_by_newton_cg(
   _checks.positive_int("max_cg_iters", max_cg_iters)
   _checks.positive("cg_tol", cg_tol)
   _checks.in_range("warm_start", warm_start, 0.0, 1.0, high_inclusive=True)
+  _checks.flag("backtracking", backtracking)
   name = "newton_cg"
 
   def init(params: PyTree) -> NewtonCGState:

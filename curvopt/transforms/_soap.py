@@ -194,6 +194,17 @@ def _carry_second_moments(layout, nu: PyTree, old: Factors, new: Factors) -> PyT
   return from_blocks(layout, carried, nu, nu)
 
 
+def _finite_or_previous(fresh: Factors, previous: Factors) -> Factors:
+  """Each fresh basis where all its entries are finite, else the previous one."""
+  return tuple(
+    tuple(
+      jnp.where(jnp.all(jnp.isfinite(v), axis=(1, 2), keepdims=True), v, old)
+      for v, old in zip(new_group, old_group, strict=True)
+    )
+    for new_group, old_group in zip(fresh, previous, strict=True)
+  )
+
+
 def _power_qr_bases(statistics: Factors, previous: Factors, sharding=None) -> Factors:
   """One power-iteration step and a QR per factor: `Q <- qr(S Q)` (Vyas et al.'s refresh).
 
@@ -216,13 +227,7 @@ def _power_qr_bases(statistics: Factors, previous: Factors, sharding=None) -> Fa
     for s_group, q_group in zip(statistics, previous, strict=True)
   )
   fresh = map_factors(step, paired, sharding=sharding)
-  return tuple(
-    tuple(
-      jnp.where(jnp.all(jnp.isfinite(v), axis=(1, 2), keepdims=True), v, old)
-      for v, old in zip(new_group, old_group, strict=True)
-    )
-    for new_group, old_group in zip(fresh, previous, strict=True)
-  )
+  return _finite_or_previous(fresh, previous)
 
 
 def _eigenbases(statistics: Factors, previous: Factors, sharding=None) -> Factors:
@@ -234,10 +239,4 @@ def _eigenbases(statistics: Factors, previous: Factors, sharding=None) -> Factor
     return vectors[..., ::-1]  # largest eigenvalue first, as the reference orders its basis
 
   fresh = map_factors(eigenvectors, statistics, sharding=sharding)
-  return tuple(
-    tuple(
-      jnp.where(jnp.all(jnp.isfinite(v), axis=(1, 2), keepdims=True), v, old)
-      for v, old in zip(new_group, old_group, strict=True)
-    )
-    for new_group, old_group in zip(fresh, previous, strict=True)
-  )
+  return _finite_or_previous(fresh, previous)
