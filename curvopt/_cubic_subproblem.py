@@ -34,7 +34,7 @@ def cubic_subproblem(eigenvalues: jax.Array, g: jax.Array, regularization: jax.A
   Returns:
     `h` in the eigenbasis, `(d,)`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> # 1-D closed form: h = -2 g / (a + sqrt(a^2 + 2 M |g|)) = -8 / (1 + 3) for a = M = 1, g = 4
     >>> curvopt.cubic_subproblem(jnp.array([1.0]), jnp.array([4.0]), 1.0)
@@ -87,7 +87,7 @@ def regularized_newton_step(eigenvalues: jax.Array, g: jax.Array, damping: jax.A
   below zero is raised to the smallest positive normal number times the
   largest eigenvalue, so the step stays finite.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> curvopt.regularized_newton_step(jnp.array([1.0, 3.0]), jnp.array([2.0, 2.0]), 1.0)
     Array([-1. , -0.5], dtype=float32)

@@ -65,7 +65,7 @@ def matrix_inverse_root(
   Returns:
     `InverseRoot(matrix, residual)`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> a = jnp.array([[4.0, 0.0], [0.0, 16.0]])
     >>> curvopt.matrix_inverse_root(a, 2, epsilon=0.0).matrix

@@ -18,6 +18,8 @@ import numpy as np
 
 from curvopt import _tree
 
+__all__ = ["save", "restore"]
+
 PyTree = Any
 
 # Written beside orbax's files: the tree's node types, leaf paths, shapes and dtypes.
@@ -87,7 +89,7 @@ def save(path: str | pathlib.Path, tree: PyTree) -> None:
   bit, with its sharding (orbax writes each shard from its device). The
   directory must not exist yet. Blocks until the write has finished.
 
-  Example:
+  Examples:
     >>> import pathlib, tempfile, jax, jax.numpy as jnp, curvopt
     >>> opt, params = curvopt.adahessian(0.1), jnp.ones(3)
     >>> state = opt.init(params)
@@ -118,7 +120,7 @@ def restore(path: str | pathlib.Path, like: PyTree) -> PyTree:
   `jax.eval_shape(opt.init, params)` (add `sharding=` to each struct to
   restore sharded). PRNG keys come back as keys of the same implementation.
 
-  Example:
+  Examples:
     >>> import pathlib, tempfile, jax, jax.numpy as jnp, curvopt
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "keys"
     >>> curvopt.checkpoint.save(path, {"key": jax.random.key(7), "count": jnp.int32(3)})

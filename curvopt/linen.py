@@ -6,6 +6,8 @@ from typing import Any
 
 import optax
 
+__all__ = ["apply_gradients"]
+
 
 def apply_gradients(state: Any, *, grads: Any, **extra_args: Any) -> Any:
   """`state.apply_gradients(grads=grads)` that forwards `value_fn` and the other extra arguments.
@@ -14,7 +16,7 @@ def apply_gradients(state: Any, *, grads: Any, **extra_args: Any) -> Any:
   params)` with no extra arguments, so an optimizer that evaluates the loss
   (AdaHessian, Sophia-H, SAM, ...) cannot receive its `value_fn` there.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt, curvopt.linen
     >>> from flax import linen as nn
     >>> from flax.training import train_state

@@ -17,6 +17,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+__all__ = ["value_fn"]
+
 
 def value_fn(
   model: nnx.Module, loss_fn: Callable[[nnx.Module], jax.Array], wrt: Any = nnx.Param
@@ -36,7 +38,7 @@ def value_fn(
     loss_fn: the scalar loss of a module on the current batch.
     wrt: the optimizer's `wrt` filter (the state `value_fn` is given).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> import curvopt.nnx
     >>> from flax import nnx

@@ -1,12 +1,49 @@
-"""Test configuration: float64 on, so exactness checks reach 1e-10.
+"""Test configuration.
 
-Tests of float32 and bfloat16 behaviour build their arrays with explicit dtypes.
+- float64 on, so exactness checks reach 1e-10. Tests of float32 and bfloat16 behaviour
+  build their arrays with explicit dtypes.
+- Two tiers: the default run leaves out tests marked `slow` (statistical tests, the
+  notebooks, multi-device subprocesses, end-to-end resumes, and the registry's variant
+  optimizers in the generic checks); `--runslow` adds them, and `-m slow --runslow` runs
+  them alone (CI runs both).
+- Compiled programs are dropped after each module: a worker otherwise keeps every
+  executable it ever compiled (about 5 GB by the end of the suite).
 """
 
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+    "--runslow",
+    action="store_true",
+    default=False,
+    help="also run the slow tier (tests marked slow)",
+  )
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--runslow"):
+    return
+  slow = [item for item in items if item.get_closest_marker("slow")]
+  if slow:
+    config.hook.pytest_deselected(items=slow)
+    items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def pytest_report_header(config):
+  if not config.getoption("--runslow"):
+    return "slow tier left out: add --runslow to run it"
+  return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs_after_each_module():
+  yield
+  jax.clear_caches()
 
 
 @pytest.fixture

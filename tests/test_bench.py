@@ -36,7 +36,14 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(WORKLOADS))
+# The practitioner-scale networks: test_workloads.py covers them at tiny size by default.
+_NETWORKS = {"resnet_digits", "gpt_lm"}
+
+
+@pytest.mark.parametrize(
+  "name",
+  [pytest.param(n, marks=pytest.mark.slow) if n in _NETWORKS else n for n in sorted(WORKLOADS)],
+)
 def test_workload_loads_offline_with_documented_shapes_and_adam_lowers_its_loss(name):
   with jax.enable_x64(False):
     sized = "size" in inspect.signature(WORKLOADS[name]).parameters
@@ -173,6 +180,7 @@ def _run_cli(cfg, out):
   )
 
 
+@pytest.mark.slow  # a subprocess killed and resumed end to end
 @pytest.mark.subprocess
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   cfg = _write(tmp_path, RESUME)

@@ -248,6 +248,27 @@ OPTIMIZERS = {
 }
 
 
+# Variants of an optimizer (another solver, geometry, root or curvature): their family's
+# own tests run in the default tier; in the registry-wide checks below they are the slow
+# tier, so the default run checks each named optimizer once.
+VARIANTS = {
+  "asam",
+  "egn_cg_line_search",
+  "lazy_newton_matrix_free",
+  "newton_cg_hessian",
+  "psgd_kron_newton_eq",
+  "shampoo_newton_1d",
+  "soap_power_qr",
+}
+assert VARIANTS.issubset(OPTIMIZERS)
+
+
+def registry(names=None):
+  """A parametrization over registry names (all by default), variants marked slow."""
+  names = sorted(OPTIMIZERS if names is None else names)
+  return [pytest.param(n, marks=pytest.mark.slow) if n in VARIANTS else n for n in names]
+
+
 def sum_of_squares(residuals):
   return jnp.sum(residuals**2)
 
@@ -302,7 +323,7 @@ def _run(opt, params, model_fn, steps, loss_fn=sum_of_squares):
 
 
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry())
 def test_converges(name, problem):
   with jax.enable_x64(False):
     make_problem, steps = PROBLEMS[problem]
@@ -312,7 +333,7 @@ def test_converges(name, problem):
     chex.assert_trees_all_close(final, optimum, atol=3e-2)
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry())
 def test_accepts_an_unexpected_extra_argument_and_does_not_recompile(name):
   with jax.enable_x64(False):
     params, model_fn, _ = _parabola()
@@ -333,7 +354,7 @@ def test_accepts_an_unexpected_extra_argument_and_does_not_recompile(name):
     assert not compiled, compiled
 
 
-@pytest.mark.parametrize("name", sorted(n for n, e in OPTIMIZERS.items() if e.needs_value_fn))
+@pytest.mark.parametrize("name", registry(n for n, e in OPTIMIZERS.items() if e.needs_value_fn))
 def test_missing_value_fn_fails_clearly_at_trace_time(name):
   params, model_fn, _ = _parabola()
   opt = OPTIMIZERS[name].make()
@@ -342,7 +363,7 @@ def test_missing_value_fn_fails_clearly_at_trace_time(name):
     jax.jit(lambda p, s: opt.update(jax.grad(loss)(p), s, p))(params, opt.init(params))
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry())
 def test_inject_hyperparams_gives_the_same_updates_and_states(name):
   # float64 (x64 is on in tests), so float32 rounding of injected values cannot hide a difference.
   entry = OPTIMIZERS[name]
@@ -366,7 +387,7 @@ def _unwrap_keys(tree):
   return jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry())
 def test_map_params_works_on_the_state(name):
   params, _, _ = _parabola()
   state = OPTIMIZERS[name].make().init(params)
@@ -376,7 +397,7 @@ def test_map_params_works_on_the_state(name):
   assert jax.tree.structure(mapped) == jax.tree.structure(state)
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry())
 def test_bfloat16_params_give_bfloat16_updates_and_float32_statistics(name):
   params = {"w": jnp.ones(4, jnp.bfloat16), "k": jnp.ones((2, 3), jnp.bfloat16)}
   # sum(w^2) + sum(k^4), as residuals (w, k^2)
@@ -392,7 +413,7 @@ def test_bfloat16_params_give_bfloat16_updates_and_float32_statistics(name):
   assert floats and all(x.dtype == jnp.float32 for x in floats)
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry())
 def test_float64_works_when_enabled(name):
   params, model_fn, optimum = _parabola()
   params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
@@ -403,7 +424,7 @@ def test_float64_works_when_enabled(name):
   )
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry())
 def test_zero_gradient_and_zero_hessian_give_a_finite_update(name):
   params = {"w": jnp.ones(3), "k": jnp.ones((2, 2))}
   # Zero residuals with a zero Jacobian: zero gradient, zero Hessian, zero Gauss-Newton.
@@ -416,7 +437,7 @@ def test_zero_gradient_and_zero_hessian_give_a_finite_update(name):
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry())
 def test_works_after_clip_by_global_norm_in_a_chain(name):
   with jax.enable_x64(False):
     params, model_fn, optimum = _parabola()
@@ -425,7 +446,7 @@ def test_works_after_clip_by_global_norm_in_a_chain(name):
     chex.assert_trees_all_close(final, optimum, atol=3e-2)
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry())
 def test_works_inside_flax_nnx_optimizer(name):
   nnx = pytest.importorskip("flax.nnx")
   with jax.enable_x64(False):

@@ -6,6 +6,7 @@ import doctest
 import functools
 import importlib
 import inspect
+import math
 import pathlib
 import pkgutil
 import re
@@ -14,6 +15,8 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import optax
 import pytest
 
 import curvopt
@@ -93,8 +96,14 @@ def test_readme_quickstart_runs():
     x = jax.random.normal(jax.random.key(0), (16, 4))
     y = jnp.arange(16) % 3
     sharp, top5, trace = namespace["curvature"](params, x, y, jax.random.key(1))
+    state = namespace["opt"].init(params)
+    before = float(namespace["loss"](params, x, y))
+    for _ in range(20):
+      params, state = namespace["train_step"](params, state, x, y)
+    after = float(namespace["loss"](params, x, y))
   assert top5.shape == (5,) and float(sharp.sharpness) == pytest.approx(float(top5[0]), rel=1e-4)
   assert int(sharp.num_examples) == 16 and float(trace) > 0
+  assert math.isfinite(after) and after < 0.9 * before, (before, after)
 
 
 def test_readme_test_command_is_what_ci_runs():
@@ -168,6 +177,7 @@ def test_ruff_is_clean(args):
   assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow  # the demo end to end in a subprocess
 @pytest.mark.subprocess
 def test_demo_runs():
   with contextlib.suppress(ImportError):
@@ -203,3 +213,101 @@ def test_named_optimizers_use_only_the_public_transforms():
   for path in sorted((ROOT / "curvopt" / "alias").glob("*.py")):
     private = re.findall(r"from curvopt\.transforms\.(_\w+)", path.read_text())
     assert not private, f"{path.name} imports curvopt.transforms.{private[0]}"
+
+
+# --- The README's tables are true of the code. ------------------------------
+
+
+def _readme_table(marker: str) -> list[list[str]]:
+  """The rows (cells) of the README table right after `<!-- marker ... -->`."""
+  lines = (ROOT / "README.md").read_text().splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(f"<!-- {marker}"))
+  rows = []
+  for line in lines[start + 3 :]:
+    if not line.startswith("|"):
+      break
+    rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+  return rows
+
+
+def _named_optimizers() -> set[str]:
+  import curvopt.alias
+
+  return {name for name in dir(curvopt.alias) if inspect.isfunction(getattr(curvopt.alias, name))}
+
+
+def _optimizer_rows() -> dict[str, str]:
+  rows = {}
+  for cells in _readme_table("optimizer-table"):
+    name = re.match(r"\[`(\w+)`\]\(docs/choosing-an-optimizer\.md#(\w+)\)", cells[0])
+    assert name and name.group(1) == name.group(2), f"malformed optimizer row {cells[0]!r}"
+    rows[name.group(1)] = cells[2]
+  return rows
+
+
+def test_readme_optimizer_table_lists_exactly_the_named_optimizers():
+  rows = _optimizer_rows()
+  assert set(rows) == _named_optimizers()
+  guide = (ROOT / "docs" / "choosing-an-optimizer.md").read_text()
+  for name in rows:
+    assert f"### `{name}`\n" in guide, f"the README links to a missing section: {name}"
+
+
+def _build(name: str):
+  fn = getattr(curvopt, name)
+  if name in ("sam", "gam"):
+    return fn(optax.sgd(0.1))
+  return fn(0.1)
+
+
+@pytest.mark.parametrize("name", sorted(_named_optimizers()))
+def test_readme_optimizer_table_names_the_extra_arguments_update_needs(name):
+  """An update without extra arguments fails naming what the README's row lists, and
+  succeeds when the row lists none (or only under a non-default setting)."""
+  listed = _optimizer_rows()[name]
+  needed = [arg for arg in ("value_fn", "model_fn") if f"`{arg}`" in listed]
+  conditional = "with" in listed or listed.startswith("as ")
+  params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+  opt = _build(name)
+  state = opt.init(params)
+  call = lambda: jax.eval_shape(lambda s: opt.update(params, s, params), state)
+  if needed and not conditional:
+    with pytest.raises((TypeError, ValueError), match=needed[0]):
+      call()
+  else:
+    call()
+
+
+def test_readme_estimator_table_lists_exactly_the_estimators():
+  listed = set()
+  for cells in _readme_table("estimator-table"):
+    listed |= set(re.findall(r"`(\w+)`", cells[0]))
+  for name in listed:
+    assert callable(getattr(curvopt, name, None) or getattr(curvopt.estimators, name)), name
+  estimators = {
+    name
+    for name in dir(curvopt.estimators)
+    if inspect.isfunction(getattr(curvopt.estimators, name))
+  }
+  assert estimators <= listed, f"missing from the README: {sorted(estimators - listed)}"
+
+
+def test_readme_fits_on_a_screen():
+  assert len((ROOT / "README.md").read_bytes()) <= 12 * 1024
+
+
+def test_getting_started_guide_runs():
+  """The guide's code blocks, in order, as one program (the flax.nnx step included)."""
+  guide = (ROOT / "docs" / "getting-started.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", guide, re.S)
+  namespace: dict = {}
+  with _float32_context():
+    exec(compile("\n".join(blocks), "getting-started.md", "exec"), namespace)
+    loss = namespace["train_step"](namespace["model"], namespace["optimizer"], *_xy(namespace))
+    sharpness = namespace["curvature"](namespace["params"], *_xy(namespace), jax.random.key(0))
+  assert math.isfinite(float(loss)) and float(sharpness) > 0
+  assert float(namespace["value"]) < 0.69  # the loop trained: below log(2) at the start
+
+
+def _xy(namespace):
+  return namespace["x"], namespace["y"]

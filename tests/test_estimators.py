@@ -166,6 +166,7 @@ def test_hutchinson_stops_early_at_tolerance():
   assert float(est.trace) == pytest.approx(55.0)
 
 
+@pytest.mark.slow  # statistical: many seeds
 def test_hutchpp_has_lower_variance_than_hutchinson_on_dominant_eigenvalues():
   value_fn, matrix = quadratic_with_spectrum([100.0, 80.0, 60.0, *np.full(37, 0.5)])
   op = curvopt.hessian(value_fn, jnp.zeros(40))
@@ -265,7 +266,14 @@ def test_second_call_does_not_recompile(name):
   assert not compiled, compiled
 
 
-@pytest.mark.parametrize("name", sorted(set(ESTIMATORS) - {"hutchpp_trace"}))
+def _slow_but(names, fast):
+  """`names` as a parametrization whose members outside `fast` are the slow tier."""
+  return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in sorted(names)]
+
+
+@pytest.mark.parametrize(
+  "name", _slow_but(set(ESTIMATORS) - {"hutchpp_trace"}, {"lanczos_eigenpairs", "hutchinson_trace"})
+)
 def test_unrolled_and_lax_loops_agree(name):
   problem = mlp_problem("mse", n=8, sizes=(3, 5, 2))
   run = jax.jit(
@@ -299,7 +307,9 @@ def test_auto_loop_rewrites_convolutions_channels_last_on_cpu_only():
   assert resolve_loop("unroll", dense_op) == Loop(unroll=True, channels_last=False)
 
 
-@pytest.mark.parametrize("name", sorted(set(ESTIMATORS) - {"hutchpp_trace"}))
+@pytest.mark.parametrize(
+  "name", _slow_but(set(ESTIMATORS) - {"hutchpp_trace"}, {"power_iteration", "hutchinson_diagonal"})
+)
 def test_a_cnn_gives_the_same_estimates_in_every_loop_mode(name):
   """`auto` (a lax loop whose convolutions are rewritten channels-last on CPU) = unrolled."""
   with jax.enable_x64(True):

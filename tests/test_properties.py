@@ -11,6 +11,9 @@ from jax.flatten_util import ravel_pytree
 import curvopt
 
 hypothesis = pytest.importorskip("hypothesis")
+
+# Property-based: many random pytrees each; the dense references of test_oracles.py run by default.
+pytestmark = pytest.mark.slow
 st = hypothesis.strategies
 # Every example compiles new shapes: few examples, derandomized so CI is reproducible.
 settings = hypothesis.settings(max_examples=6, deadline=None, derandomize=True)

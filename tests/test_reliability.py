@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from test_conformance import OPTIMIZERS, _parabola, extra_args
+from test_conformance import OPTIMIZERS, _parabola, extra_args, registry
 
 import curvopt
 from curvopt.bench import config, runner
@@ -42,7 +42,7 @@ def _poison_a_statistic(state, value):
 
 
 @pytest.mark.parametrize("value", [jnp.nan, jnp.inf])
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry())
 def test_injected_faults_never_reach_the_parameters_and_training_continues(name, value):
   with jax.enable_x64(False):
     params, model_fn, _ = _parabola()
@@ -74,7 +74,7 @@ def _step(opt, params, state, grads, extra):
   return optax.apply_updates(params, updates), state
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry())
 def test_states_save_and_restore_exactly_against_an_abstract_target(name, tmp_path):
   params, model_fn, _ = _parabola()
   extra = extra_args(model_fn)
@@ -261,7 +261,7 @@ def test_the_guard_changes_no_healthy_step():
 # --- Bad input, named. -----------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry())
 def test_mismatched_gradients_and_integer_parameters_are_named(name):
   params, model_fn, _ = _parabola()
   opt = OPTIMIZERS[name].make()
@@ -462,7 +462,7 @@ def test_multisteps_needs_skip_not_finite_to_survive_one_nan_gradient(skip):
     assert float(loss(w)) > optimum + 0.5
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry())
 def test_every_state_is_savable_by_plain_orbax(name, tmp_path):
   """How users checkpoint params and state together; orbax refuses zero-size arrays."""
   ocp = pytest.importorskip("orbax.checkpoint")
@@ -561,7 +561,7 @@ def test_psgd_dense_refuses_a_model_too_large_for_a_dense_preconditioner():
   jax.eval_shape(curvopt.psgd_dense(0.1, max_dimension=200_000).init, big)  # when meant
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry())
 @pytest.mark.parametrize("empty", [{}, {"a": {}}, ()], ids=["dict", "nested", "tuple"])
 def test_empty_parameters_give_empty_updates(name, empty):
   """Legal in optax (a frozen model, a masked-out group): nothing to do, no error."""

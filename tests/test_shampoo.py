@@ -441,6 +441,7 @@ print(int(jax.block_until_ready(s.inner_state[0].failures)))
 """
 
 
+@pytest.mark.slow  # a deadlock regression: many concurrent LAPACK calls
 def test_batched_root_calls_do_not_deadlock_the_cpu_thread_pool():
   """Forty refreshes of four factor sizes beside convolutions (3 of 4 runs hung unordered)."""
   pytest.importorskip("mnist1d")

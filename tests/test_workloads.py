@@ -109,6 +109,7 @@ def test_gpt_lm_tiny_corpus_split_and_a_uniform_start():
   assert np.isfinite(float(workload.test_metric_fn(params)))
 
 
+@pytest.mark.slow  # the ResNet at tiny size, several compiles
 def test_resnet_normalizes_per_example_and_blocks_start_as_the_identity():
   workload = WORKLOADS["resnet_digits"](size="tiny")
   params = workload.init_params(jax.random.key(0))
@@ -124,7 +125,9 @@ def test_resnet_normalizes_per_example_and_blocks_start_as_the_identity():
   chex.assert_trees_all_close(workload.model_fn(branchless, x), together, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["gpt_lm", "resnet_digits", "noisy_quadratic"])
+@pytest.mark.parametrize(
+  "name", ["gpt_lm", pytest.param("resnet_digits", marks=pytest.mark.slow), "noisy_quadratic"]
+)
 def test_a_curvature_optimizer_trains_each_new_workload_through_value_fn(name):
   import optax
 

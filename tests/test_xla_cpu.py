@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import curvopt
 from curvopt import _xla_cpu
@@ -132,6 +133,7 @@ def _results() -> dict:
   return out
 
 
+@pytest.mark.slow  # five estimators and optimizers compiled twice
 def test_results_are_the_same_with_the_workarounds_off(monkeypatch):
   with jax.enable_x64(False):
     on = _results()

@@ -30,13 +30,14 @@ def adahessian(
   At step `t`, with gradient `g` and a Rademacher probe `z` drawn from the key
   in the state:
 
-  .. math::
-    D = \mathrm{avg}(|z \odot H z|), \quad
-    m \leftarrow \beta_1 m + (1 - \beta_1) g, \quad
-    v \leftarrow \beta_2 v + (1 - \beta_2) D^2, \\
-    \theta \leftarrow \theta - \eta \left(
-      \frac{m / (1 - \beta_1^t)}{(\sqrt{v / (1 - \beta_2^t)})^{k} + \epsilon}
-      + \lambda \theta \right)
+  $$
+  D = \mathrm{avg}(|z \odot H z|), \quad
+  m \leftarrow \beta_1 m + (1 - \beta_1) g, \quad
+  v \leftarrow \beta_2 v + (1 - \beta_2) D^2, \\
+  \theta \leftarrow \theta - \eta \left(
+    \frac{m / (1 - \beta_1^t)}{(\sqrt{v / (1 - \beta_2^t)})^{k} + \epsilon}
+    + \lambda \theta \right)
+  $$
 
   `H` is the Hessian of the extra argument `value_fn` (the loss of the current
   batch); the probe is refreshed every `refresh_every` steps (the latest `D`
@@ -56,7 +57,8 @@ def adahessian(
 
   Args:
     learning_rate: a float or an optax schedule.
-    b1, b2: EMA rates of the gradient and of the squared Hessian diagonal.
+    b1: EMA rate of the gradient.
+    b2: EMA rate of the squared Hessian diagonal.
     eps: added to the denominator after the power (1e-4, the reference value).
     weight_decay: decoupled weight decay.
     hessian_power: the exponent `k` in [0, 1] on the denominator.
@@ -72,16 +74,19 @@ def adahessian(
   Returns:
     A `GradientTransformationExtraArgs` whose `update` needs `value_fn`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> loss = lambda w: jnp.sum(jnp.array([1.0, 10.0]) * (w - 1.0) ** 2)
     >>> params = jnp.zeros(2)
     >>> opt = curvopt.adahessian(0.1)
     >>> state = opt.init(params)
-    >>> for _ in range(100):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   grads = jax.grad(loss)(params)
     ...   updates, state = opt.update(grads, state, params, value_fn=loss)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(100):
+    ...   params, state = step(params, state)
     >>> params.round(2)
     Array([1., 1.], dtype=float32)
 

@@ -74,20 +74,28 @@ def egn(
     adaptive_damping: adapt `lambda` by the gain ratio (for full batches).
     momentum: EMA decay on directions (0: none).
     line_search: Armijo backtracking on the batch loss.
-    solver, l2_regularization, l2_mask, max_factor_size, cg_tol, cg_maxiter:
-      see `scale_by_egn`.
+    solver: one of `SOLVERS`.
+    l2_regularization: coupled L2 strength `l2` (objective `+ l2/2 ||p||^2`).
+    l2_mask: pytree of booleans (or a function of params returning one)
+      choosing the penalized leaves; None penalizes all.
+    max_factor_size: the largest system `"auto"` factors.
+    cg_tol: relative residual tolerance of `"cg"`.
+    cg_maxiter: iteration cap of `"cg"`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> x = jax.random.normal(jax.random.key(0), (32, 3))
     >>> y = x @ jnp.array([1.0, -2.0, 0.5])
     >>> model_fn, loss_fn = (lambda w: x @ w), curvopt.oracles.SquaredError(y)
     >>> opt, w = curvopt.egn(1.0, damping=1e-3), jnp.zeros(3)
     >>> state = opt.init(w)
-    >>> for _ in range(3):
+    >>> @jax.jit
+    ... def step(w, state):
     ...   g = jax.grad(lambda w: loss_fn(model_fn(w)))(w)
     ...   updates, state = opt.update(g, state, w, model_fn=model_fn, loss_fn=loss_fn)
-    ...   w = optax.apply_updates(w, updates)
+    ...   return optax.apply_updates(w, updates), state
+    >>> for _ in range(3):
+    ...   w, state = step(w, state)
     >>> w.round(4)
     Array([ 1. , -2. ,  0.5], dtype=float32)
 

@@ -51,18 +51,28 @@ def lazy_newton(
 
   Args:
     learning_rate: scales the step (1.0: the cubic Newton step itself).
-    regularization, hessian_every, mode, kind, adaptive, min_regularization,
-    max_doublings, krylov_dim, max_dense_size, seed: see
-      `curvopt.transforms.scale_by_lazy_newton`.
+    regularization: `M > 0` (the initial one when `adaptive`).
+    hessian_every: `m`, steps between snapshots; None: `d` (dense) or `krylov_dim`.
+    mode: "dense", "matrix_free", or "auto" (dense up to `max_dense_size` parameters).
+    kind: "cubic" or "quadratic".
+    adaptive: search for `M` by sufficient decrease (uses `value_fn`).
+    min_regularization: the floor of the adaptive `M`.
+    max_doublings: the cap on the search.
+    krylov_dim: Lanczos steps per matrix-free snapshot.
+    max_dense_size: the largest `d` "auto" treats densely (a `d x d` state).
+    seed: for Lanczos restarts.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> value_fn = lambda w: jnp.sum(jnp.logaddexp(0.0, w - 1.0)) + 0.5 * jnp.sum(w**2)
     >>> opt, w = curvopt.lazy_newton(), jnp.zeros(3)
     >>> state = opt.init(w)
-    >>> for _ in range(8):
+    >>> @jax.jit
+    ... def step(w, state):
     ...   updates, state = opt.update(jax.grad(value_fn)(w), state, w, value_fn=value_fn)
-    ...   w = optax.apply_updates(w, updates)
+    ...   return optax.apply_updates(w, updates), state
+    >>> for _ in range(8):
+    ...   w, state = step(w, state)
     >>> hessians = int(state.inner_state[0].hessians)  # one per d = 3 steps
     >>> float(jnp.linalg.norm(jax.grad(value_fn)(w))) < 1e-6, hessians
     (True, 3)

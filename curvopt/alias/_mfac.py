@@ -17,11 +17,12 @@ def mfac(
 ) -> optax.GradientTransformationExtraArgs:
   r"""M-FAC: steps along the inverse empirical Fisher of the last `m` gradients.
 
-  .. math::
-    g \leftarrow g + \text{wd}\,\theta, \quad
-    u = \Big(\lambda I + \tfrac{1}{m} \sum_{i=1}^{m} g_i g_i^T\Big)^{-1} g, \quad
-    v \leftarrow \mu v + (1 - \mu) u, \quad
-    \theta \leftarrow \theta - \text{lr}\, v
+  $$
+  g \leftarrow g + \text{wd}\,\theta, \quad
+  u = \Big(\lambda I + \tfrac{1}{m} \sum_{i=1}^{m} g_i g_i^T\Big)^{-1} g, \quad
+  v \leftarrow \mu v + (1 - \mu) u, \quad
+  \theta \leftarrow \theta - \text{lr}\, v
+  $$
 
   with the current gradient (weight decay included, as in the paper's code)
   entering the window before the product. A product costs `O(d m + m^2)`
@@ -35,15 +36,18 @@ def mfac(
     momentum: `mu` in [0, 1): an EMA of the directions (0: none).
     weight_decay: L2 coefficient added to the gradient (coupled).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
     >>> opt = curvopt.mfac(0.5, num_grads=4, damping=1e-3)
     >>> params = jnp.zeros(2)
     >>> state = opt.init(params)
-    >>> for _ in range(5):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(5):
+    ...   params, state = step(params, state)
     >>> bool(loss(params) < loss(jnp.zeros(2)))
     True
 

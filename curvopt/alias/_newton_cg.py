@@ -42,7 +42,7 @@ def newton_cg(
     warm_start: the fraction of the previous solution CG starts from.
     backtracking: choose the best stored CG iterate by the batch loss.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> x, y = jnp.array([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]]), jnp.array([1.0, 2.0, 2.0])
     >>> model_fn, loss_fn = (lambda w: x @ w), (lambda f: 0.5 * jnp.sum((f - y) ** 2))

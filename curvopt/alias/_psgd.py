@@ -110,20 +110,39 @@ def psgd_kron(
     weight_decay: decoupled weight decay.
     weight_decay_mask: optax mask for the weight decay.
     max_update_rms: per-leaf clip of the update's RMS; None for none.
-    fit, lr_preconditioner, update_probability, init_scale, beta_l, damping,
-      max_size, max_skew, geometry, seed: see `scale_by_psgd_kron`. With
+    fit: "whitening" (`h = g`; `P -> E[g g^T]^{-1/2}`, no extra argument) or
+      "newton" (`h = H v`, `v ~ N(0, I)`, from the extra argument `value_fn`;
+      `P -> |H|^{-1}`).
+    lr_preconditioner: `mu`, in (0, 1]; a float or a schedule of the step.
+    update_probability: per-step probability of fitting `Q`; a float or a
+      schedule. None: `psgd_update_probability()` (1 for 500 steps, then
+      decaying to 0.03).
+    init_scale: `Q = init_scale I` at the start; None derives it from the first
+      probe pair (1 for a zero gradient).
+    beta_l: decay of the running bound `L_i`; 0 gives the paper's per-step
+      normalizer `mu / ||T_1 + T_2||` (psgd_jax).
+    damping: `h + (damping rms(h) + eps |h|) xi`, `xi ~ N(0, I)`, with `rms(h)` over all
+      leaves (1 if `h` is zero); bounds `P <= I / (damping rms(h))`.
+    max_size: largest dense factor; None for no limit.
+    max_skew: dense only if `d_i^2 <= max_skew * numel`; `float("inf")` for all dense.
+    geometry: "Q0.5EQ1.5" (psgd_torch 2026, default), "QE" (psgd_torch 2025)
+      or "EQ" (upper-triangular `Q`, the paper and psgd_jax).
+    seed: the PRNG seed of the probes and coin flips (the key lives in the state). With
       `optax.inject_hyperparams`, pass `fit`, `max_size`, `max_skew`,
       `geometry` and `seed` as `static_args`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> target = jnp.arange(6.0).reshape(2, 3)
     >>> loss = lambda w: jnp.sum((w - target) ** 2)
     >>> params, opt = jnp.zeros((2, 3)), curvopt.psgd_kron(0.05)
     >>> state = opt.init(params)
-    >>> for _ in range(300):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(300):
+    ...   params, state = step(params, state)
     >>> bool(jnp.allclose(params, target, atol=3e-2))
     True
 
@@ -177,19 +196,40 @@ def psgd_lra(
   Decisions where the references differ: as for `psgd_kron`.
 
   Args:
-    learning_rate, b1, weight_decay, weight_decay_mask, max_update_rms: see `psgd_kron`.
-    fit, rank, lr_preconditioner, update_probability, init_scale, beta_l,
-      damping, seed: see `scale_by_psgd_lra` (`fit`, `rank`, `seed` are
-      static under `optax.inject_hyperparams`).
+    learning_rate: a float or an optax schedule.
+    b1: momentum (EMA of `P g`); 0 for none.
+    weight_decay: decoupled weight decay.
+    weight_decay_mask: optax mask for the weight decay.
+    max_update_rms: per-leaf clip of the update's RMS; None for none.
+    fit: "whitening" (`h = g`; `P -> E[g g^T]^{-1/2}`, no extra argument) or
+      "newton" (`h = H v`, `v ~ N(0, I)`, from the extra argument `value_fn`;
+      `P -> |H|^{-1}`).
+    lr_preconditioner: `mu`, in (0, 1]; a float or a schedule of the step.
+    update_probability: per-step probability of fitting `Q`; a float or a
+      schedule. None: `psgd_update_probability()` (1 for 500 steps, then
+      decaying to 0.03).
+    init_scale: `d = init_scale` at the start; None derives it from the first
+      probe pair (1 for a zero gradient).
+    beta_l: decay of the running bound `L_i`; 0 gives the paper's per-step
+      normalizer `mu / ||T_1 + T_2||` (psgd_jax).
+    damping: `h + (damping rms(h) + eps |h|) xi`, `xi ~ N(0, I)`, with `rms(h)` over all
+      leaves (1 if `h` is zero); bounds `P <= I / (damping rms(h))`.
+    rank: the rank of `U V^T` (at most `n - 1`: a model with fewer than
+      `rank + 1` parameters gets `n - 1`).
+    seed: the PRNG seed of the probes and coin flips (the key lives in the state).
+      `fit`, `rank` and `seed` are static under `optax.inject_hyperparams`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> loss = lambda w: jnp.sum(jnp.array([1.0, 10.0, 100.0]) * (w - 1.0) ** 2)
     >>> params, opt = jnp.zeros(3), curvopt.psgd_lra(0.05, rank=1)
     >>> state = opt.init(params)
-    >>> for _ in range(300):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(300):
+    ...   params, state = step(params, state)
     >>> bool(jnp.allclose(params, 1.0, atol=3e-2))
     True
 
@@ -245,18 +285,39 @@ def psgd_dense(
   Decisions where the references differ: as for `psgd_kron`.
 
   Args:
-    learning_rate, b1, weight_decay, weight_decay_mask, max_update_rms: see `psgd_kron`.
-    fit, lr_preconditioner, update_probability, init_scale, beta_l, damping,
-      geometry, max_dimension, seed: see `scale_by_psgd_dense`.
+    learning_rate: a float or an optax schedule.
+    b1: momentum (EMA of `P g`); 0 for none.
+    weight_decay: decoupled weight decay.
+    weight_decay_mask: optax mask for the weight decay.
+    max_update_rms: per-leaf clip of the update's RMS; None for none.
+    fit: "whitening" (`h = g`; `P -> E[g g^T]^{-1/2}`, no extra argument) or
+      "newton" (`h = H v`, `v ~ N(0, I)`, from the extra argument `value_fn`;
+      `P -> |H|^{-1}`).
+    lr_preconditioner: `mu`, in (0, 1]; a float or a schedule of the step.
+    update_probability: per-step probability of fitting `Q`; a float or a
+      schedule. (1 by default here).
+    init_scale: `Q = init_scale I` at the start; None derives it from the first
+      probe pair (1 for a zero gradient).
+    beta_l: decay of the running bound `L_i`; 0 gives the paper's per-step
+      normalizer `mu / ||T_1 + T_2||` (psgd_jax).
+    damping: `h + (damping rms(h) + eps |h|) xi`, `xi ~ N(0, I)`, with `rms(h)` over all
+      leaves (1 if `h` is zero); bounds `P <= I / (damping rms(h))`.
+    geometry: "Q0.5EQ1.5" (psgd_torch 2026, default), "QE" (psgd_torch 2025)
+      or "EQ" (upper-triangular `Q`, the paper and psgd_jax).
+    max_dimension: the most parameters accepted (a dense `n x n` `Q`).
+    seed: the PRNG seed of the probes and coin flips (the key lives in the state).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> loss = lambda w: jnp.sum(jnp.array([1.0, 100.0]) * (w - 1.0) ** 2)
     >>> params, opt = jnp.zeros(2), curvopt.psgd_dense(0.5)
     >>> state = opt.init(params)
-    >>> for _ in range(200):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   updates, state = opt.update(jax.grad(loss)(params), state, params, value_fn=loss)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(200):
+    ...   params, state = step(params, state)
     >>> bool(jnp.allclose(params, 1.0, atol=1e-3))
     True
 

@@ -52,17 +52,26 @@ def sam(
   Args:
     base_optimizer: any optax transform (its extra arguments are forwarded).
     rho: the radius; a float or a schedule.
-    adaptive, eta, eps, has_aux, perturbation, num_groups: see
-      `curvopt.transforms.sam_gradient`.
+    adaptive: ASAM's scale-invariant perturbation.
+    eta: ASAM's offset in `T = |w| + eta` (the official 0.01).
+    eps: added to every normalizing norm.
+    has_aux: `value_fn` returns `(loss, aux)`; the second pass's `aux` is
+      dropped, so state such as batch statistics is updated by the caller's
+      first pass only.
+    perturbation: "global" or "per_group" (m-sharpness); see above.
+    num_groups: the number of groups for "per_group".
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
     >>> params, opt = jnp.zeros(3), curvopt.sam(optax.sgd(0.1), rho=0.05)
     >>> state = opt.init(params)
-    >>> for _ in range(200):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   updates, state = opt.update(jax.grad(loss)(params), state, params, value_fn=loss)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(200):
+    ...   params, state = step(params, state)
     >>> bool(jnp.allclose(params, 1.0, atol=1e-2))  # SAM settles within about rho
     True
 
@@ -115,17 +124,28 @@ def gam(
 
   Args:
     base_optimizer: any optax transform.
-    rho, grad_norm_rho, beta1, beta3, beta0, gamma, apply_beta0, adaptive, eps,
-      has_aux: see `curvopt.transforms.gam_gradient`.
+    rho: SAM radius (`grad_rho`); a float or a schedule.
+    grad_norm_rho: `rho'` (`grad_norm_rho`), the step along the gradient-norm ascent.
+    beta1: weight of `g1`.
+    beta3: weight of `g3`.
+    beta0: `beta2 = 1 - beta0`.
+    gamma: weight of the orthogonal correction.
+    apply_beta0: see above.
+    adaptive: ASAM-style perturbations.
+    eps: added to every normalizing norm.
+    has_aux: `value_fn` returns `(loss, aux)`; see `sam_gradient`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
     >>> params, opt = jnp.zeros(3), curvopt.gam(optax.sgd(0.1))
     >>> state = opt.init(params)
-    >>> for _ in range(200):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   updates, state = opt.update(jax.grad(loss)(params), state, params, value_fn=loss)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(200):
+    ...   params, state = step(params, state)
     >>> bool(jnp.allclose(params, 1.0, atol=3e-2))  # GAM's perturbations leave a small offset too
     True
 

@@ -38,10 +38,11 @@ def shampoo(
 
   For a block `G` with axes `1..k` (a matrix: `k = 2`), every step
 
-  .. math::
-    S_i \leftarrow \beta_2 S_i + w\, G_{(i)} G_{(i)}^\top, \qquad
-    \tilde G = G \times_1 P_1 \cdots \times_k P_k, \qquad
-    P_i = (S_i + \epsilon_i I)^{-1/(2k)}
+  $$
+  S_i \leftarrow \beta_2 S_i + w\, G_{(i)} G_{(i)}^\top, \qquad
+  \tilde G = G \times_1 P_1 \cdots \times_k P_k, \qquad
+  P_i = (S_i + \epsilon_i I)^{-1/(2k)}
+  $$
 
   (`w = 1` when `beta2 = 1`, the AdaGrad-style sum; else `1 - beta2`, and
   the EMA is debiased before the root), with the roots `P_i` recomputed
@@ -121,15 +122,18 @@ def shampoo(
   Returns:
     An optax `GradientTransformation`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> target = jnp.arange(6.0).reshape(2, 3)
     >>> loss = lambda w: jnp.sum((w - target) ** 2)
     >>> params, opt = jnp.zeros((2, 3)), curvopt.shampoo(0.1)
     >>> state = opt.init(params)
-    >>> for _ in range(200):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(200):
+    ...   params, state = step(params, state)
     >>> bool(jnp.allclose(params, target, atol=1e-2))
     True
 

@@ -34,10 +34,11 @@ def soap(
   (recomputed by `eigh` every `precondition_frequency` steps, from step
   `start_preconditioning_step`; the identity before):
 
-  .. math::
-    G' = G \times_i Q_i^\top, \quad m \leftarrow b_1 m + (1-b_1) G, \quad
-    v \leftarrow b_2 v + (1-b_2) G'^2, \quad
-    u = \Big(\frac{\hat m \times_i Q_i^\top}{\sqrt{\hat v} + \epsilon}\Big) \times_i Q_i
+  $$
+  G' = G \times_i Q_i^\top, \quad m \leftarrow b_1 m + (1-b_1) G, \quad
+  v \leftarrow b_2 v + (1-b_2) G'^2, \quad
+  u = \Big(\frac{\hat m \times_i Q_i^\top}{\sqrt{\hat v} + \epsilon}\Big) \times_i Q_i
+  $$
 
   with bias-corrected `m`, `v`; then decoupled weight decay and the learning
   rate. Vectors and scalars (unless `precondition_1d`) get plain Adam. The
@@ -77,15 +78,18 @@ def soap(
   Returns:
     An optax `GradientTransformation`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> target = jnp.arange(6.0).reshape(2, 3)
     >>> loss = lambda w: jnp.sum((w - target) ** 2)
     >>> params, opt = jnp.zeros((2, 3)), curvopt.soap(0.1, weight_decay=0.0)
     >>> state = opt.init(params)
-    >>> for _ in range(400):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(400):
+    ...   params, state = step(params, state)
     >>> bool(jnp.allclose(params, target, atol=1e-2))
     True
 

@@ -22,11 +22,12 @@ def sophia_h(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sophia-H: a clipped diagonal Newton step with a lazy Hutchinson Hessian diagonal.
 
-  .. math::
-    m \leftarrow \beta_1 m + (1 - \beta_1) g, \qquad
-    \theta \leftarrow \theta - \eta \left(
-      \mathrm{clip}\left(\frac{m / (1 - \beta_1^t)}{\max(\gamma h, \epsilon)}, \pm c\right)
-      + \lambda \theta \right)
+  $$
+  m \leftarrow \beta_1 m + (1 - \beta_1) g, \qquad
+  \theta \leftarrow \theta - \eta \left(
+    \mathrm{clip}\left(\frac{m / (1 - \beta_1^t)}{\max(\gamma h, \epsilon)}, \pm c\right)
+    + \lambda \theta \right)
+  $$
 
   and every `refresh_every` steps (from the first), `h <- b2 h + (1 - b2) z * Hz`
   with a Rademacher probe `z` and `H` the Hessian of the extra argument
@@ -52,14 +53,17 @@ def sophia_h(
   Returns:
     A `GradientTransformationExtraArgs` whose `update` needs `value_fn`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> loss = lambda w: jnp.sum(jnp.array([1.0, 10.0]) * (w - 1.0) ** 2)
     >>> params, opt = jnp.zeros(2), curvopt.sophia_h(0.02, weight_decay=0.0)
     >>> state = opt.init(params)
-    >>> for _ in range(300):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   updates, state = opt.update(jax.grad(loss)(params), state, params, value_fn=loss)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(300):
+    ...   params, state = step(params, state)
     >>> params.round(2)
     Array([1., 1.], dtype=float32)
 

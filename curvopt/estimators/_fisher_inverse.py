@@ -61,7 +61,7 @@ def inverse_fisher_diagonal(grads: PyTree, damping: float) -> PyTree:
   Returns:
     A pytree shaped like one gradient: `[F^-1]_ii`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> g = jnp.array([[1.0, 0.0], [0.0, 2.0]])  # m = 2 gradients of d = 2 parameters
     >>> d = curvopt.estimators.inverse_fisher_diagonal(g, damping=0.5)  # F = diag(1, 2.5)
@@ -92,7 +92,7 @@ def obs_scores(grads: PyTree, params: PyTree, damping: float) -> PyTree:
     params: the weights, shaped like one gradient.
     damping: `lambda > 0`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> g = jnp.array([[1.0, 0.0], [0.0, 2.0]])
     >>> curvopt.estimators.obs_scores(g, jnp.array([1.0, 1.0]), damping=0.5).round(4)

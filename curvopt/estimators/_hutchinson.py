@@ -154,7 +154,7 @@ def hutchinson_diagonal(
   Returns:
     A `DiagonalEstimate`, its leaves in float32 (float64 for float64 operators).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> op = curvopt.hessian(lambda w: jnp.sum(w**2) + w[0] * w[1], jnp.zeros(3))
     >>> est = curvopt.hutchinson_diagonal(op, jax.random.key(0), num_probes=4096)
@@ -211,7 +211,7 @@ def hutchinson_trace(
   Returns:
     A `TraceEstimate`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> op = curvopt.hessian(lambda w: jnp.sum(w**2), jnp.zeros(5))
     >>> float(curvopt.hutchinson_trace(op, jax.random.key(0), num_probes=8).trace)

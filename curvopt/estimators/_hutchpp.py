@@ -59,7 +59,7 @@ def hutchpp_trace(
     A `TraceEstimate`; `stderr` is that of the Hutchinson part, and
     `converged` is always True (the budget is fixed).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> op = curvopt.hessian(lambda w: jnp.sum(jnp.arange(1.0, 7.0) * w**2), jnp.zeros(6))
     >>> round(float(curvopt.hutchpp_trace(op, jax.random.key(0), num_matvecs=18).trace), 3)

@@ -244,7 +244,7 @@ def lanczos(
   Returns:
     A `LanczosDecomposition`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> op = curvopt.diagonal_operator(jnp.array([1.0, 2.0, 3.0]))
     >>> out = curvopt.lanczos(op, jax.random.key(0), num_iterations=3)
@@ -296,7 +296,7 @@ def lanczos_eigenpairs(
   Returns:
     `Eigenpairs`, in float32 (float64 for float64 operators).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> op = curvopt.diagonal_operator(jnp.array([1.0, -5.0, 3.0, 2.0]))
     >>> curvopt.lanczos_eigenpairs(op, jax.random.key(0), k=2).eigenvalues.round(4)

@@ -75,7 +75,7 @@ def power_iteration(
   Returns:
     A `PowerIterationResult`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> op = curvopt.diagonal_operator(jnp.array([1.0, -3.0, 2.0]))
     >>> round(float(curvopt.power_iteration(op, jax.random.key(0)).eigenvalue), 4)

@@ -58,7 +58,7 @@ def estimate_sharpness(
     warm_start: the previous `eigenvector`, to converge in fewer steps.
     loop: "auto", "lax" or "unroll".
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> op = curvopt.hessian(lambda w: w[0] ** 2 - 3 * w[1] ** 2, jnp.zeros(2), num_examples=1)
     >>> est = curvopt.estimate_sharpness(op, jax.random.key(0))
@@ -118,7 +118,7 @@ def sharpness(
   Returns:
     A scalar array.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> f = lambda w: 0.5 * (3 * w[0] ** 2 - 5 * w[1] ** 2)
     >>> round(float(curvopt.sharpness(f, jnp.zeros(2), key=jax.random.key(0))), 4)

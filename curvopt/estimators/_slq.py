@@ -80,7 +80,7 @@ def spectral_density(
   Returns:
     A `SpectralDensity`; use `.density(grid, sigma)` for a smooth curve.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> op = curvopt.diagonal_operator(jnp.array([1.0, 2.0, 3.0, 4.0]))
     >>> sd = curvopt.spectral_density(op, jax.random.key(0), num_iterations=4)

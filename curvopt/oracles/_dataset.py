@@ -54,7 +54,7 @@ def dataset_operator(
     A `LinearOperator` with the tags of the per-batch operators and
     `num_examples` equal to the total number of examples.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> xs = [jnp.ones((1, 2)), 2 * jnp.ones((3, 2))]
     >>> loss = lambda w, x: 0.5 * jnp.mean((x @ w) ** 2)

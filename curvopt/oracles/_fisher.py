@@ -36,7 +36,7 @@ def empirical_fisher(
     A `LinearOperator` tagged symmetric and positive semidefinite, with
     `num_examples = n`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> x = jnp.array([[1.0, 0.0], [0.0, 2.0]])
     >>> op = curvopt.empirical_fisher(lambda w: x @ w, jnp.zeros(2))  # g_i = x_i

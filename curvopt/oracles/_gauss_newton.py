@@ -50,7 +50,7 @@ def gauss_newton(
     A symmetric `LinearOperator`; `num_examples` is the leading dimension of
     the first output leaf.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
     >>> op = curvopt.gauss_newton(lambda w: x @ w, lambda out: 0.5 * jnp.mean(out**2), jnp.ones(2))

@@ -108,7 +108,7 @@ def gauss_newton_factor(
   Returns:
     A `GaussNewtonFactor`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
     >>> factor = curvopt.oracles.gauss_newton_factor(

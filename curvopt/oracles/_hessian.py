@@ -42,7 +42,7 @@ def hessian(
   Returns:
     A `LinearOperator` tagged symmetric.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> op = curvopt.hessian(lambda w: w[0] ** 2 * w[1], jnp.array([1.0, 2.0]))
     >>> op.as_matrix()
@@ -62,7 +62,7 @@ def hessian(
 def hvp(value_fn: Callable[[PyTree], jax.Array], params: PyTree, vector: PyTree) -> PyTree:
   """The Hessian-vector product `H v` of `value_fn` at `params`, shaped like `params`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> curvopt.hvp(lambda w: jnp.sum(w**3), jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0]))
     Array([ 6., 12.], dtype=float32)
@@ -78,7 +78,7 @@ def value_grad_hvp(
   The gradient is the primal output of the pass that computes `H v`, so a
   training step that needs both never computes the gradient twice.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> f = lambda w: jnp.sum(w**3)
     >>> value, grad, hv = curvopt.value_grad_hvp(f, jnp.array([1.0, 2.0]), jnp.ones(2))

@@ -14,7 +14,7 @@ def to_lineax(operator: LinearOperator) -> Any:
   ...) run on curvopt's Hessian, Gauss-Newton and Fisher operators. Needs
   lineax (`pip install lineax`).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, lineax as lx, curvopt
     >>> op = curvopt.linear_operator(
     ...   lambda v: 2.0 * v, jnp.zeros(2), symmetric=True, positive_semidefinite=True

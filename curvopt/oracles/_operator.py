@@ -50,7 +50,7 @@ class LinearOperator:
       known; estimators report it beside their results, because mini-batch
       curvature is biased (Granziol et al. 2022).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> op = curvopt.hessian(lambda w: jnp.sum(w**4) / 4, jnp.array([1.0, 2.0]))
     >>> op.mv(jnp.array([1.0, 1.0]))
@@ -154,7 +154,7 @@ def _run_program(program: _Program, consts: tuple, vector: PyTree) -> PyTree:
 def is_symmetric(operator: LinearOperator) -> bool:
   """Whether `operator` is tagged symmetric.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> curvopt.is_symmetric(curvopt.hessian(lambda w: jnp.sum(w**2), jnp.ones(2)))
     True
@@ -165,7 +165,7 @@ def is_symmetric(operator: LinearOperator) -> bool:
 def is_positive_semidefinite(operator: LinearOperator) -> bool:
   """Whether `operator` is tagged positive semidefinite (an unchecked promise).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> curvopt.is_positive_semidefinite(curvopt.hessian(lambda w: jnp.sum(w**2), jnp.ones(2)))
     False
@@ -183,7 +183,7 @@ def linear_operator(
 ) -> LinearOperator:
   """Wraps a linear function on pytrees shaped like `like` as an operator.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> op = curvopt.linear_operator(lambda v: 2.0 * v, jnp.zeros(3), symmetric=True)
     >>> op.as_matrix()
@@ -206,7 +206,7 @@ def diagonal_operator(values: PyTree) -> LinearOperator:
 
   (lineax's `diagonal(op)` goes the other way: it extracts an operator's diagonal.)
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> curvopt.diagonal_operator(jnp.array([1.0, 3.0])).mv(jnp.array([2.0, 2.0]))
     Array([2., 6.], dtype=float32)
@@ -222,7 +222,7 @@ def diagonal_operator(values: PyTree) -> LinearOperator:
 def compose(*operators: LinearOperator) -> LinearOperator:
   """The product `A_1 A_2 ... A_n` (the last operator is applied first).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> a = curvopt.diagonal_operator(jnp.array([2.0, 3.0]))
     >>> curvopt.compose(a, a).mv(jnp.ones(2))
@@ -262,7 +262,7 @@ def preconditioned(operator: LinearOperator, preconditioner: PyTree) -> LinearOp
   limit of adaptive methods (Cohen et al. 2022, "Adaptive Gradient Methods at
   the Edge of Stability"). For Adam, pass `(sqrt(nu_hat) + eps) / learning_rate`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> a = curvopt.diagonal_operator(jnp.array([4.0, 9.0]))
     >>> curvopt.preconditioned(a, jnp.array([4.0, 1.0])).mv(jnp.ones(2))
@@ -293,7 +293,7 @@ def restrict(operator: LinearOperator, mask: PyTree | Callable[[Any, Any], bool]
     mask: a pytree of Python bools shaped like the parameters, or a function
       `(path, leaf_structure) -> bool` called on each leaf.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> params = {"w": jnp.ones(2), "b": jnp.ones(1)}
     >>> op = curvopt.hessian(lambda p: jnp.sum(p["w"] ** 2) * p["b"][0], params)

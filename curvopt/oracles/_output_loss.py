@@ -56,7 +56,7 @@ class SquaredError(NamedTuple):
 
   `loss(f) = (1/b) sum_i 0.5 ||f_i - y_i||^2`; `B_i = I / b`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> loss = curvopt.oracles.SquaredError(jnp.zeros((2, 1)))
     >>> loss(jnp.array([[1.0], [3.0]]))
@@ -86,7 +86,7 @@ class SoftmaxCrossEntropy(NamedTuple):
   jitter) as `S_i = (diag(sqrt p_i) - p_i sqrt(p_i)^T)/sqrt(b)`, with
   `w_i = (p_i - y_i)/sqrt(b p_i)` (probability labels must sum to one).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> loss = curvopt.oracles.SoftmaxCrossEntropy(jnp.array([0, 1]))
     >>> round(float(loss(jnp.zeros((2, 2)))), 4)  # log 2
@@ -120,7 +120,7 @@ class SigmoidCrossEntropy(NamedTuple):
 
   `gamma_i = (s_i - y_i)/b` and `B_i = s_i (1 - s_i)/b` with `s = sigmoid(f)`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> loss = curvopt.oracles.SigmoidCrossEntropy(jnp.array([1.0, 0.0]))
     >>> round(float(loss(jnp.zeros(2))), 4)  # log 2
@@ -163,7 +163,7 @@ def output_curvature(loss_fn: Callable[[jax.Array], jax.Array], outputs: Any) ->
   Returns:
     An `OutputCurvature` with `c` the product of the trailing dimensions.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> curv = curvopt.oracles.output_curvature(lambda f: jnp.sum(f**2), jnp.array([1.0, 2.0]))
     >>> curv.root[:, :, 0], curv.coefficients[:, 0]  # B_i = 2, gamma_i = 2 f_i

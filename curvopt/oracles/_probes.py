@@ -44,7 +44,7 @@ def random_vector(
       exceeded a small model's whole Hessian-vector product. Elementwise on
       an index, so also identical on every replica and under every sharding.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> z = curvopt.random_vector(jax.random.key(0), {"w": jnp.zeros(3)})
     >>> sorted(set(abs(z["w"]).tolist()))
@@ -100,7 +100,7 @@ def counter_uniform(key: jax.Array, counter: jax.Array | int) -> jax.Array:
   The scalar companion of `random_vector(..., counter=...)`, for per-step
   coin flips inside a training step (same on every replica, no threefry).
 
-  Example:
+  Examples:
     >>> import jax, curvopt.oracles._probes as probes
     >>> u = probes.counter_uniform(jax.random.key(0), 3)
     >>> bool(0.0 <= u < 1.0)

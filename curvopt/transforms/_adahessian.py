@@ -50,7 +50,7 @@ def scale_by_adahessian(
 
   See `curvopt.adahessian` for the update rule and the arguments.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> tx = curvopt.transforms.scale_by_adahessian(b1=0.0, b2=0.0, eps=0.0)
     >>> params = jnp.ones(2)

@@ -161,7 +161,7 @@ def scale_by_egn(
     cg_maxiter: iteration cap of `"cg"`.
     name: the optimizer's name in error messages.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> x, y = jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.array([1.0, 2.0])
     >>> tx = curvopt.transforms.scale_by_egn(damping=1e-6)

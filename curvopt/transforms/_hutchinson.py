@@ -45,7 +45,7 @@ def hutchinson_diagonal_estimator(
   Consumers (`scale_by_adahessian`, `scale_by_sophia_h`) take it as their
   `hessian_diagonal_fn`, as optax's Sophia takes its estimator.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> est = curvopt.transforms.hutchinson_diagonal_estimator()
     >>> params = jnp.ones(3)
@@ -86,7 +86,7 @@ def flax_averaging_axes(leaf: jax.Array) -> tuple[int, ...]:
   rank 5 over (0, 1, 2). Biases, scales and dense kernels `(in, out)` are not
   averaged (the image-classification reference code).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> curvopt.transforms.flax_averaging_axes(jnp.zeros((3, 3, 16, 32)))
     (0, 1)
@@ -104,7 +104,7 @@ def spatial_average(
     axes: "flax" (`flax_averaging_axes`), a function `leaf -> axes`, a pytree
       of axis tuples matching `diagonal`, or None for no averaging.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> curvopt.transforms.spatial_average(jnp.array([[1.0, 2.0], [3.0, 6.0]]), lambda x: (0,))
     Array([[2., 4.],

@@ -137,7 +137,7 @@ def scale_by_lazy_newton(
     max_dense_size: the largest `d` "auto" treats densely (a `d x d` state).
     seed: for Lanczos restarts.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> value_fn = lambda w: jnp.sum(w**2) + jnp.sum(w**4) / 4
     >>> tx = curvopt.transforms.scale_by_lazy_newton(1e-6, adaptive=False)

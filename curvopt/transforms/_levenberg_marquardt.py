@@ -86,7 +86,7 @@ def levenberg_marquardt(
     l2_mask: which leaves it penalizes.
     name: for error messages.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, curvopt
     >>> x, y = jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.array([1.0, 2.0])
     >>> tx = curvopt.transforms.levenberg_marquardt(

@@ -40,7 +40,7 @@ def gauss_newton_objective(l2_regularization: Any = 0.0, l2_mask: Any = None) ->
   For `scale_by_armijo_backtracking(objective=...)` in Gauss-Newton methods,
   whose callers pass the model and the loss apart rather than `value_fn`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> objective = curvopt.transforms.gauss_newton_objective(l2_regularization=2.0)
     >>> value_fn = objective({"model_fn": lambda w: 3 * w, "loss_fn": jnp.sum})
@@ -92,7 +92,7 @@ def scale_by_armijo_backtracking(
       argument `value_fn`. `gauss_newton_objective()` builds it from
       `model_fn` and `loss_fn`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> tx = curvopt.transforms.scale_by_armijo_backtracking(max_learning_rate=4.0)
     >>> value_fn = lambda w: jnp.sum(w**2)

@@ -100,7 +100,7 @@ def masked(
   Hessian on the masked-in leaves, as if the optimizer ran on that sub-tree
   with the rest frozen.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, curvopt
     >>> params = {"w": jnp.ones(3), "b": jnp.zeros(())}
     >>> loss = lambda p: jnp.sum((p["w"] - 2.0) ** 2) + p["w"].sum() * p["b"]
@@ -127,7 +127,7 @@ def multi_transform(
   `value_fn`, `group_value_fn` and `model_fn` see the full parameter tree,
   as in `curvopt.masked`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> params = {"w": jnp.ones(3), "b": jnp.zeros(())}
     >>> loss = lambda p: jnp.sum((p["w"] - 2.0) ** 2) + p["b"] ** 2

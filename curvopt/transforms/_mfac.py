@@ -43,7 +43,7 @@ def scale_by_mfac(num_grads: int = 1024, damping: float = 1e-5) -> optax.Gradien
     num_grads: `m`, the window length.
     damping: `lambda > 0`; the direction is `g / lambda` off the window's span.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> tx = curvopt.transforms.scale_by_mfac(num_grads=2, damping=1.0)
     >>> g = jnp.array([2.0, 0.0])

@@ -32,7 +32,7 @@ def ema_momentum(
   output keeps the inputs' dtype; and it is an average (`1 - decay` on the
   new term), so step sizes stay on the scale of its input.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> tx = curvopt.transforms.ema_momentum(0.5)
     >>> u, state = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)))

@@ -129,7 +129,7 @@ def scale_by_newton_cg(
     warm_start: the fraction of the previous solution CG starts from (0: cold).
     backtracking: choose among the stored CG iterates by the loss.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> a, b = jnp.array([[2.0, 0.0], [0.0, 4.0]]), jnp.array([2.0, 4.0])
     >>> loss = lambda w: 0.5 * w @ a @ w - b @ w

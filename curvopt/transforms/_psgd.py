@@ -106,7 +106,7 @@ def psgd_update_probability(
   max_probability)`. The defaults are psgd_jax's: 1 for 500 steps, 0.03 from about
   step 4000.
 
-  Example:
+  Examples:
     >>> import curvopt
     >>> p = curvopt.transforms.psgd_update_probability()
     >>> round(float(p(0)), 3), round(float(p(1500)), 3), round(float(p(10_000)), 3)

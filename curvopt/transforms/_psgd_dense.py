@@ -37,7 +37,7 @@ def scale_by_psgd_dense(
   Models with more than `max_dimension` parameters are refused when the state
   is built, with the memory `Q` would take (16384: 1 GiB in float32).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> tx = curvopt.transforms.scale_by_psgd_dense()
     >>> loss = lambda w: jnp.sum(jnp.array([1.0, 4.0]) * w**2)

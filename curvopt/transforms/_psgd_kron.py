@@ -41,7 +41,7 @@ def dense_axes(shape: tuple[int, ...], max_size: int | None, max_skew: float) ->
   The others get a diagonal factor (psgd_torch's rule): with `max_skew = 1` a
   matrix's longer side is diagonal and a vector's only side too.
 
-  Example:
+  Examples:
     >>> from curvopt.transforms._psgd_kron import dense_axes
     >>> dense_axes((64, 32), None, 1.0), dense_axes((5,), None, 1.0)
     ((False, True), (False,))
@@ -295,10 +295,11 @@ def scale_by_psgd_kron(
   (Q0.5EQ1.5, QE) or `A = Q h`, `B = Q^{-T} v` (EQ), `T_1`, `T_2` the
   contractions of `A A` and `V V` (`B B` for EQ) over all axes but `i`,
 
-  .. math::
-    L_i \leftarrow \max(\beta_L L_i + (1 - \beta_L)\,\ell, \ell), \quad
-    \ell = \lVert T_1 + T_2 \rVert_2, \qquad
-    Q_i \leftarrow Q_i - \frac{\mu}{L_i} (T_1 - T_2)\, Q_i
+  $$
+  L_i \leftarrow \max(\beta_L L_i + (1 - \beta_L)\,\ell, \ell), \quad
+  \ell = \lVert T_1 + T_2 \rVert_2, \qquad
+  Q_i \leftarrow Q_i - \frac{\mu}{L_i} (T_1 - T_2)\, Q_i
+  $$
 
   (`Q_i (T_1 - T_2)` for QE, `triu(T_1 - T_2) Q_i` for EQ), followed for
   Q0.5EQ1.5 by one Procrustes rotation keeping `Q_i` near symmetric
@@ -328,7 +329,7 @@ def scale_by_psgd_kron(
       or "EQ" (upper-triangular `Q`, the paper and psgd_jax).
     seed: the PRNG seed of the probes and coin flips (the key lives in the state).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, curvopt
     >>> tx = curvopt.transforms.scale_by_psgd_kron(init_scale=1.0)
     >>> g = jnp.ones((2, 3))

@@ -153,9 +153,10 @@ def scale_by_psgd_lra(
   normalized Lie-group step `dQ = E Q` on `U` or on `V` (a fair coin) and
   one on `d`:
 
-  .. math::
-    U \leftarrow U - \frac{\mu}{L_U}\left(a a^\top - b b^\top\right) V (I + V^\top U), \qquad
-    d \leftarrow \left(1 - \tfrac{\mu}{L_d}(a^2 - b^2)\right) d,
+  $$
+  U \leftarrow U - \frac{\mu}{L_U}\left(a a^\top - b b^\top\right) V (I + V^\top U), \qquad
+  d \leftarrow \left(1 - \tfrac{\mu}{L_d}(a^2 - b^2)\right) d,
+  $$
 
   with `L` the running bounds of `scale_by_psgd_kron` and `U`, `V`
   rebalanced to equal norms first. `rank = 0` is a diagonal preconditioner.
@@ -172,7 +173,7 @@ def scale_by_psgd_lra(
     damping: see `scale_by_psgd_kron`.
     seed: the PRNG seed.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> tx = curvopt.transforms.scale_by_psgd_lra(rank=2)
     >>> g = {"w": jnp.ones(5), "b": jnp.ones(())}

@@ -41,7 +41,7 @@ def all_finite(tree: PyTree) -> jax.Array:
   small) and cost a small model's step more than its optimizer
   (benchmarks/guard_cost.py).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> curvopt.transforms.all_finite({"a": jnp.ones(2), "n": jnp.int32(3), "b": jnp.inf})
     Array(False, dtype=bool)
@@ -160,7 +160,7 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
   yourself, e.g. in `optax.apply_if_finite(chain, max_consecutive_errors)`,
   which checks only the incoming gradient and eventually applies it.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, curvopt
     >>> tx = curvopt.transforms.skip_nonfinite(optax.adam(0.1))
     >>> state = tx.init(jnp.zeros(2))

@@ -72,8 +72,9 @@ def sam_gradient(
   The input is the gradient `g` of the extra argument `value_fn` at
   `params` (the first pass); the output is
 
-  .. math::
-    e = \rho \frac{T^2 g}{\lVert T g \rVert + \epsilon}, \qquad g_{\text{SAM}} = \nabla L(w + e)
+  $$
+  e = \rho \frac{T^2 g}{\lVert T g \rVert + \epsilon}, \qquad g_{\text{SAM}} = \nabla L(w + e)
+  $$
 
   with `T = 1` (SAM) or `T = |w| + eta` (ASAM, `adaptive=True`), the norm
   global over all leaves, evaluated by `value_fn` on the same batch. A zero
@@ -101,7 +102,7 @@ def sam_gradient(
     perturbation: "global" or "per_group" (m-sharpness); see above.
     num_groups: the number of groups for "per_group".
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> loss = lambda w: 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * w**2)
     >>> w = jnp.array([1.0, 1.0])
@@ -178,12 +179,13 @@ def gam_gradient(
 
   With `g0` the input gradient (of `value_fn` at `params`),
 
-  .. math::
-    g_1 = \nabla L(w + \rho \hat g_0),\;
-    d = g_1 - g_0,\;
-    w_2 = w + \rho' \hat d,\;
-    g_2 = \nabla L(w_2),\;
-    g_3 = \nabla L(w_2 + \rho \hat g_2)
+  $$
+  g_1 = \nabla L(w + \rho \hat g_0),\;
+  d = g_1 - g_0,\;
+  w_2 = w + \rho' \hat d,\;
+  g_2 = \nabla L(w_2),\;
+  g_3 = \nabla L(w_2 + \rho \hat g_2)
+  $$
 
   (`\hat x = x / (||x|| + eps)`; `d` approximates `rho H g0 / ||g0||`, the
   direction in which the gradient norm grows), then `a = b0 g0 + |beta2| g2`
@@ -197,7 +199,8 @@ def gam_gradient(
   Args:
     rho: SAM radius (`grad_rho`); a float or a schedule.
     grad_norm_rho: `rho'` (`grad_norm_rho`), the step along the gradient-norm ascent.
-    beta1, beta3: weights of `g1`, `g3`.
+    beta1: weight of `g1`.
+    beta3: weight of `g3`.
     beta0: `beta2 = 1 - beta0`.
     gamma: weight of the orthogonal correction.
     apply_beta0: see above.
@@ -205,7 +208,7 @@ def gam_gradient(
     eps: added to every normalizing norm.
     has_aux: `value_fn` returns `(loss, aux)`; see `sam_gradient`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> loss = lambda w: 0.5 * jnp.sum(w**2)
     >>> w = jnp.array([3.0, 4.0])

@@ -73,7 +73,7 @@ def scale_by_shampoo(
 
   See `curvopt.shampoo` for the algorithm and the arguments.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> tx = curvopt.transforms.scale_by_shampoo(
     ...   precondition_frequency=1, start_preconditioning_step=0, grafting=None

@@ -66,7 +66,7 @@ def scale_by_soap(
 
   See `curvopt.soap` for the algorithm and the arguments.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> tx = curvopt.transforms.scale_by_soap(one_sided=False)
     >>> g = jnp.array([[1.0, 2.0, 2.0], [2.0, 4.0, 4.0]])  # rank one: u v^T

@@ -45,7 +45,7 @@ def scale_by_sophia_h(
 
   See `curvopt.sophia_h` for the update rule and the arguments.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, curvopt
     >>> tx = curvopt.transforms.scale_by_sophia_h()
     >>> params = jnp.ones(2)
