@@ -47,6 +47,7 @@ def non_negative_float(name: str, value: Any) -> float:
 
 def flag(name: str, value: Any) -> bool:
   """Checks a Python-level switch: `True` or `False`, nothing that merely looks truthy."""
+  static(name, value, "True or False")
   if not isinstance(value, bool):
     raise TypeError(f"{name} must be True or False, got {value!r}.")
   return value

@@ -6,14 +6,33 @@
   notebooks, multi-device subprocesses, end-to-end resumes, and the registry's variant
   optimizers in the generic checks); `--runslow` adds them, and `-m slow --runslow` runs
   them alone (CI runs both).
-- Compiled programs are dropped after each module: a worker otherwise keeps every
-  executable it ever compiled (about 5 GB by the end of the suite).
+- Compiled programs are dropped from memory after each module: a worker otherwise keeps
+  every executable it ever compiled (about 5 GB by the end of the suite). They stay in a
+  persistent compilation cache that lives for one run and is shared by the xdist workers,
+  so a program (a dense reference, an optimizer step, an eager primitive) compiles once
+  per run, not once per test and worker.
 """
+
+import os
+import shutil
+import tempfile
 
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+_CACHE_VARIABLE = "CURVOPT_TEST_COMPILATION_CACHE"
+
+
+def pytest_configure(config):
+  # The controller (or a run without xdist) makes the folder; workers inherit the variable.
+  if not hasattr(config, "workerinput") and _CACHE_VARIABLE not in os.environ:
+    os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="curvopt-test-jax-cache-")
+    config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(_CACHE_VARIABLE), True))
+  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_addoption(parser):

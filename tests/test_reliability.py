@@ -816,3 +816,19 @@ def test_psgd_dense_default_clip_keeps_a_large_learning_rate_finite():
   _, _, clipped, _ = run(curvopt.psgd_dense(0.3))
   _, _, free, _ = run(curvopt.psgd_dense(0.3, max_update_rms=None))
   chex.assert_trees_all_close(clipped, free)
+
+
+def _boolean_switches():
+  for name in sorted(n for n in dir(curvopt.alias) if not n.startswith("_")):
+    for argument, parameter in inspect.signature(getattr(curvopt, name)).parameters.items():
+      if isinstance(parameter.default, bool):
+        yield name, argument
+
+
+@pytest.mark.parametrize(("name", "argument"), list(_boolean_switches()))
+@pytest.mark.parametrize("bad", ["no", 1, None], ids=repr)
+def test_every_boolean_switch_takes_only_true_or_false(name, argument, bad):
+  """A truthy string or 1 would silently pick a branch; `None` would silently mean False."""
+  base = (optax.sgd(0.1),) if name in ("sam", "gam") else (0.1,)
+  with pytest.raises(TypeError, match=f"{argument} must be True or False"):
+    getattr(curvopt, name)(*base, **{argument: bad})

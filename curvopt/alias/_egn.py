@@ -105,6 +105,8 @@ def egn(
   """
   _checks.positive("learning_rate", learning_rate)
   _checks.in_range("momentum", momentum, 0.0, 1.0)
+  _checks.flag("adaptive_damping", adaptive_damping)
+  _checks.flag("line_search", line_search)
   steps = [
     scale_by_egn(
       damping,

@@ -94,12 +94,11 @@ class LinearOperator:
   def as_matrix(self) -> jax.Array:
     """The dense `d x d` matrix in the ravelled order of `jax.flatten_util`.
 
-    For small problems and tests only: it costs `d` products.
+    For small problems and tests only: it costs `d` products. Compiled as one program
+    (the operator is a pytree), so a call outside `jit` does not run, and compile, the
+    batched product primitive by primitive.
     """
-    flat, unravel = ravel_pytree(_tree.zeros(self.in_structure))
-    eye = jnp.eye(flat.size, dtype=self.dtype)
-    columns = jax.vmap(lambda e: ravel_pytree(self.mv(unravel(e)))[0].astype(self.dtype))(eye)
-    return columns.T
+    return _dense_matrix(self)
 
   def tree_flatten(self) -> tuple[tuple, tuple]:
     program, consts = self._closure_converted
@@ -340,3 +339,11 @@ def restrict(operator: LinearOperator, mask: PyTree | Callable[[Any, Any], bool]
   return LinearOperator(
     lambda v: extract(operator.mv(embed(v))), sub_structure, tags, operator.num_examples
   )
+
+
+@jax.jit
+def _dense_matrix(operator: LinearOperator) -> jax.Array:
+  flat, unravel = ravel_pytree(_tree.zeros(operator.in_structure))
+  eye = jnp.eye(flat.size, dtype=operator.dtype)
+  as_column = lambda e: ravel_pytree(operator.mv(unravel(e)))[0].astype(operator.dtype)
+  return jax.vmap(as_column)(eye).T

@@ -64,6 +64,7 @@ def scale_by_adahessian(
     Learning", AAAI 2021.
   """
   refresh_every = _checks.positive_int("refresh_every", refresh_every)
+  _checks.flag("absolute", absolute)
   if isinstance(averaging_axes, str):
     _checks.one_of("averaging_axes", averaging_axes, ("flax",))
   estimator = hessian_diagonal_fn or hutchinson_diagonal_estimator(name="adahessian")

@@ -154,6 +154,7 @@ def scale_by_lazy_newton(
   _checks.positive("regularization", regularization)
   _checks.one_of("mode", mode, MODES)
   _checks.one_of("kind", kind, REGULARIZATIONS)
+  _checks.flag("adaptive", adaptive)
   _checks.positive("min_regularization", min_regularization)
   max_doublings = _checks.positive_int("max_doublings", max_doublings)
   krylov_dim = _checks.positive_int("krylov_dim", krylov_dim)

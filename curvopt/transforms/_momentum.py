@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt import _tree
+from curvopt import _checks, _tree
 
 PyTree = Any
 
@@ -43,6 +43,8 @@ def ema_momentum(
     Polyak 1964; Nesterov 1983; the EMA form is `moving_average_for_momentum`
     in Anil et al.'s Shampoo.
   """
+  _checks.flag("nesterov", nesterov)
+  _checks.flag("debias", debias)
 
   def init(params: PyTree) -> EmaMomentumState:
     dtype = _tree.working_dtype(_tree.structure_of(params))

@@ -121,6 +121,8 @@ def sam_gradient(
   _checks.in_range("eps", eps, 0.0, float("inf"))
   _checks.one_of("perturbation", perturbation, PERTURBATIONS)
   _checks.positive_int("num_groups", num_groups)
+  _checks.flag("adaptive", adaptive)
+  _checks.flag("has_aux", has_aux)
 
   def init(params: PyTree) -> SharpnessAwareState:
     del params
@@ -231,6 +233,8 @@ def gam_gradient(
     *((("beta3", beta3),) if beta3 is not None else ()),
   ):
     _checks.in_range(name, value, 0.0, float("inf"))
+  for name, value in (("apply_beta0", apply_beta0), ("adaptive", adaptive), ("has_aux", has_aux)):
+    _checks.flag(name, value)
 
   def init(params: PyTree) -> GradientNormAwareState:
     del params

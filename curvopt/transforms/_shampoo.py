@@ -99,6 +99,10 @@ def scale_by_shampoo(
   if isinstance(start, bool) or not isinstance(start, int) or start < 0:
     raise ValueError(f"start_preconditioning_step must be an integer >= 0, got {start!r}.")
   _checks.one_of("root_method", root_method, ROOT_METHODS)
+  _checks.flag("relative_epsilon", relative_epsilon)
+  _checks.flag("merge_dims", merge_dims)
+  _checks.flag("precondition_1d", precondition_1d)
+  _checks.flag("one_sided", one_sided)
   if exponent_override is not None:
     _checks.positive_int("exponent_override", exponent_override)
   _checks.in_range("beta2", beta2, 0.0, 1.0, high_inclusive=True)

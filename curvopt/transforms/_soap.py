@@ -84,6 +84,12 @@ def scale_by_soap(
   precondition_frequency = _checks.positive_int("precondition_frequency", precondition_frequency)
   block_size = _checks.positive_int("block_size", block_size)
   _checks.one_of("eigenbasis_method", eigenbasis_method, EIGENBASIS_METHODS)
+  for name, value in (
+    ("merge_dims", merge_dims),
+    ("precondition_1d", precondition_1d),
+    ("one_sided", one_sided),
+  ):
+    _checks.flag(name, value)
   if isinstance(start_preconditioning_step, bool) or not isinstance(
     start_preconditioning_step, int
   ):
