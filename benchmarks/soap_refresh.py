@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from curvopt.transforms._soap import _eigenbases, _power_qr_bases
+from curvopt.transforms.kronecker._soap import _eigenbases, _power_qr_bases
 
 
 def _timed(fn, *args, repeats: int) -> float:

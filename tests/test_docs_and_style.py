@@ -148,7 +148,7 @@ def test_layer_imports_only_lower_layers(layer):
   parts = layer.split(".")[1:]
   base = ROOT / "curvopt" / pathlib.Path(*parts)
   files = (
-    [base.with_suffix(".py")] if base.with_suffix(".py").exists() else sorted(base.glob("*.py"))
+    [base.with_suffix(".py")] if base.with_suffix(".py").exists() else sorted(base.rglob("*.py"))
   )
   allowed = _ALLOWED[layer]
   for path in files:
@@ -211,7 +211,7 @@ def test_no_module_imports_a_private_name_from_another():
 
 def test_named_optimizers_use_only_the_public_transforms():
   for path in sorted((ROOT / "curvopt" / "alias").glob("*.py")):
-    private = re.findall(r"from curvopt\.transforms\.(_\w+)", path.read_text())
+    private = re.findall(r"from curvopt\.transforms\.((?:\w+\.)*_\w+)", path.read_text())
     assert not private, f"{path.name} imports curvopt.transforms.{private[0]}"
 
 

@@ -351,7 +351,7 @@ def test_mismatched_l2_mask_is_named():
 
 
 def test_auto_solver_factors_the_smaller_space_then_falls_back_to_cg():
-  choose = curvopt.transforms._egn.choose_solver
+  choose = curvopt.transforms.gauss_newton._egn.choose_solver
   mlp = lambda d, b: 2.0 * d * b
   assert choose(30, 455, 1024, mlp(30, 455), 50) == "parameter_cholesky"
   assert choose(385, 64, 1024, mlp(385, 64), 50) == "cholesky"
@@ -383,7 +383,7 @@ def test_auto_solver_picks_cg_on_a_conv_net_where_each_factor_row_is_a_full_pass
   d = ravel(params).size
   product = curvopt._jaxpr.forward_flops(lambda p: model.apply(p, x), params)
   # Measured: 0.65 s a step with CG, 1.5 s with the 640 x 640 Cholesky (2 CPU cores).
-  assert curvopt.transforms._egn.choose_solver(d, 640, 1024, product, 50) == "cg"
+  assert curvopt.transforms.gauss_newton._egn.choose_solver(d, 640, 1024, product, 50) == "cg"
 
 
 def test_bfloat16_parameters_get_bfloat16_updates_from_a_float32_solve():

@@ -16,7 +16,7 @@ import pytest
 
 import curvopt
 from curvopt.transforms import scale_by_psgd_dense, scale_by_psgd_kron, scale_by_psgd_lra
-from curvopt.transforms._psgd_kron import _balance, dense_axes, norm_lower_bound
+from curvopt.transforms.psgd._kron import _balance, dense_axes, norm_lower_bound
 
 GEOMETRIES = ("Q0.5EQ1.5", "QE", "EQ")
 

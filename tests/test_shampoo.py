@@ -377,8 +377,8 @@ def test_soap_is_adam_in_the_eigenbasis_of_the_factors():
 
 def test_soap_carries_its_second_moments_into_a_new_basis_exactly():
   """Diagonal `v` in the old Kronecker basis -> diag(R diag(v) R^T) in the new one."""
-  from curvopt.transforms._blocks import block_layout
-  from curvopt.transforms._soap import _carry_second_moments
+  from curvopt.transforms.kronecker._blocks import block_layout
+  from curvopt.transforms.kronecker._soap import _carry_second_moments
 
   rng = np.random.default_rng(3)
   nu = jnp.asarray(rng.random((4, 3)))
@@ -457,7 +457,7 @@ def test_batched_root_calls_do_not_deadlock_the_cpu_thread_pool():
 
 def test_soap_power_qr_refresh_converges_to_the_eigenbasis():
   """Repeated `Q <- qr(S Q)` (columns ordered by diag(Q^T S Q)) reaches eigh's basis."""
-  from curvopt.transforms._soap import _power_qr_bases
+  from curvopt.transforms.kronecker._soap import _power_qr_bases
 
   with jax.enable_x64(True):
     rotation = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (5, 5), jnp.float64))[0]

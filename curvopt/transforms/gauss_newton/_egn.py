@@ -14,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 from curvopt import _checks, _tree
 from curvopt._jaxpr import forward_flops
 from curvopt.oracles import GaussNewtonFactor, gauss_newton_factor
-from curvopt.transforms._gauss_newton_model import GaussNewtonModel, Mask, require_model_and_loss
+from curvopt.transforms.gauss_newton._model import GaussNewtonModel, Mask, require_model_and_loss
 
 PyTree = Any
 SOLVERS = ("auto", "cholesky", "cg", "parameter_cholesky")

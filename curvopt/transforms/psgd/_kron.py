@@ -11,7 +11,13 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from curvopt import _checks
-from curvopt.transforms._psgd import Family, Fit, FitSettings, PreconditionerFamily, scale_by_psgd
+from curvopt.transforms.psgd._driver import (
+  Family,
+  Fit,
+  FitSettings,
+  PreconditionerFamily,
+  scale_by_psgd,
+)
 
 PyTree = Any
 Geometry = Literal["Q0.5EQ1.5", "QE", "EQ"]

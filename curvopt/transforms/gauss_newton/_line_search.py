@@ -11,7 +11,7 @@ import optax
 
 from curvopt import _checks, _tree
 from curvopt.transforms._extra_args import require_value_fn
-from curvopt.transforms._gauss_newton_model import GaussNewtonModel, require_model_and_loss
+from curvopt.transforms.gauss_newton._model import GaussNewtonModel, require_model_and_loss
 
 PyTree = Any
 Objective = Callable[[dict], Callable[[PyTree], jax.Array]]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt import _checks, _tree
-from curvopt.transforms._gauss_newton_model import GaussNewtonModel, Mask, require_model_and_loss
+from curvopt.transforms.gauss_newton._model import GaussNewtonModel, Mask, require_model_and_loss
 
 PyTree = Any
 

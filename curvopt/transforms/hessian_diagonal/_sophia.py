@@ -10,7 +10,7 @@ import optax
 
 from curvopt import _checks, _tree
 from curvopt.transforms._cadence import refresh_if_due
-from curvopt.transforms._hutchinson import hutchinson_diagonal_estimator
+from curvopt.transforms.hessian_diagonal._hutchinson import hutchinson_diagonal_estimator
 
 PyTree = Any
 

@@ -9,7 +9,13 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from curvopt.transforms._psgd import Family, Fit, FitSettings, PreconditionerFamily, scale_by_psgd
+from curvopt.transforms.psgd._driver import (
+  Family,
+  Fit,
+  FitSettings,
+  PreconditionerFamily,
+  scale_by_psgd,
+)
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST

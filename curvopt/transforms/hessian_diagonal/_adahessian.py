@@ -11,7 +11,10 @@ import optax
 
 from curvopt import _checks, _tree
 from curvopt.transforms._cadence import refresh_if_due
-from curvopt.transforms._hutchinson import hutchinson_diagonal_estimator, spatial_average
+from curvopt.transforms.hessian_diagonal._hutchinson import (
+  hutchinson_diagonal_estimator,
+  spatial_average,
+)
 
 PyTree = Any
 

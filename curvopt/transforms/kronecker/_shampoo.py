@@ -11,7 +11,8 @@ import optax
 
 from curvopt import _checks, _tree
 from curvopt._matrix_roots import ROOT_METHODS, RootMethod, matrix_inverse_root
-from curvopt.transforms._blocks import (
+from curvopt.transforms._cadence import refresh_if_due
+from curvopt.transforms.kronecker._blocks import (
   BlockLayout,
   MatrixAxes,
   block_layout,
@@ -19,9 +20,8 @@ from curvopt.transforms._blocks import (
   stacked_identities,
   to_blocks,
 )
-from curvopt.transforms._cadence import refresh_if_due
-from curvopt.transforms._grafting import Grafting, grafting_transform
-from curvopt.transforms._kronecker import factor_statistics, map_factors, mode_product
+from curvopt.transforms.kronecker._factors import factor_statistics, map_factors, mode_product
+from curvopt.transforms.kronecker._grafting import Grafting, grafting_transform
 
 PyTree = Any
 Factors = tuple[tuple[jax.Array, ...], ...]  # per block shape, per block axis: (n, d, d)

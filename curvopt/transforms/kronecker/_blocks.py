@@ -75,7 +75,7 @@ def merge_small_dims(shape: tuple[int, ...], limit: int) -> tuple[int, ...]:
   """Merges adjacent dims while their product stays <= `limit`; drops size-1 dims.
 
   Examples:
-    >>> from curvopt.transforms._blocks import merge_small_dims
+    >>> from curvopt.transforms.kronecker._blocks import merge_small_dims
     >>> merge_small_dims((1, 2, 768, 1, 2048), 4096)
     (1536, 2048)
   """

@@ -14,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 from curvopt import _checks, _tree, _xla_cpu
 from curvopt.oracles import gauss_newton, hessian
 from curvopt.transforms._extra_args import require_value_fn
-from curvopt.transforms._gauss_newton_model import require_model_and_loss
+from curvopt.transforms.gauss_newton._model import require_model_and_loss
 
 PyTree = Any
 Curvature = Literal["gauss_newton", "hessian"]

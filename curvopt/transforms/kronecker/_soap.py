@@ -10,15 +10,15 @@ import jax.numpy as jnp
 import optax
 
 from curvopt import _checks, _tree
-from curvopt.transforms._blocks import (
+from curvopt.transforms._cadence import refresh_if_due
+from curvopt.transforms.kronecker._blocks import (
   MatrixAxes,
   block_layout,
   from_blocks,
   stacked_identities,
   to_blocks,
 )
-from curvopt.transforms._cadence import refresh_if_due
-from curvopt.transforms._kronecker import factor_statistics, map_factors, mode_product
+from curvopt.transforms.kronecker._factors import factor_statistics, map_factors, mode_product
 
 PyTree = Any
 EigenbasisMethod = Literal["eigh", "power_qr"]

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from curvopt import _checks
-from curvopt.transforms._psgd import Fit, scale_by_psgd
-from curvopt.transforms._psgd_kron import GEOMETRIES, Geometry, kron_family
+from curvopt.transforms.psgd._driver import Fit, scale_by_psgd
+from curvopt.transforms.psgd._kron import GEOMETRIES, Geometry, kron_family
 
 
 def scale_by_psgd_dense(
