@@ -48,7 +48,7 @@ def dense_axes(shape: tuple[int, ...], max_size: int | None, max_skew: float) ->
   matrix's longer side is diagonal and a vector's only side too.
 
   Examples:
-    >>> from curvopt.transforms._psgd_kron import dense_axes
+    >>> from curvopt.transforms.psgd._kron import dense_axes
     >>> dense_axes((64, 32), None, 1.0), dense_axes((5,), None, 1.0)
     ((False, True), (False,))
   """
