@@ -49,18 +49,12 @@ def lazy_newton(
   gradient's part outside the stale Krylov basis (one Hessian-vector product
   at the snapshot per step), so no gradient direction is ever dropped.
 
+  The other arguments (`regularization`, `hessian_every`, `mode`, `kind`, `adaptive`,
+  `min_regularization`, `max_doublings`, `krylov_dim`, `max_dense_size`, `seed`) are
+  those of `curvopt.transforms.scale_by_lazy_newton`, which documents them.
+
   Args:
     learning_rate: scales the step (1.0: the cubic Newton step itself).
-    regularization: `M > 0` (the initial one when `adaptive`).
-    hessian_every: `m`, steps between snapshots; None: `d` (dense) or `krylov_dim`.
-    mode: "dense", "matrix_free", or "auto" (dense up to `max_dense_size` parameters).
-    kind: "cubic" or "quadratic".
-    adaptive: search for `M` by sufficient decrease (uses `value_fn`).
-    min_regularization: the floor of the adaptive `M`.
-    max_doublings: the cap on the search.
-    krylov_dim: Lanczos steps per matrix-free snapshot.
-    max_dense_size: the largest `d` "auto" treats densely (a `d x d` state).
-    seed: for Lanczos restarts.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt

@@ -195,25 +195,11 @@ def psgd_lra(
   `O(n rank)` memory, and curvature shared across all layers.
   Decisions where the references differ: as for `psgd_kron`.
 
+  The other arguments (`learning_rate`, `b1`, `weight_decay`, `weight_decay_mask`,
+  `max_update_rms`, `fit`, `lr_preconditioner`, `update_probability`, `init_scale`,
+  `beta_l`, `damping`) are those of `psgd_kron`, which documents them.
+
   Args:
-    learning_rate: a float or an optax schedule.
-    b1: momentum (EMA of `P g`); 0 for none.
-    weight_decay: decoupled weight decay.
-    weight_decay_mask: optax mask for the weight decay.
-    max_update_rms: per-leaf clip of the update's RMS; None for none.
-    fit: "whitening" (`h = g`; `P -> E[g g^T]^{-1/2}`, no extra argument) or
-      "newton" (`h = H v`, `v ~ N(0, I)`, from the extra argument `value_fn`;
-      `P -> |H|^{-1}`).
-    lr_preconditioner: `mu`, in (0, 1]; a float or a schedule of the step.
-    update_probability: per-step probability of fitting `Q`; a float or a
-      schedule. None: `psgd_update_probability()` (1 for 500 steps, then
-      decaying to 0.03).
-    init_scale: `d = init_scale` at the start; None derives it from the first
-      probe pair (1 for a zero gradient).
-    beta_l: decay of the running bound `L_i`; 0 gives the paper's per-step
-      normalizer `mu / ||T_1 + T_2||` (psgd_jax).
-    damping: `h + (damping rms(h) + eps |h|) xi`, `xi ~ N(0, I)`, with `rms(h)` over all
-      leaves (1 if `h` is zero); bounds `P <= I / (damping rms(h))`.
     rank: the rank of `U V^T` (at most `n - 1`: a model with fewer than
       `rank + 1` parameters gets `n - 1`).
     seed: the PRNG seed of the probes and coin flips (the key lives in the state).
@@ -284,28 +270,14 @@ def psgd_dense(
   3-10x a step until they overflowed). `O(n^2)` memory.
   Decisions where the references differ: as for `psgd_kron`.
 
+  The other arguments (`learning_rate`, `b1`, `weight_decay`, `weight_decay_mask`,
+  `max_update_rms`, `fit`, `lr_preconditioner`, `init_scale`, `beta_l`, `damping`,
+  `geometry`, `seed`) are those of `psgd_kron`, which documents them.
+
   Args:
-    learning_rate: a float or an optax schedule.
-    b1: momentum (EMA of `P g`); 0 for none.
-    weight_decay: decoupled weight decay.
-    weight_decay_mask: optax mask for the weight decay.
-    max_update_rms: per-leaf clip of the update's RMS; None for none.
-    fit: "whitening" (`h = g`; `P -> E[g g^T]^{-1/2}`, no extra argument) or
-      "newton" (`h = H v`, `v ~ N(0, I)`, from the extra argument `value_fn`;
-      `P -> |H|^{-1}`).
-    lr_preconditioner: `mu`, in (0, 1]; a float or a schedule of the step.
     update_probability: per-step probability of fitting `Q`; a float or a
       schedule. (1 by default here).
-    init_scale: `Q = init_scale I` at the start; None derives it from the first
-      probe pair (1 for a zero gradient).
-    beta_l: decay of the running bound `L_i`; 0 gives the paper's per-step
-      normalizer `mu / ||T_1 + T_2||` (psgd_jax).
-    damping: `h + (damping rms(h) + eps |h|) xi`, `xi ~ N(0, I)`, with `rms(h)` over all
-      leaves (1 if `h` is zero); bounds `P <= I / (damping rms(h))`.
-    geometry: "Q0.5EQ1.5" (psgd_torch 2026, default), "QE" (psgd_torch 2025)
-      or "EQ" (upper-triangular `Q`, the paper and psgd_jax).
     max_dimension: the most parameters accepted (a dense `n x n` `Q`).
-    seed: the PRNG seed of the probes and coin flips (the key lives in the state).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt

@@ -49,17 +49,12 @@ def sam(
   `mutable=False`), or one returning `(loss, new_state)` with
   `has_aux=True`: SAM drops the second pass's `aux`.
 
+  The other arguments (`adaptive`, `eta`, `eps`, `has_aux`, `perturbation`,
+  `num_groups`) are those of `curvopt.transforms.sam_gradient`, which documents them.
+
   Args:
     base_optimizer: any optax transform (its extra arguments are forwarded).
     rho: the radius; a float or a schedule.
-    adaptive: ASAM's scale-invariant perturbation.
-    eta: ASAM's offset in `T = |w| + eta` (the official 0.01).
-    eps: added to every normalizing norm.
-    has_aux: `value_fn` returns `(loss, aux)`; the second pass's `aux` is
-      dropped, so state such as batch statistics is updated by the caller's
-      first pass only.
-    perturbation: "global" or "per_group" (m-sharpness); see above.
-    num_groups: the number of groups for "per_group".
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
@@ -122,18 +117,12 @@ def gam(
   beta0` but never applies `beta0` to `g0`; `apply_beta0=False` reproduces
   it, `True` follows the paper.
 
+  The other arguments (`rho`, `grad_norm_rho`, `beta1`, `beta3`, `beta0`, `gamma`,
+  `apply_beta0`, `adaptive`, `eps`, `has_aux`) are those of
+  `curvopt.transforms.gam_gradient`, which documents them.
+
   Args:
     base_optimizer: any optax transform.
-    rho: SAM radius (`grad_rho`); a float or a schedule.
-    grad_norm_rho: `rho'` (`grad_norm_rho`), the step along the gradient-norm ascent.
-    beta1: weight of `g1`.
-    beta3: weight of `g3`.
-    beta0: `beta2 = 1 - beta0`.
-    gamma: weight of the orthogonal correction.
-    apply_beta0: see above.
-    adaptive: ASAM-style perturbations.
-    eps: added to every normalizing norm.
-    has_aux: `value_fn` returns `(loss, aux)`; see `sam_gradient`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
