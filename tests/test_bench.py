@@ -316,6 +316,7 @@ def test_checkpoints_round_trip_prng_keys(tmp_path):
   np.testing.assert_array_equal(restored["w"], tree["w"])
 
 
+@pytest.mark.slow  # a benchmark script end to end
 def test_step_time_benchmark_script_runs(tmp_path):
   """The script behind the README's step-time tables (one short block, one workload)."""
   out = tmp_path / "step_time.md"

@@ -278,16 +278,22 @@ def test_default_schedule_is_flat_then_decays_to_a_floor():
   )
 
 
-def test_scalar_and_conv_kernel_leaves_work_in_bfloat16():
+@pytest.mark.parametrize(
+  "make",
+  [
+    pytest.param(lambda: curvopt.psgd_kron(0.01), id="kron"),
+    pytest.param(
+      lambda: curvopt.psgd_kron(0.01, fit="newton"), id="newton", marks=pytest.mark.slow
+    ),
+    pytest.param(lambda: curvopt.psgd_lra(0.01), id="lra", marks=pytest.mark.slow),
+  ],
+)
+def test_scalar_and_conv_kernel_leaves_work_in_bfloat16(make):
   params = {"s": jnp.ones((), jnp.bfloat16), "conv": jnp.ones((3, 1, 8), jnp.bfloat16)}
   loss = lambda p: (
     jnp.sum(p["s"].astype(jnp.float32) ** 2) + jnp.sum(jnp.cos(p["conv"].astype(jnp.float32)))
   )
-  for opt in (
-    curvopt.psgd_kron(0.01),
-    curvopt.psgd_kron(0.01, fit="newton"),
-    curvopt.psgd_lra(0.01),
-  ):
+  for opt in (make(),):
     state = opt.init(params)
     step = jax.jit(lambda p, s, opt=opt: opt.update(jax.grad(loss)(p), s, p, value_fn=loss))
     updates, state = step(params, state)

@@ -41,7 +41,8 @@ def _poison_a_statistic(state, value):
   return state._replace(inner_state=jax.tree.unflatten(treedef, leaves)), True
 
 
-@pytest.mark.parametrize("value", [jnp.nan, jnp.inf])
+# Infinity takes the same finiteness checks as NaN: the slow tier.
+@pytest.mark.parametrize("value", [jnp.nan, pytest.param(jnp.inf, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", registry())
 def test_injected_faults_never_reach_the_parameters_and_training_continues(name, value):
   with jax.enable_x64(False):
@@ -125,7 +126,12 @@ class _Interrupt(Exception):
 
 @pytest.mark.parametrize(
   ("optimizer", "hyperparameters"),
-  [("shampoo", {}), ("psgd_kron", {"update_probability": 0.5}), ("adahessian", {})],
+  [
+    ("shampoo", {}),
+    # The resume logic is the runner's: one optimizer by default, the others slow.
+    pytest.param("psgd_kron", {"update_probability": 0.5}, marks=pytest.mark.slow),
+    pytest.param("adahessian", {}, marks=pytest.mark.slow),
+  ],
 )
 def test_an_interrupted_run_resumes_to_bit_identical_losses(optimizer, hyperparameters, tmp_path):
   spec = _run_spec(optimizer, **hyperparameters)
@@ -663,7 +669,15 @@ def test_plain_optax_masking_of_a_loss_optimizer_says_to_use_curvopts(name, wrap
     )
 
 
-@pytest.mark.parametrize("name", sorted(_VALUE_FN_OPTIMIZERS))
+@pytest.mark.parametrize(
+  "name",
+  # The helper is optimizer-independent: a Hessian-product and a perturbation method by
+  # default, the rest in the slow tier.
+  [
+    n if n in ("adahessian", "sam") else pytest.param(n, marks=pytest.mark.slow)
+    for n in sorted(_VALUE_FN_OPTIMIZERS)
+  ],
+)
 def test_nnx_value_fn_helper_on_a_model_with_batchnorm_and_dropout(name):
   nnx = pytest.importorskip("flax.nnx")
   import curvopt.nnx
@@ -726,12 +740,12 @@ def test_linen_apply_gradients_forwards_value_fn():
 @pytest.mark.parametrize(
   "factory",
   [
-    lambda: curvopt.psgd_kron(0.1),
-    lambda: curvopt.psgd_kron(0.1, fit="newton"),
-    lambda: curvopt.psgd_lra(0.1),
-    lambda: curvopt.psgd_dense(0.1),
+    pytest.param(lambda: curvopt.psgd_kron(0.1), id="kron"),
+    pytest.param(lambda: curvopt.psgd_kron(0.1, fit="newton"), id="kron_newton"),
+    # The damping rule is the driver's, shared by every family: one family by default.
+    pytest.param(lambda: curvopt.psgd_lra(0.1), id="lra", marks=pytest.mark.slow),
+    pytest.param(lambda: curvopt.psgd_dense(0.1), id="dense", marks=pytest.mark.slow),
   ],
-  ids=["kron", "kron_newton", "lra", "dense"],
 )
 def test_psgd_is_invariant_to_the_loss_scale(factory):
   w0 = {"a": jnp.ones((4, 3), jnp.float32), "b": jnp.ones(3, jnp.float32)}
@@ -786,6 +800,7 @@ def test_lazy_newton_counts_the_steps_it_rejects():
   assert int(state.inner_state[0].rejected_steps) == 1
 
 
+@pytest.mark.slow  # two 60-step training runs of the dense preconditioner
 def test_psgd_dense_default_clip_keeps_a_large_learning_rate_finite():
   k = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(k[0], (64, 4))
