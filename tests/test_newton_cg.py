@@ -157,3 +157,18 @@ def test_a_jitted_step_compiles_once():
   with count_compilations() as compiled:
     step(w, state)
   assert not compiled
+
+
+@pytest.mark.parametrize("max_iters", [3, 7, 20])
+def test_the_last_snapshot_is_the_final_iterate_so_backtracking_needs_no_extra_candidate(
+  max_iters,
+):
+  from curvopt.transforms.gauss_newton._newton_cg import _truncated_cg, snapshot_iterations
+
+  assert snapshot_iterations(max_iters)[-1] == max_iters
+  a = jnp.diag(jnp.arange(1.0, 11.0))
+  b = jnp.ones(10)
+  # tol 0: runs to max_iters (or converges exactly at 10); tol 0.5: stops early.
+  for tol in (0.0, 0.5):
+    out = _truncated_cg(lambda v: a @ v, b, jnp.zeros(10), max_iters, tol)
+    np.testing.assert_array_equal(out.snapshots[-1], out.x)

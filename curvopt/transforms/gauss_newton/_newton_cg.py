@@ -116,8 +116,8 @@ def scale_by_newton_cg(
   non-positive curvature, after a step with its absolute curvature). CG starts
   from `warm_start` times the previous solution and stops after
   `max_cg_iters` products or at a relative residual `cg_tol`. With
-  `backtracking`, the iterates at CG iterations `ceil(1.3^k)` (and the last)
-  are kept, and the one with the lowest loss at `params + x` on the current
+  `backtracking`, the iterates at CG iterations `ceil(1.3^k)` (the last of them
+  the final iterate) are kept, and the one with the lowest loss at `params + x` on the current
   batch is returned (one forward pass each). `damping` None reads `lambda`
   from the extra argument `damping` (as `levenberg_marquardt` passes it).
 
@@ -184,7 +184,8 @@ def scale_by_newton_cg(
     solved = _truncated_cg(matvec, -g, warm_start * state.previous, max_cg_iters, cg_tol)
     x = solved.x
     if backtracking:
-      candidates = jnp.concatenate([solved.snapshots, x[None]])
+      # The last snapshot (iteration `max_cg_iters`, or the exit) is the final iterate.
+      candidates = solved.snapshots
       at = lambda c: objective(
         _tree.cast_like(unravel(flat_params + c), _tree.structure_of(params))
       )
