@@ -10,6 +10,7 @@ block shapes, not with the number of layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from curvopt import _checks
 
 PyTree = Any
 MatrixAxes = Callable[[tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]] | None]
@@ -180,6 +183,32 @@ def block_layout(
   ordered = tuple((shape, tuple(groups[shape])) for shape in sorted(groups))
   axes = tuple(_factor_axes(shape, one_sided) for shape, _ in ordered)
   return BlockLayout(layouts, treedef, shapes, ordered, axes)
+
+
+def layout_factory(
+  *,
+  block_size: int,
+  merge_dims: bool,
+  precondition_1d: bool,
+  matrix_axes: MatrixAxes | None,
+  one_sided: bool,
+) -> Callable[[PyTree], BlockLayout]:
+  """`tree -> block_layout(tree, ...)`, its options checked now (when an optimizer is built)."""
+  block_size = _checks.positive_int("block_size", block_size)
+  for name, value in (
+    ("merge_dims", merge_dims),
+    ("precondition_1d", precondition_1d),
+    ("one_sided", one_sided),
+  ):
+    _checks.flag(name, value)
+  return functools.partial(
+    block_layout,
+    block_size=block_size,
+    merge_dims=merge_dims,
+    precondition_1d=precondition_1d,
+    matrix_axes=matrix_axes,
+    one_sided=one_sided,
+  )
 
 
 def _factor_axes(shape: tuple[int, ...], one_sided: bool) -> tuple[int, ...]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -15,8 +14,8 @@ from curvopt.transforms._cadence import refresh_if_due
 from curvopt.transforms.kronecker._blocks import (
   BlockLayout,
   MatrixAxes,
-  block_layout,
   from_blocks,
+  layout_factory,
   stacked_identities,
   to_blocks,
 )
@@ -91,7 +90,6 @@ def scale_by_shampoo(
     Data-Parallel PyTorch Implementation of the Distributed Shampoo
     Optimizer", 2023.
   """
-  block_size = _checks.positive_int("block_size", block_size)
   precondition_frequency = _checks.positive_int("precondition_frequency", precondition_frequency)
   start = (
     precondition_frequency if start_preconditioning_step is None else start_preconditioning_step
@@ -100,9 +98,6 @@ def scale_by_shampoo(
     raise ValueError(f"start_preconditioning_step must be an integer >= 0, got {start!r}.")
   _checks.one_of("root_method", root_method, ROOT_METHODS)
   _checks.flag("relative_epsilon", relative_epsilon)
-  _checks.flag("merge_dims", merge_dims)
-  _checks.flag("precondition_1d", precondition_1d)
-  _checks.flag("one_sided", one_sided)
   if exponent_override is not None:
     _checks.positive_int("exponent_override", exponent_override)
   _checks.in_range("beta2", beta2, 0.0, 1.0, high_inclusive=True)
@@ -114,8 +109,7 @@ def scale_by_shampoo(
     _checks.in_range("rank_rtol", rank_rtol, 0.0, 1.0)
   graft = grafting_transform(grafting, grafting_b2, grafting_eps)
 
-  layout_of = functools.partial(
-    block_layout,
+  layout_of = layout_factory(
     block_size=block_size,
     merge_dims=merge_dims,
     precondition_1d=precondition_1d,

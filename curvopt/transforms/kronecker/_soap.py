@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -13,8 +12,8 @@ from curvopt import _checks, _tree
 from curvopt.transforms._cadence import refresh_if_due
 from curvopt.transforms.kronecker._blocks import (
   MatrixAxes,
-  block_layout,
   from_blocks,
+  layout_factory,
   stacked_identities,
   to_blocks,
 )
@@ -82,14 +81,7 @@ def scale_by_soap(
     "SOAP: Improving and Stabilizing Shampoo using Adam", ICLR 2025.
   """
   precondition_frequency = _checks.positive_int("precondition_frequency", precondition_frequency)
-  block_size = _checks.positive_int("block_size", block_size)
   _checks.one_of("eigenbasis_method", eigenbasis_method, EIGENBASIS_METHODS)
-  for name, value in (
-    ("merge_dims", merge_dims),
-    ("precondition_1d", precondition_1d),
-    ("one_sided", one_sided),
-  ):
-    _checks.flag(name, value)
   if isinstance(start_preconditioning_step, bool) or not isinstance(
     start_preconditioning_step, int
   ):
@@ -98,8 +90,7 @@ def scale_by_soap(
     )
   beta = b2 if shampoo_beta is None else shampoo_beta
 
-  layout_of = functools.partial(
-    block_layout,
+  layout_of = layout_factory(
     block_size=block_size,
     merge_dims=merge_dims,
     precondition_1d=precondition_1d,
