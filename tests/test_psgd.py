@@ -293,12 +293,12 @@ def test_scalar_and_conv_kernel_leaves_work_in_bfloat16(make):
   loss = lambda p: (
     jnp.sum(p["s"].astype(jnp.float32) ** 2) + jnp.sum(jnp.cos(p["conv"].astype(jnp.float32)))
   )
-  for opt in (make(),):
-    state = opt.init(params)
-    step = jax.jit(lambda p, s, opt=opt: opt.update(jax.grad(loss)(p), s, p, value_fn=loss))
-    updates, state = step(params, state)
-    chex.assert_trees_all_equal_dtypes(updates, params)
-    assert all(bool(jnp.all(jnp.isfinite(u.astype(jnp.float32)))) for u in jax.tree.leaves(updates))
+  opt = make()
+  state = opt.init(params)
+  step = jax.jit(lambda p, s: opt.update(jax.grad(loss)(p), s, p, value_fn=loss))
+  updates, state = step(params, state)
+  chex.assert_trees_all_equal_dtypes(updates, params)
+  assert all(bool(jnp.all(jnp.isfinite(u.astype(jnp.float32)))) for u in jax.tree.leaves(updates))
 
 
 @pytest.mark.parametrize(

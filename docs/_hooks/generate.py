@@ -70,13 +70,13 @@ def _summary(obj: object) -> str:
   return doc.strip().split("\n")[0].replace("|", "\\|") if doc else ""
 
 
-def _api_pages() -> dict[str, str]:
+def _api_pages(entries: dict[str, list[str]]) -> dict[str, str]:
   top = importlib.import_module("curvopt")
   pages = {}
   index = ["# API", "", "Every public name, generated from its docstring.", ""]
   for title, module_name in API_MODULES:
     module = importlib.import_module(module_name)
-    names = api_entries()[module_name]
+    names = entries[module_name]
     folder = module_name.replace(".", "/")
     index += [f"## {title}", "", "| name | summary |", "|---|---|"]
     for name in names:
@@ -168,7 +168,8 @@ def on_config(config, **kwargs):
   for pages, assets in (_notebooks(), _results()):
     _generated.update(pages)
     _assets.update(assets)
-  _generated.update(_api_pages())
+  entries = api_entries()
+  _generated.update(_api_pages(entries))
   _generated["changelog.md"] = (ROOT / "CHANGELOG.md").read_text()
 
   notebooks = [{"Overview": "notebooks/index.md"}] + [
@@ -179,7 +180,7 @@ def on_config(config, **kwargs):
   api = [{"Overview": "api/index.md"}]
   for title, module_name in API_MODULES:
     folder = module_name.replace(".", "/")
-    api.append({title: [f"api/{folder}/{name}.md" for name in api_entries()[module_name]]})
+    api.append({title: [f"api/{folder}/{name}.md" for name in entries[module_name]]})
   results = [
     "results/index.md",
     *sorted(p for p in _generated if p.startswith("results/") and p != "results/index.md"),
