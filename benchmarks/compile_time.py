@@ -7,7 +7,9 @@ optimizer is measured `--repeats` times, round-robin with Adam, and the
 median is kept; the table gives the ratio to Adam's median (target: at most
 2x), the time spent tracing and lowering beside XLA's compile, and the size
 of the traced program (equations, nested ones included), which is where
-unrolled Python loops over leaves or blocks show.
+unrolled Python loops over leaves or blocks show, and the number of kernels
+of the compiled one (fusions and unfused heavy operations), which XLA's
+compile time follows.
 
 Run:  python benchmarks/compile_time.py --workloads mnist1d_cnn,gpt_lm \\
         --out benchmarks/results/compile_time.md
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import platform
+import re
 import statistics
 import time
 
@@ -40,6 +43,24 @@ def count_equations(jaxpr) -> int:
   return total
 
 
+_KERNEL = re.compile(r"= \S+ (fusion|dot|convolution|custom-call|reduce|sort|scatter|gather)\(")
+
+
+def count_kernels(optimized_hlo: str) -> int:
+  """Kernels of a compiled program: its fusions and unfused heavy operations, in every body.
+
+  XLA:CPU's compile time follows this count (each kernel is generated and
+  optimized by LLVM on its own) more than the jaxpr's size.
+  """
+  kernels, inside_fusion = 0, False
+  for line in optimized_hlo.splitlines():
+    if line and not line.startswith(" "):  # a computation's header (or its closing brace)
+      inside_fusion = line.lstrip("%").startswith(("fused", "wrapped"))
+    elif not inside_fusion and _KERNEL.search(line):
+      kernels += 1
+  return kernels
+
+
 def measure_once(workload, name: str) -> dict:
   spec = OPTIMIZERS[name]
   optimizer = build_optimizer(spec, workload, 1e-3, {})
@@ -53,7 +74,7 @@ def measure_once(workload, name: str) -> dict:
   traced_at = time.perf_counter()
   lowered = traced.lower()
   lowered_at = time.perf_counter()
-  lowered.compile()
+  compiled = lowered.compile()
   compiled_at = time.perf_counter()
   return {
     "trace_s": traced_at - start,
@@ -61,6 +82,7 @@ def measure_once(workload, name: str) -> dict:
     "compile_s": compiled_at - lowered_at,
     "total_s": compiled_at - start,
     "equations": count_equations(traced.jaxpr.jaxpr),
+    "kernels": count_kernels(compiled.as_text()),
   }
 
 
@@ -97,13 +119,15 @@ def main() -> None:
     lines += [
       title,
       "",
-      "| optimizer | total s | x adam | trace s | lower s | XLA compile s | equations |",
-      "|---|---:|---:|---:|---:|---:|---:|",
+      "| optimizer | total s | x adam | trace s | lower s | XLA compile s | equations "
+      "| kernels | kernels x adam |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in median.items():
       lines.append(
         f"| {name} | {m['total_s']:.2f} | {m['total_s'] / adam:.2f} | {m['trace_s']:.2f} "
-        f"| {m['lower_s']:.2f} | {m['compile_s']:.2f} | {m['equations']:.0f} |"
+        f"| {m['lower_s']:.2f} | {m['compile_s']:.2f} | {m['equations']:.0f} "
+        f"| {m['kernels']:.0f} | {m['kernels'] / median['adam']['kernels']:.2f} |"
       )
     lines.append("")
     print("\n".join(lines[-(len(names) + 5) :]), flush=True)

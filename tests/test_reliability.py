@@ -167,8 +167,9 @@ def config_records(path: pathlib.Path) -> list[dict]:
 
 @pytest.mark.parametrize("large", [False, True], ids=["one_vector", "leaf_by_leaf"])
 def test_all_finite_reads_every_float_leaf_and_nothing_else(large, monkeypatch):
-  if large:  # the path taken above _ONE_VECTOR_LIMIT scalars
-    monkeypatch.setattr(curvopt.transforms._safety, "_ONE_VECTOR_LIMIT", 4)
+  if large:  # the path taken above ONE_VECTOR_LIMIT scalars
+    monkeypatch.setattr(curvopt._tree, "ONE_VECTOR_LIMIT", 4)
+    jax.clear_caches()  # traced again with the limit: the other case may be cached
   all_finite = jax.jit(curvopt.transforms.all_finite)
   with jax.enable_x64(True):
     big = {"w": jnp.full(3, 1e300, jnp.float64), "h": jnp.ones((2, 2), jnp.bfloat16)}

@@ -47,18 +47,11 @@ def all_finite(tree: PyTree) -> jax.Array:
     Array(False, dtype=bool)
   """
   leaves = _float_leaves(tree)
-  if sum(x.size for x in leaves) > _ONE_VECTOR_LIMIT or jax.device_count() > 1:
+  if not _tree.one_vector(leaves):
     checks = [jnp.all(jnp.isfinite(x)) for x in leaves]
     return functools.reduce(jnp.logical_and, checks, jnp.bool_(True))
   flat = [jnp.ravel(_exactly_castable(x)).astype(jnp.float32) for x in leaves]
-  return jnp.isfinite(jnp.sum(jnp.concatenate(flat) * 0)) if flat else jnp.bool_(True)
-
-
-# XLA materializes the one vector (measured on XLA:CPU: a copy of 1.4M scalars,
-# about 1% of a transformer step). Above this many scalars (64 MiB in float32)
-# that copy, and over several devices the gather of sharded leaves, would cost
-# more than the per-leaf reductions' compile time: leaf-by-leaf instead.
-_ONE_VECTOR_LIMIT = 1 << 24
+  return jnp.isfinite(jnp.sum(jnp.concatenate(flat) * 0))
 
 
 def _exactly_castable(x: jax.Array) -> jax.Array:

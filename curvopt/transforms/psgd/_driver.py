@@ -139,7 +139,7 @@ def initial_scales(v: PyTree, h: PyTree, whitening: bool) -> list[jax.Array]:
   if whitening:
     return inverse_roots
   leaves_v = jax.tree.leaves(v)
-  mean_square = sum(jnp.sum(x * x) for x in leaves_v) / sum(x.size for x in leaves_v)
+  mean_square = _tree.dot(leaves_v, leaves_v) / _tree.size_of(leaves_v)
   shared = jnp.min(jnp.stack(inverse_roots)) * mean_square**0.25
   return [shared] * len(leaves_h)
 
@@ -265,11 +265,11 @@ def _damped(h: PyTree, damping: float, noise: PyTree) -> PyTree:
   absolute 1e-9 dominated `h`, and the fit's products overflowed float32). An
   all-zero `h` keeps the absolute form, so `P` stays bounded on a flat stretch.
   """
-  leaves = jax.tree.leaves(h)
-  peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
+  peak = _tree.max_abs(h)
   safe_peak = jnp.where(peak > 0, peak, 1.0)
   # Scaled by the peak before squaring, so tiny probes do not underflow.
-  mean_square = sum(jnp.sum((x / safe_peak) ** 2) for x in leaves) / sum(x.size for x in leaves)
+  scaled = jax.tree.map(lambda x: x / safe_peak, h)
+  mean_square = _tree.dot(scaled, scaled) / _tree.size_of(h)
   scale = jnp.where(peak > 0, safe_peak * jnp.sqrt(mean_square), 1.0)
 
   def damp(x, xi):
