@@ -103,7 +103,7 @@ def max_abs(a: Any) -> jax.Array:
 def one_vector(leaves: list) -> bool:
   """Whether a reduction over `leaves` should read them as one concatenated vector."""
   size = sum(jnp.size(x) for x in leaves)
-  return 1 < len(leaves) and size <= ONE_VECTOR_LIMIT and jax.device_count() == 1
+  return len(leaves) > 1 and size <= ONE_VECTOR_LIMIT and jax.device_count() == 1
 
 
 def _concatenated(leaves: list) -> jax.Array:
