@@ -55,3 +55,22 @@ def test_a_predicate_from_dot_selects_every_leaf_without_copying_the_reduction()
   baseline = _compiled_lines(select_by(given), a, b, c)
   # Summed leaf by leaf, the program had about 9x the baseline's lines (18.7k vs 2.0k).
   assert _compiled_lines(select_by(_tree.dot), a, b, c) < 1.5 * baseline
+
+
+def test_psgd_kron_steps_factors_of_one_size_once_across_leaves():
+  from curvopt.transforms.psgd._driver import FitSettings
+  from curvopt.transforms.psgd._kron import kron_family
+
+  def fit_lines(shapes):
+    tree = {f"w{i}": jnp.ones(s) for i, s in enumerate(shapes)}
+    family = kron_family(
+      tree, FitSettings(0.9, True), geometry="Q0.5EQ1.5", max_size=None, max_skew=float("inf")
+    )
+    x = family.view(tree)
+    state = family.init(x, None)
+    return _compiled_lines(lambda s, v, h: family.fit(s, v, h, 0.1, 0.5), state, x, x)
+
+  # The second leaf brings no new factor size: its factors join the first's programs.
+  # Now 1.7k lines against 1.3k; stepped leaf by leaf, 2.5k against 1.4k.
+  one, two = fit_lines([(16, 24)]), fit_lines([(16, 24), (24, 16)])
+  assert two < 1.5 * one, (one, two)

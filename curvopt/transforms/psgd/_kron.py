@@ -134,8 +134,12 @@ def _squared(q: jax.Array) -> jax.Array:
   return q * q if q.ndim == 1 else jnp.matmul(q.T, q, precision=_HIGHEST)
 
 
-def _fit_leaf(q, p, lipschitz, v, h, step, beta_l, whitening, geometry, dense):
-  """One normalized Lie-group step of every factor of one leaf."""
+def _probe_statistics(q, p, v, h, whitening, geometry, dense):
+  """Per axis `i` of one leaf: `T_1` and `T_2`, the contractions over every other axis.
+
+  For whitening outside EQ, `v` is integrated out: `E[contract(v, v)] =
+  (numel / d_i) I` for `v ~ N(0, I)`, and `T_2` is that scalar `numel / d_i`.
+  """
   if geometry == "EQ":
     a, b = h, v
     for i, qi in enumerate(q):
@@ -145,41 +149,47 @@ def _fit_leaf(q, p, lipschitz, v, h, step, beta_l, whitening, geometry, dense):
     a, b = h, v
     for i, pi in enumerate(p):
       a = _mode_product(a, pi, i)
-  integrate_probe = whitening and geometry != "EQ"
-  new_q, new_l = [], []
-  for i, (qi, di) in enumerate(zip(q, dense, strict=True)):
-    t1 = _contract(a, a, i, di)
-    if integrate_probe:
-      # E[contract(v, v)] = (numel / d_i) I for v ~ N(0, I): no probe noise.
-      c = h.size / h.shape[i]
-      t2 = c * jnp.eye(h.shape[i], dtype=h.dtype) if di else c
-      ell = (norm_lower_bound(t1) if di else jnp.max(t1)) + c
-    else:
-      t2 = _contract(b, b, i, di)
-      ell = norm_lower_bound(t1 + t2) if di else jnp.max(t1 + t2)
-    bound = jnp.maximum(beta_l * lipschitz[i] + (1 - beta_l) * ell, ell)
-    mu = step / jnp.maximum(bound, jnp.finfo(h.dtype).tiny)
-    e = t1 - t2
-    if not di:
-      qi = qi - mu * e * qi
-    elif geometry == "QE":
-      qi = qi - mu * jnp.matmul(qi, e, precision=_HIGHEST)
-    elif geometry == "EQ":
-      qi = qi - mu * jnp.matmul(jnp.triu(e), qi, precision=_HIGHEST)
-    else:
-      qi = _procrustes_step(qi - mu * jnp.matmul(e, qi, precision=_HIGHEST))
-    new_q.append(qi)
-    new_l.append(bound)
-  new_q = _balance(new_q)
-  return tuple(new_q), tuple(_squared(qi) for qi in new_q), jnp.stack(new_l)
+  t1 = tuple(_contract(a, a, i, di) for i, di in enumerate(dense))
+  if whitening and geometry != "EQ":
+    t2 = tuple(jnp.asarray(h.size / d, h.dtype) for d in h.shape)
+  else:
+    t2 = tuple(_contract(b, b, i, di) for i, di in enumerate(dense))
+  return t1, t2
+
+
+def _factor_step(qi, lipschitz, t1, t2, step, beta_l, integrated, geometry, dense):
+  """One normalized Lie-group step of one factor: `(Q_i, L_i)` after it."""
+  if integrated:  # t2 is the scalar standing for (numel / d_i) I
+    ell = (norm_lower_bound(t1) if dense else jnp.max(t1)) + t2
+    if dense:
+      t2 = t2 * jnp.eye(t1.shape[0], dtype=t1.dtype)
+  else:
+    ell = norm_lower_bound(t1 + t2) if dense else jnp.max(t1 + t2)
+  bound = jnp.maximum(beta_l * lipschitz + (1 - beta_l) * ell, ell)
+  mu = step / jnp.maximum(bound, jnp.finfo(t1.dtype).tiny)
+  e = t1 - t2
+  if not dense:
+    return qi - mu * e * qi, bound
+  if geometry == "QE":
+    return qi - mu * jnp.matmul(qi, e, precision=_HIGHEST), bound
+  if geometry == "EQ":
+    return qi - mu * jnp.matmul(jnp.triu(e), qi, precision=_HIGHEST), bound
+  return _procrustes_step(qi - mu * jnp.matmul(e, qi, precision=_HIGHEST)), bound
+
+
+def _balanced(q: tuple) -> tuple[tuple, tuple]:
+  """One leaf's factors balanced, and the factors of `P` they give."""
+  q = _balance(list(q))
+  return tuple(q), tuple(_squared(qi) for qi in q)
 
 
 def _map_grouped(fn_for, groups: list[list[int]], *columns: list) -> list:
-  """`fn_for(i)` on leaf `i`'s entries of `columns`, `vmap`ped over the leaves of a group.
+  """`fn_for(i)` on entry `i` of every column, `vmap`ped over the entries of a group.
 
-  Leaves of equal shape and factor layout (a transformer's layers) share one
-  traced program instead of one each: the program, and XLA's compile time,
-  grow with the number of distinct shapes rather than of leaves.
+  Entries of equal shape and layout (a transformer's layers; factors of one
+  size across leaves) share one traced program instead of one each: the
+  program, and XLA's compile time, grow with the number of distinct shapes
+  rather than of leaves or factors.
   """
   out: list = [None] * len(columns[0])
   for members in groups:
@@ -222,6 +232,9 @@ def kron_family(
     shapes = [tuple(x.shape) or (1,) for x in leaves]
     layout = [dense_axes(s, max_size, max_skew) for s in shapes]
   groups = _groups(list(zip(shapes, layout, strict=True)))
+  # Every factor as (leaf, axis), grouped by its shape and kind across leaves.
+  factors = [(leaf, axis) for leaf, dense in enumerate(layout) for axis in range(len(dense))]
+  factor_groups = _groups([(shapes[leaf][axis], layout[leaf][axis]) for leaf, axis in factors])
 
   def view(t):
     if flatten:
@@ -257,15 +270,37 @@ def kron_family(
 
   def fit(state, v, h, step, coin):
     del coin  # every factor takes its step
+    whitening = settings.whitening
+    integrated = whitening and geometry != "EQ"
 
-    def fit_for(i):
-      return lambda q, p, lipschitz, vi, hi: _fit_leaf(
-        q, p, lipschitz, vi, hi, step, *settings, geometry, layout[i]
+    def statistics_for(i):
+      return lambda q, p, vi, hi: _probe_statistics(q, p, vi, hi, whitening, geometry, layout[i])
+
+    stats = _map_grouped(statistics_for, groups, list(state.q), list(state.p), list(v), list(h))
+
+    # The factor steps run per factor shape, across leaves: the step's program
+    # (about 50 XLA kernels for a dense factor) is compiled once per shape.
+    def step_for(f):
+      leaf, axis = factors[f]
+      dense = layout[leaf][axis]
+      return lambda qi, li, t1, t2: _factor_step(
+        qi, li, t1, t2, step, settings.beta_l, integrated, geometry, dense
       )
 
-    columns = (list(state.q), list(state.p), list(state.lipschitz), list(v), list(h))
-    fitted = _map_grouped(fit_for, groups, *columns)
-    return KronFactors(*(tuple(part) for part in zip(*fitted, strict=True)))
+    columns = [
+      [state.q[leaf][axis] for leaf, axis in factors],
+      [state.lipschitz[leaf][axis] for leaf, axis in factors],
+      [stats[leaf][0][axis] for leaf, axis in factors],
+      [stats[leaf][1][axis] for leaf, axis in factors],
+    ]
+    stepped = iter(_map_grouped(step_for, factor_groups, *columns))
+    new_q, bounds = [], []
+    for dense in layout:
+      leaf = [next(stepped) for _ in dense]
+      new_q.append(tuple(qi for qi, _ in leaf))
+      bounds.append(jnp.stack([bound for _, bound in leaf]))
+    q, p = zip(*_map_grouped(lambda i: _balanced, groups, new_q), strict=True)
+    return KronFactors(tuple(q), tuple(p), tuple(bounds))
 
   def apply(state, g):
     def apply_leaf(ps, x):
