@@ -13,11 +13,17 @@ compile time follows.
 
 Run:  python benchmarks/compile_time.py --workloads mnist1d_cnn,gpt_lm \\
         --out benchmarks/results/compile_time.md
+Where an optimizer's kernels come from (a row per variant):
+      python benchmarks/compile_time.py --workloads gpt_lm --optimizers newton_cg \\
+        --repeats 1 --variant "newton_cg:adaptive_damping=False"
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import functools
 import inspect
 import platform
 import re
@@ -61,8 +67,23 @@ def count_kernels(optimized_hlo: str) -> int:
   return kernels
 
 
-def measure_once(workload, name: str) -> dict:
+def parse_variant(text: str) -> tuple[str, str, dict]:
+  """`"newton_cg:backtracking=False,max_cg_iters=10"` -> (label, optimizer, keywords)."""
+  name, _, assignments = text.partition(":")
+  if name not in OPTIMIZERS:
+    raise SystemExit(f"--variant {text!r}: unknown optimizer {name!r}.")
+  keywords = {}
+  for assignment in filter(None, assignments.split(",")):
+    key, _, value = assignment.partition("=")
+    keywords[key.strip()] = ast.literal_eval(value.strip())
+  label = f"{name}({', '.join(f'{k}={v!r}' for k, v in keywords.items())})"
+  return label, name, keywords
+
+
+def measure_once(workload, name: str, keywords: dict | None = None) -> dict:
   spec = OPTIMIZERS[name]
+  if keywords:
+    spec = dataclasses.replace(spec, factory=functools.partial(spec.factory, **keywords))
   optimizer = build_optimizer(spec, workload, 1e-3, {})
   params = workload.init_params(jax.random.key(0))
   state = optimizer.init(params)
@@ -86,12 +107,36 @@ def measure_once(workload, name: str) -> dict:
   }
 
 
+def model_kernels(workload) -> dict:
+  """Kernels of the workload's own programs: what any optimizer's step holds at least."""
+  params = workload.init_params(jax.random.key(0))
+  batch = jax.tree.map(jnp.asarray, workload.batch(0, 0))
+  loss = lambda p: workload.value_fn(p, batch)
+  hvp = lambda p, v: jax.jvp(jax.grad(loss), (p,), (v,))
+  programs = {
+    "forward": (loss, (params,)),
+    "value_and_grad": (jax.value_and_grad(loss), (params,)),
+    "Hessian-vector product (forward-over-reverse)": (hvp, (params, params)),
+  }
+  return {
+    name: count_kernels(jax.jit(fn).lower(*args).compile().as_text())
+    for name, (fn, args) in programs.items()
+  }
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workloads", default="digits_mlp,mnist1d_cnn,char_transformer")
   parser.add_argument("--optimizers", default=",".join(n for n in OPTIMIZERS if n != "adam"))
   parser.add_argument("--size", default="small", help="for workloads with sizes")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument(
+    "--variant",
+    action="append",
+    default=[],
+    help="an optimizer with changed keywords, as a row of its own, e.g. "
+    '"newton_cg:backtracking=False" (repeatable)',
+  )
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   lines = [
@@ -106,11 +151,13 @@ def main() -> None:
     factory = WORKLOADS[workload_name]
     sized = "size" in inspect.signature(factory).parameters
     workload = factory(**({"size": args.size} if sized else {}))
-    names = ["adam", *[n for n in args.optimizers.split(",") if n != "adam"]]
-    samples: dict[str, list[dict]] = {n: [] for n in names}
+    names = ["adam", *[n for n in args.optimizers.split(",") if n and n != "adam"]]
+    rows = {n: (n, {}) for n in names}
+    rows.update({label: (name, kw) for label, name, kw in map(parse_variant, args.variant)})
+    samples: dict[str, list[dict]] = {label: [] for label in rows}
     for _ in range(args.repeats):
-      for name in names:
-        samples[name].append(measure_once(workload, name))
+      for label, (name, keywords) in rows.items():
+        samples[label].append(measure_once(workload, name, keywords))
     median = {
       n: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for n, runs in samples.items()
     }
@@ -129,8 +176,9 @@ def main() -> None:
         f"| {m['lower_s']:.2f} | {m['compile_s']:.2f} | {m['equations']:.0f} "
         f"| {m['kernels']:.0f} | {m['kernels'] / median['adam']['kernels']:.2f} |"
       )
-    lines.append("")
-    print("\n".join(lines[-(len(names) + 5) :]), flush=True)
+    model = ", ".join(f"{name} {count}" for name, count in model_kernels(workload).items())
+    lines += ["", f"The model's own programs, in kernels: {model}.", ""]
+    print("\n".join(lines[-(len(rows) + 7) :]), flush=True)
   if args.out:
     with open(args.out, "w") as f:
       f.write("\n".join(lines))

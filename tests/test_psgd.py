@@ -193,11 +193,13 @@ def test_zero_learning_rate_for_the_preconditioner_is_sgd_with_a_fixed_scaled_id
 
 def test_initial_scale_comes_from_the_first_gradient_per_leaf():
   tx = scale_by_psgd_kron("whitening", 0.0, 1.0)
-  grads = {"a": jnp.array([1.0, -2.0, 3.0]), "b": jnp.zeros(4)}
+  # "a" and "c" share a shape, so one batched program computes both their scales.
+  grads = {"a": jnp.array([1.0, -2.0, 3.0]), "b": jnp.zeros(4), "c": jnp.array([0.5, 0, -4])}
   _, state = tx.update(grads, tx.init(grads))
-  (qa,), (qb,) = state.preconditioner.q
+  (qa,), (qb,), (qc,) = state.preconditioner.q
   np.testing.assert_allclose(qa, np.mean(np.array([1.0, 2.0, 3.0]) ** 4) ** -0.125, rtol=1e-6)
   np.testing.assert_allclose(qb, 1.0)  # a zero gradient: scale 1, not infinity
+  np.testing.assert_allclose(qc, np.mean(np.array([0.5, 0.0, 4.0]) ** 4) ** -0.125, rtol=1e-6)
 
 
 def test_eq_geometry_keeps_factors_upper_triangular_with_positive_diagonal():

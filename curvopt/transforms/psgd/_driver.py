@@ -22,6 +22,7 @@ from curvopt.oracles import hvp, random_vector
 from curvopt.oracles._probes import counter_uniform
 from curvopt.transforms._cadence import refresh_when, value_at
 from curvopt.transforms._extra_args import require_value_fn
+from curvopt.transforms.psgd._grouping import group_indices, map_grouped
 
 PyTree = Any
 Fit = Literal["whitening", "newton"]
@@ -135,7 +136,10 @@ def initial_scales(v: PyTree, h: PyTree, whitening: bool) -> list[jax.Array]:
   all leaves (psgd_torch), since the Hessian couples them. A zero `h` gives 1.
   """
   leaves_h = jax.tree.leaves(h)
-  inverse_roots = [_inverse_eighth_root_of_mean_fourth_power(x) for x in leaves_h]
+  # One program per leaf shape (a transformer's 21 leaves have 7): leaf by leaf,
+  # these statistics were 147 of PSGD-Kron's 1,047 kernels on gpt_lm small.
+  groups = group_indices([(x.shape, x.dtype) for x in leaves_h])
+  inverse_roots = map_grouped(lambda i: _inverse_eighth_root_of_mean_fourth_power, groups, leaves_h)
   if whitening:
     return inverse_roots
   leaves_v = jax.tree.leaves(v)

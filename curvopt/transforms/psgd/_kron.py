@@ -18,6 +18,7 @@ from curvopt.transforms.psgd._driver import (
   PreconditionerFamily,
   scale_by_psgd,
 )
+from curvopt.transforms.psgd._grouping import group_indices, map_grouped
 
 PyTree = Any
 Geometry = Literal["Q0.5EQ1.5", "QE", "EQ"]
@@ -183,37 +184,6 @@ def _balanced(q: tuple) -> tuple[tuple, tuple]:
   return tuple(q), tuple(_squared(qi) for qi in q)
 
 
-def _map_grouped(fn_for, groups: list[list[int]], *columns: list) -> list:
-  """`fn_for(i)` on entry `i` of every column, `vmap`ped over the entries of a group.
-
-  Entries of equal shape and layout (a transformer's layers; factors of one
-  size across leaves) share one traced program instead of one each: the
-  program, and XLA's compile time, grow with the number of distinct shapes
-  rather than of leaves or factors.
-  """
-  out: list = [None] * len(columns[0])
-  for members in groups:
-    fn = fn_for(members[0])
-    if len(members) == 1:
-      out[members[0]] = fn(*(column[members[0]] for column in columns))
-      continue
-    stacked = [
-      jax.tree.map(lambda *xs: jnp.stack(xs), *(column[i] for i in members)) for column in columns
-    ]
-    batched = jax.vmap(fn)(*stacked)
-    for k, i in enumerate(members):
-      out[i] = jax.tree.map(lambda x, k=k: x[k], batched)
-  return out
-
-
-def _groups(signatures: list) -> list[list[int]]:
-  """Indices of equal signatures, in order of first appearance."""
-  groups: dict = {}
-  for i, signature in enumerate(signatures):
-    groups.setdefault(signature, []).append(i)
-  return list(groups.values())
-
-
 def kron_family(
   tree: PyTree,
   settings: FitSettings,
@@ -231,10 +201,12 @@ def kron_family(
   else:
     shapes = [tuple(x.shape) or (1,) for x in leaves]
     layout = [dense_axes(s, max_size, max_skew) for s in shapes]
-  groups = _groups(list(zip(shapes, layout, strict=True)))
+  groups = group_indices(list(zip(shapes, layout, strict=True)))
   # Every factor as (leaf, axis), grouped by its shape and kind across leaves.
   factors = [(leaf, axis) for leaf, dense in enumerate(layout) for axis in range(len(dense))]
-  factor_groups = _groups([(shapes[leaf][axis], layout[leaf][axis]) for leaf, axis in factors])
+  factor_groups = group_indices(
+    [(shapes[leaf][axis], layout[leaf][axis]) for leaf, axis in factors]
+  )
 
   def view(t):
     if flatten:
@@ -276,7 +248,7 @@ def kron_family(
     def statistics_for(i):
       return lambda q, p, vi, hi: _probe_statistics(q, p, vi, hi, whitening, geometry, layout[i])
 
-    stats = _map_grouped(statistics_for, groups, list(state.q), list(state.p), list(v), list(h))
+    stats = map_grouped(statistics_for, groups, list(state.q), list(state.p), list(v), list(h))
 
     # The factor steps run per factor shape, across leaves: the step's program
     # (about 50 XLA kernels for a dense factor) is compiled once per shape.
@@ -293,13 +265,13 @@ def kron_family(
       [stats[leaf][0][axis] for leaf, axis in factors],
       [stats[leaf][1][axis] for leaf, axis in factors],
     ]
-    stepped = iter(_map_grouped(step_for, factor_groups, *columns))
+    stepped = iter(map_grouped(step_for, factor_groups, *columns))
     new_q, bounds = [], []
     for dense in layout:
       leaf = [next(stepped) for _ in dense]
       new_q.append(tuple(qi for qi, _ in leaf))
       bounds.append(jnp.stack([bound for _, bound in leaf]))
-    q, p = zip(*_map_grouped(lambda i: _balanced, groups, new_q), strict=True)
+    q, p = zip(*map_grouped(lambda i: _balanced, groups, new_q), strict=True)
     return KronFactors(tuple(q), tuple(p), tuple(bounds))
 
   def apply(state, g):
@@ -308,7 +280,7 @@ def kron_family(
         x = _mode_product(x, pi, i)
       return x
 
-    return _map_grouped(lambda i: apply_leaf, groups, list(state.p), list(g))
+    return map_grouped(lambda i: apply_leaf, groups, list(state.p), list(g))
 
   return Family(view, unview, init, rescale, fit, apply)
 
