@@ -75,7 +75,13 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
   keywords = {}
   for assignment in filter(None, assignments.split(",")):
     key, _, value = assignment.partition("=")
-    keywords[key.strip()] = ast.literal_eval(value.strip())
+    try:
+      keywords[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      raise SystemExit(
+        f"--variant {text!r}: {assignment!r} must be KEYWORD=VALUE with a Python literal "
+        "value (a number, True/False, None or a quoted string)."
+      ) from None
   label = f"{name}({', '.join(f'{k}={v!r}' for k, v in keywords.items())})"
   return label, name, keywords
 

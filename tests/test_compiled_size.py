@@ -25,15 +25,20 @@ def _tree_of(scale: float) -> list[jax.Array]:
   return [jnp.full((8, 16), scale * (i + 1)) for i in range(LEAVES)]
 
 
-def test_dot_is_exact_against_the_leafwise_sum_in_float64():
+@pytest.mark.parametrize("large", [False, True], ids=["one_vector", "leaf_by_leaf"])
+def test_tree_reductions_are_exact_against_numpy_in_float64(large, monkeypatch):
+  if large:  # the path taken above ONE_VECTOR_LIMIT scalars
+    monkeypatch.setattr(_tree, "ONE_VECTOR_LIMIT", 4)
   with jax.enable_x64(True):
     rng = np.random.default_rng(0)
-    a = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=5), "s": np.float64(2.0)}
+    a = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=5), "s": np.float64(-7.5)}
     b = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=5), "s": np.float64(-1.5)}
-    expected = sum(float(np.vdot(a[k], b[k])) for k in a)
+    flat_a = np.concatenate([np.ravel(a[k]) for k in sorted(a)])
+    flat_b = np.concatenate([np.ravel(b[k]) for k in sorted(b)])
     a, b = jax.tree.map(jnp.asarray, a), jax.tree.map(jnp.asarray, b)
-    np.testing.assert_allclose(float(jax.jit(_tree.dot)(a, b)), expected, rtol=1e-14)
-    np.testing.assert_allclose(float(_tree.norm(a)), np.sqrt(float(_tree.dot(a, a))), rtol=1e-14)
+    np.testing.assert_allclose(float(_tree.dot(a, b)), flat_a @ flat_b, rtol=1e-14)
+    np.testing.assert_allclose(float(_tree.norm(a)), np.linalg.norm(flat_a), rtol=1e-14)
+    assert float(_tree.max_abs(a)) == 7.5
 
 
 def test_dot_refuses_trees_of_different_sizes():
