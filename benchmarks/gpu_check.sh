@@ -1,31 +1,56 @@
 #!/usr/bin/env bash
 # Device check, run from the repository root on a machine with an accelerator, in about
-# 12 minutes: the oracle and estimator tests, the configs/gpu.toml comparison (step time,
-# peak memory from memory_stats, compile time, time to target), the compile-time table
-# at full size, SOAP's eigenbasis refresh (eigh against power + QR: the per-backend
-# default), then the oracle speed table. Writes to ${OUT:-/tmp/curvopt-gpu}; commit
-# what it wrote with the device named (env.txt names it).
+# 12 minutes: the oracle and estimator tests, the configs/gpu.toml comparison (time to
+# target, compile time), a table of each run's step time with and without its refreshes,
+# compiled-step memory and the device's peak memory (memory_stats), the compile-time table
+# at full size, the Kronecker refreshes (eigh against power + QR and coupled Newton: the
+# per-backend default), then the oracle speed table. Writes to ${OUT:-/tmp/curvopt-gpu};
+# commit what it wrote with the device named (env.txt names it).
+#
+# SMOKE=1 runs every stage at tiny size in a minute or two on a CPU, to check the script
+# before device time is spent on it (tests/test_gpu_check.py does, without the packages
+# the accelerator image lacks).
 set -uo pipefail
 out="${OUT:-/tmp/curvopt-gpu}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+config=configs/gpu.toml size=full sizes=256,512,1024 repeats=50 pytest_args=(-x)
+if [ "${SMOKE:-0}" = 1 ]; then
+  config="$out/gpu_smoke.toml" size=tiny sizes=16 repeats=2 pytest_args=(--collect-only)
+  sed -e 's/size = "full"/size = "tiny"/' -e 's/^steps = .*/steps = 12/' \
+    -e 's/^eval_every = .*/eval_every = 4/' configs/gpu.toml > "$config"
+fi
 python - <<'PY' 2>&1 | tee "$out/env.txt"
 import jax, optax, sys
 print(sys.version.split()[0], "jax", jax.__version__, "optax", optax.__version__)
 print(jax.devices(), jax.devices()[0].device_kind)
 PY
 if python -c "import pytest, chex" 2>/dev/null; then
-  timeout 150 python -m pytest tests/test_oracles.py tests/test_estimators.py -q -x -p no:cacheprovider \
-    2>&1 | tail -25 | tee "$out/tests.txt"
+  timeout 150 python -m pytest tests/test_oracles.py tests/test_estimators.py -q -p no:cacheprovider \
+    "${pytest_args[@]}" 2>&1 | tail -25 | tee "$out/tests.txt"
 else
   echo "pytest or chex missing: tests skipped" | tee "$out/tests.txt"
 fi
-timeout 420 python -m curvopt.bench run configs/gpu.toml --out "$out/gpu" --quiet 2>&1 | tail -20 \
+timeout 420 python -m curvopt.bench run "$config" --out "$out/gpu" --quiet 2>&1 | tail -20 \
   | tee "$out/gpu_run.txt"
-timeout 150 python benchmarks/compile_time.py --workloads gpt_lm --size full --repeats 1 \
+python - "$out/gpu/summary.csv" <<'PY' 2>&1 | tee "$out/steps.md"
+import csv, math, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+mib = lambda x: f"{float(x) / 2**20:.0f}" if x not in ("", "None") else "—"
+print("| workload | optimizer | seed | compile (s) | median step (ms) | step with refreshes (ms)"
+      " | refreshes' share | compiled step (MiB) | device peak so far (MiB) |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+for r in rows:
+  median, robust = float(r["median_step_ms"]), float(r["robust_step_ms"])
+  share = f"{robust / median - 1:+.0%}" if math.isfinite(robust / median) else "—"
+  print(f"| {r['workload']} | {r['optimizer']} | {r['seed']} | {float(r['compile_s']):.1f} "
+        f"| {median:.2f} | {robust:.2f} | {share} | {mib(r['step_memory_bytes'])} "
+        f"| {mib(r['peak_device_bytes'])} |")
+PY
+timeout 150 python benchmarks/compile_time.py --workloads gpt_lm --size "$size" --repeats 1 \
   --optimizers adamw,soap,shampoo,psgd_kron,sophia_h --out "$out/compile_time_gpu.md" 2>&1 | tail -12 \
   | tee "$out/compile.txt"
-timeout 60 python benchmarks/soap_refresh.py --sizes 256,512,1024 --out "$out/soap_refresh_gpu.md" \
-  2>&1 | tail -8 | tee "$out/soap_refresh.txt"
-timeout 90 python benchmarks/oracle_speed.py --synthetic --repeats 50 --out "$out/oracle_speed_gpu.md" \
-  2>&1 | tail -40 | tee "$out/bench.txt"
+timeout 90 python benchmarks/kronecker_refresh.py --sizes "$sizes" \
+  --out "$out/kronecker_refresh_gpu.md" 2>&1 | tail -8 | tee "$out/kronecker_refresh.txt"
+timeout 90 python benchmarks/oracle_speed.py --synthetic --repeats "$repeats" \
+  --out "$out/oracle_speed_gpu.md" 2>&1 | tail -40 | tee "$out/bench.txt"

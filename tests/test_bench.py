@@ -353,3 +353,20 @@ def test_egn_sees_the_workload_penalty_and_solves_regularized_logistic_regressio
   grad = jax.grad(lambda p: workload.value_fn(p, batch))(params)
   # Without the penalty EGN would chase the unregularized optimum: the gradient would not vanish.
   assert float(optax.tree.norm(grad)) < 1e-5
+
+
+def test_shipped_digits_equal_scikit_learns():
+  from sklearn.datasets import load_digits
+
+  from curvopt.bench import data
+
+  shipped = data.digits(standardize=False)
+  bunch = load_digits()
+  x = (bunch.data / 16.0).astype(np.float32)
+  order = np.random.default_rng(0).permutation(len(x))
+  test, train = order[:359], order[359:]  # 20% held out
+  np.testing.assert_array_equal(shipped.x_train, x[train])
+  np.testing.assert_array_equal(shipped.x_test, x[test])
+  np.testing.assert_array_equal(shipped.y_train, bunch.target[train])
+  np.testing.assert_array_equal(shipped.y_test, bunch.target[test])
+  assert shipped.y_train.dtype == np.int32

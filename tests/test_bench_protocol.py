@@ -4,6 +4,7 @@ import fcntl
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -324,6 +325,7 @@ def _summary(optimizer, seed, steps, median_ms, measured_s, trial_id=None):
     "time_to_target_s": measured_s,
     "robust_time_to_target_s": steps * median_ms / 1e3,
     "median_step_ms": median_ms,
+    "robust_step_ms": median_ms,
     "compile_s": 1.0,
     "optimizer_state_bytes": 1024,
     "guard_skipped": 0,
@@ -504,3 +506,53 @@ def test_compare_combines_folders_and_refuses_different_protocols(tmp_path, caps
   assert cli.main(["compare", str(a), str(c), "--quiet"]) == 2
   err = capsys.readouterr().err
   assert "breast_cancer_logreg was run under different protocols" in err and "steps" in err
+
+
+def _timed(step_seconds, eval_every=25):
+  """Evaluation records of a run whose step `i` (1-based) took `step_seconds[i - 1]`."""
+  elapsed = np.concatenate([[0.0], np.cumsum(step_seconds)])
+  steps = [*range(0, len(step_seconds), eval_every), len(step_seconds)]
+  return [{"step": s, "time": float(elapsed[s])} for s in dict.fromkeys(steps)]
+
+
+def test_robust_step_time_counts_periodic_refreshes_at_their_frequency():
+  # A 10x step every 10 steps: the median of single steps (1 ms) drops it; the true
+  # cost is 1.9 ms a step, which every 50-step window carries.
+  times = np.where(np.arange(1, 301) % 10 == 0, 10e-3, 1e-3)
+  assert statistics.median(times) == 1e-3
+  assert results.robust_step_seconds(_timed(times)) == pytest.approx(1.9e-3)
+  # Evaluated every 30 steps: windows of 60 steps, still whole periods.
+  assert results.robust_step_seconds(_timed(times, 30)) == pytest.approx(1.9e-3)
+
+
+def test_robust_step_time_ignores_a_few_slow_windows_and_keeps_the_remainder():
+  times = np.full(300, 1e-3)
+  times[60:90] = 50e-3  # the machine stalled for 30 steps: one window of six
+  assert results.robust_step_seconds(_timed(times)) == pytest.approx(1e-3)
+  assert math.fsum(times) / 300 > 5e-3  # the measured mean moved fivefold
+  # 130 steps: windows of 50 and 80 (the 30-step remainder joins the last window).
+  times = np.concatenate([np.full(50, 1e-3), np.full(80, 2e-3)])
+  assert results.robust_step_seconds(_timed(times)) == pytest.approx(1.5e-3)
+  # Under one window: the plain mean.
+  assert results.robust_step_seconds(_timed(np.full(20, 3e-3))) == pytest.approx(3e-3)
+  assert math.isnan(results.robust_step_seconds([{"step": 0, "time": 0.0}]))
+  assert math.isnan(results.robust_step_seconds([]))
+
+
+def test_summaries_read_back_use_the_windowed_step_time(tmp_path):
+  # A log written before the windowed step time: its summary holds steps x the median
+  # step; reading it back recomputes the robust time from its records.
+  times = np.where(np.arange(1, 201) % 10 == 0, 10e-3, 1e-3)
+  summary = {**_summary("shampoo", 0, 100, 1.0, 0.19), "event": "done"}
+  del summary["robust_step_ms"]
+  (tmp_path / "runs").mkdir()
+  lines = [{"event": "spec"}, *_timed(times), summary]
+  (tmp_path / "runs" / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+  [read] = results.run_summaries(tmp_path)
+  assert read["robust_step_ms"] == pytest.approx(1.9)
+  assert read["robust_time_to_target_s"] == pytest.approx(0.19)
+  failed = {**summary, "failed": True, "failure": "guard skipped 150 of 200 steps"}
+  (tmp_path / "runs" / "r.jsonl").write_text(
+    "".join(json.dumps(r) + "\n" for r in [*lines[:-1], failed])
+  )
+  assert results.run_summaries(tmp_path)[0]["robust_time_to_target_s"] is None

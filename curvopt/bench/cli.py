@@ -216,9 +216,13 @@ def _write_report(out: pathlib.Path, config, quiet: bool) -> int:
   table = results.markdown_table(summaries, config.baseline)
   if missing:
     table = f"**{missing} of the config's {len(wanted)} runs have not finished.**\n\n" + table
+  if not plots.available():
+    table = f"{table.rstrip()}\n\n*{plots.MISSING}.*\n"
+    print(f"note: {plots.MISSING}.", file=sys.stderr)
   results.write_atomic(out / "results.md", table)
   results.write_atomic(out / "summary.csv", results.summary_csv(summaries))
-  plots.write_plots(out, summaries)
+  if plots.available():
+    plots.write_plots(out, summaries)
   if not quiet:
     print(table)
   return 0
@@ -289,7 +293,11 @@ def _compare(args: argparse.Namespace) -> int:
     _results_folder(out)
     results.write_atomic(out / "results.md", table)
     results.write_atomic(out / "summary.csv", results.summary_csv(summaries))
-    plots.write_profile_plot(out / "performance_profile.png", results.best_per_optimizer(summaries))
+    if plots.available():
+      best = results.best_per_optimizer(summaries)
+      plots.write_profile_plot(out / "performance_profile.png", best)
+    else:
+      print(f"note: {plots.MISSING}.", file=sys.stderr)
   if not args.quiet:
     print(table)
   return 0

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import pathlib
 
 from curvopt.bench import results
+
+MISSING = (
+  "plots not drawn: matplotlib is not installed (pip install 'curvopt[bench]', then "
+  "curvopt-bench report DIR draws them from the saved runs)"
+)
+
+
+def available() -> bool:
+  """Whether matplotlib can be imported (a bare accelerator image may lack it)."""
+  return importlib.util.find_spec("matplotlib") is not None
 
 
 def _pyplot():

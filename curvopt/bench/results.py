@@ -43,6 +43,7 @@ SUMMARY_COLUMNS = (
   "robust_time_to_target_s",
   "train_time_s",
   "median_step_ms",
+  "robust_step_ms",
   "compile_s",
   "optimizer_state_bytes",
   "step_memory_bytes",
@@ -121,10 +122,64 @@ def run_summaries(results_dir: pathlib.Path, run_ids: set[str] | None = None) ->
   for path in sorted((results_dir / "runs").glob("*.jsonl")):
     if run_ids is not None and path.stem not in run_ids:
       continue
-    done = [r for r in read_records(path) if r.get("event") == "done"]
+    records = read_records(path)
+    done = [r for r in records if r.get("event") == "done"]
     if done:
-      summaries.append(done[-1])
+      # Recomputed from the records, so logs written before the windowed step time
+      # are reported by the same definition as new ones.
+      summaries.append(with_robust_times(done[-1], records))
   return summaries
+
+
+# Step times are averaged over windows of at least this many steps before their median
+# is taken. A multiple of the usual refresh periods (10 steps: Shampoo's roots, SOAP's
+# eigenbasis, Sophia-H's Hessian diagonal), so each window's mean carries its share of the
+# expensive steps, which the median of single steps would drop.
+TIMING_WINDOW = 50
+
+
+def robust_step_seconds(records: list[dict], window: int = TIMING_WINDOW) -> float:
+  """The step time a run's robust time to target uses: the median of windowed means.
+
+  The evaluation records hold the cumulative training time at each evaluated
+  step. Consecutive evaluation intervals are joined into windows of at least
+  `window` steps (a shorter remainder joins the last window), each window's
+  mean step time is taken, then the median over windows: periodic expensive
+  steps count at their frequency, and a few slow windows on a shared machine
+  do not move it. NaN when no step was timed.
+
+  Examples:
+    >>> records = [{"step": s, "time": 0.01 * s + 0.09 * (s // 10)} for s in range(0, 201, 25)]
+    >>> round(robust_step_seconds(records), 4)  # a 0.1 s refresh every 10 steps of 0.01 s
+    0.019
+  """
+  points = [(r["step"], r["time"]) for r in records if "step" in r and finite_number(r.get("time"))]
+  windows: list[tuple[int, float]] = []
+  start = points[0] if points else None
+  for step, time in points[1:]:
+    if step - start[0] >= window:
+      windows.append((step - start[0], time - start[1]))
+      start = (step, time)
+  if start is not None and points and points[-1][0] > start[0]:
+    steps, time = points[-1][0] - start[0], points[-1][1] - start[1]
+    if windows:
+      last_steps, last_time = windows.pop()
+      steps, time = steps + last_steps, time + last_time
+    windows.append((steps, time))
+  if not windows:
+    return math.nan
+  return statistics.median(time / steps for steps, time in windows)
+
+
+def with_robust_times(summary: dict, records: list[dict]) -> dict:
+  """The summary with its robust step time and time to target taken from its records."""
+  step_s = robust_step_seconds(records)
+  hit = summary.get("steps_to_target")
+  return {
+    **summary,
+    "robust_step_ms": 1e3 * step_s,
+    "robust_time_to_target_s": hit * step_s if hit is not None and not summary["failed"] else None,
+  }
 
 
 def finite_number(x: Any) -> bool:
@@ -185,6 +240,7 @@ def trial_entries(summaries: list[dict]) -> list[dict]:
         "test_metric": runs[0]["test_metric"],
         "final_test_metric": statistics.median(_or_nan(r["final_test_metric"]) for r in runs),
         "median_step_ms": statistics.median(_or_nan(r["median_step_ms"]) for r in runs),
+        "robust_step_ms": statistics.median(_or_nan(r.get("robust_step_ms")) for r in runs),
         "compile_s": statistics.median(r["compile_s"] for r in runs),
         "optimizer_state_bytes": runs[0]["optimizer_state_bytes"],
         "guard_skipped": sum(r["guard_skipped"] for r in runs),
@@ -323,10 +379,12 @@ def markdown_table(
   """Optimizers ranked per workload at their best trial, then the score across workloads."""
   best = best_per_optimizer(summaries)
   lines = [
-    "Time to target is robust: steps to target x the median step time (a few slow steps on",
-    "a shared machine do not move it); the measured sum of step times is beside it. Values are",
-    "medians over seeds with a 95% bootstrap interval; an optimizer is called faster or slower",
-    f"only when the intervals do not overlap (and with at least {MIN_SEEDS_FOR_A_CLAIM} seeds).",
+    "Time to target is robust: steps to target x the step time, the median over windows of",
+    f"{TIMING_WINDOW}+ steps of the mean step time (periodic refreshes count at their frequency;",
+    "a few slow windows on a shared machine do not move it); the measured sum of step times is",
+    "beside it. Values are medians over seeds with a 95% bootstrap interval; an optimizer is",
+    "called faster or slower only when the intervals do not overlap (and with at least "
+    f"{MIN_SEEDS_FOR_A_CLAIM} seeds).",
     "A best learning rate marked (largest tried) or (smallest tried) lies at the edge of the",
     "search: a wider range might do better.",
     "",
@@ -342,7 +400,7 @@ def markdown_table(
       "| rank | optimizer | schedule | trials | best trial | hit target "
       "| steps to target | time to target (s) | 95% interval | measured (s) "
       f"| vs {baseline or 'baseline'} | vs first "
-      "| final train loss | test metric | median step (ms) | compile (s) | state (KiB) "
+      "| final train loss | test metric | step (ms) | compile (s) | state (KiB) "
       "| skipped / resets | failed runs |",
       "|---:|---|---|---:|---|---:|---:|---:|---|---:|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
@@ -361,7 +419,7 @@ def markdown_table(
         f"| {_fmt(e['steps_to_target'], '.0f')} | {_fmt(e['robust_time_to_target_s'], '.3g')} "
         f"| {_interval(e)} | {_fmt(e['time_to_target_s'], '.3g')} | {versus_base} "
         f"| {versus_first} | {_fmt(e['final_train_loss'], '.4g')} "
-        f"| {_fmt(e['final_test_metric'], '.4g')} | {_fmt(e['median_step_ms'], '.3f')} "
+        f"| {_fmt(e['final_test_metric'], '.4g')} | {_fmt(e['robust_step_ms'], '.3f')} "
         f"| {e['compile_s']:.2f} | {e['optimizer_state_bytes'] / 1024:.1f} "
         f"| {e['guard_skipped']} / {e['guard_resets']} of {e['steps_run']} | {failed} |"
       )
@@ -442,5 +500,8 @@ def read_summary_csv(path: pathlib.Path) -> list[dict]:
     rows = list(csv.DictReader(f))
   if rows and set(SUMMARY_COLUMNS) - set(rows[0]):
     missing = ", ".join(sorted(set(SUMMARY_COLUMNS) - set(rows[0])))
-    raise ValueError(f"{path} lacks the columns {missing} (written by an older curvopt?).")
+    raise ValueError(
+      f"{path} lacks the columns {missing}: it was written by an older curvopt. Where the "
+      "folder still holds its runs/ logs, `curvopt-bench report FOLDER` rewrites it."
+    )
   return [{c: _parse_cell(c, row[c]) for c in SUMMARY_COLUMNS} for row in rows]

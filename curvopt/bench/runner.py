@@ -254,7 +254,11 @@ def _step_memory(compiled) -> int | None:
 
 
 def _peak_device_bytes() -> int | None:
-  """The device's peak memory so far (accelerators report it; XLA:CPU does not)."""
+  """The device's peak memory in this process so far (accelerators report it; XLA:CPU not).
+
+  A high-water mark: after several runs in one process it is the largest of
+  them; the compiled step's own memory is `step_memory_bytes`.
+  """
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use")
 
@@ -308,7 +312,7 @@ def _summary(
     failure = f"guard skipped {skipped} of {step} steps"
   elif not results.finite_number(last.get("train_loss")):
     failure = "final training loss not finite"
-  return {
+  summary = {
     "event": "done",
     "run_id": spec.run_id,
     "spec_id": spec.spec_id,
@@ -328,8 +332,6 @@ def _summary(
     "target": target,
     "steps_to_target": hit["step"] if hit and not failure else None,
     "time_to_target_s": hit["time"] if hit and not failure else None,
-    # Robust to a few slow steps on a shared machine: steps x the median step time.
-    "robust_time_to_target_s": hit["step"] * median_step_s if hit and not failure else None,
     "train_time_s": progress["train_time"],
     "median_step_ms": 1e3 * median_step_s,
     "compile_s": compile_s,
@@ -344,3 +346,5 @@ def _summary(
     "failure": failure,
     "spec": spec.identity(),
   }
+  # Steps to target x the windowed step time (see results.robust_step_seconds).
+  return results.with_robust_times(summary, records)
