@@ -154,21 +154,21 @@ def robust_step_seconds(records: list[dict], window: int = TIMING_WINDOW) -> flo
     0.019
   """
   points = [(r["step"], r["time"]) for r in records if "step" in r and finite_number(r.get("time"))]
-  windows: list[tuple[int, float]] = []
-  start = points[0] if points else None
-  for step, time in points[1:]:
-    if step - start[0] >= window:
-      windows.append((step - start[0], time - start[1]))
-      start = (step, time)
-  if start is not None and points and points[-1][0] > start[0]:
-    steps, time = points[-1][0] - start[0], points[-1][1] - start[1]
-    if windows:
-      last_steps, last_time = windows.pop()
-      steps, time = steps + last_steps, time + last_time
-    windows.append((steps, time))
-  if not windows:
-    return math.nan
-  return statistics.median(time / steps for steps, time in windows)
+  bounds = [0]  # indices into points where the windows start and end
+  for i in range(1, len(points)):
+    if points[i][0] - points[bounds[-1]][0] >= window:
+      bounds.append(i)
+  if len(points) > 1 and bounds[-1] != len(points) - 1:
+    if len(bounds) > 1:
+      bounds[-1] = len(points) - 1  # the remainder joins the last window
+    else:
+      bounds.append(len(points) - 1)  # under one window: the plain mean
+  means = [
+    (points[b][1] - points[a][1]) / (points[b][0] - points[a][0])
+    for a, b in zip(bounds, bounds[1:], strict=False)
+    if points[b][0] > points[a][0]
+  ]
+  return statistics.median(means) if means else math.nan
 
 
 def with_robust_times(summary: dict, records: list[dict]) -> dict:
