@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -165,7 +166,7 @@ def robust_step_seconds(records: list[dict], window: int = TIMING_WINDOW) -> flo
       bounds.append(len(points) - 1)  # under one window: the plain mean
   means = [
     (points[b][1] - points[a][1]) / (points[b][0] - points[a][0])
-    for a, b in zip(bounds, bounds[1:], strict=False)
+    for a, b in itertools.pairwise(bounds)
     if points[b][0] > points[a][0]
   ]
   return statistics.median(means) if means else math.nan
