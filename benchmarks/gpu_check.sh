@@ -6,38 +6,42 @@
 # without its refreshes, compiled-step memory and the device's peak memory (memory_stats),
 # the compile-time table at full size, the Kronecker refreshes (eigh against power + QR
 # and coupled Newton: the per-backend default), then the oracle speed table. Each stage
-# has its own time limit, the most important first. Writes to ${OUT:-/tmp/curvopt-gpu};
-# commit what it wrote with the device named (env.txt names it).
+# has its own time limit, the most important first; the exit status is 1 if any stage
+# failed or ran out of time, and the last line names them. Writes to
+# ${OUT:-/tmp/curvopt-gpu}; commit what it wrote with the device named (env.txt names it).
 #
-# SMOKE=1 runs every stage at tiny size in a minute or two on a CPU, to check the script
-# before device time is spent on it (tests/test_gpu_check.py does, without the packages
-# the accelerator image lacks).
+# SMOKE=1 runs every stage at tiny size on a CPU in about two minutes (the oracle speed
+# stage only imports), to check the script before device time is spent on it
+# (tests/test_gpu_check.py does, without the packages the accelerator image lacks).
 set -uo pipefail
 out="${OUT:-/tmp/curvopt-gpu}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-config=configs/gpu.toml size=full sizes=256,512,1024 repeats=50 pytest_args=(-x)
+config=configs/gpu.toml size=full sizes=256,512,1024 pytest_args=(-x)
+oracle_speed=(--synthetic --repeats 50 --out "$out/oracle_speed_gpu.md")
 if [ "${SMOKE:-0}" = 1 ]; then
-  config="$out/gpu_smoke.toml" size=tiny sizes=16 repeats=2 pytest_args=(--collect-only)
+  config="$out/gpu_smoke.toml" size=tiny sizes=16 pytest_args=(--collect-only) oracle_speed=(--help)
   sed -e 's/size = "full"/size = "tiny"/' -e 's/^steps = .*/steps = 12/' \
     -e 's/^eval_every = .*/eval_every = 4/' configs/gpu.toml > "$config"
 fi
-python - <<'PY' 2>&1 | tee "$out/env.txt"
+failed=()
+python - <<'PY' 2>&1 | tee "$out/env.txt" || failed+=(env)
 import jax, optax, sys
 print(sys.version.split()[0], "jax", jax.__version__, "optax", optax.__version__)
 print(jax.devices(), jax.devices()[0].device_kind)
 PY
 if python -c "import pytest, chex" 2>/dev/null; then
-  timeout 45 python -m pytest tests/test_oracles.py tests/test_estimators.py -q -p no:cacheprovider \
-    "${pytest_args[@]}" 2>&1 | tail -25 | tee "$out/tests.txt"
+  timeout 45 python -m pytest tests/test_oracles.py tests/test_estimators.py -q -p no:cacheprovider -p no:hypothesispytest \
+    "${pytest_args[@]}" 2>&1 | tail -25 | tee "$out/tests.txt" || failed+=(tests)
 else
   echo "pytest or chex missing: tests skipped" | tee "$out/tests.txt"
 fi
 timeout 300 python -m curvopt.bench run "$config" --out "$out/gpu" --quiet 2>&1 | tail -20 \
-  | tee "$out/gpu_run.txt"
+  | tee "$out/gpu_run.txt" || failed+=(comparison)
 # The report again, from the runs that finished, in case the stage above ran out of time.
-timeout 30 python -m curvopt.bench report "$out/gpu" --quiet 2>&1 | tail -5 | tee -a "$out/gpu_run.txt"
-python - "$out/gpu/summary.csv" <<'PY' 2>&1 | tee "$out/steps.md"
+timeout 30 python -m curvopt.bench report "$out/gpu" --quiet 2>&1 | tail -5 \
+  | tee -a "$out/gpu_run.txt" || failed+=(report)
+python - "$out/gpu/summary.csv" <<'PY' 2>&1 | tee "$out/steps.md" || failed+=(steps)
 import csv, math, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 mib = lambda x: f"{float(x) / 2**20:.0f}" if x not in ("", "None") else "—"
@@ -52,9 +56,15 @@ for r in rows:
         f"| {mib(r['peak_device_bytes'])} |")
 PY
 timeout 80 python benchmarks/compile_time.py --workloads gpt_lm --size "$size" --repeats 1 \
-  --optimizers adamw,soap,shampoo,psgd_kron,sophia_h --out "$out/compile_time_gpu.md" 2>&1 | tail -12 \
-  | tee "$out/compile.txt"
+  --optimizers adamw,soap,shampoo,psgd_kron,sophia_h --out "$out/compile_time_gpu.md" 2>&1 \
+  | tail -12 | tee "$out/compile.txt" || failed+=(compile_time)
 timeout 45 python benchmarks/kronecker_refresh.py --sizes "$sizes" \
-  --out "$out/kronecker_refresh_gpu.md" 2>&1 | tail -8 | tee "$out/kronecker_refresh.txt"
-timeout 50 python benchmarks/oracle_speed.py --synthetic --repeats "$repeats" \
-  --out "$out/oracle_speed_gpu.md" 2>&1 | tail -40 | tee "$out/bench.txt"
+  --out "$out/kronecker_refresh_gpu.md" 2>&1 | tail -8 | tee "$out/kronecker_refresh.txt" \
+  || failed+=(kronecker_refresh)
+timeout 50 python benchmarks/oracle_speed.py "${oracle_speed[@]}" 2>&1 | tail -40 \
+  | tee "$out/bench.txt" || failed+=(oracle_speed)
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu_check: stages that failed or ran out of time: ${failed[*]}" | tee "$out/failed.txt"
+  exit 1
+fi
+echo "gpu_check: every stage finished"

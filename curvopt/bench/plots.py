@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
 import pathlib
@@ -17,7 +16,11 @@ MISSING = (
 
 def available() -> bool:
   """Whether matplotlib can be imported (a bare accelerator image may lack it)."""
-  return importlib.util.find_spec("matplotlib") is not None
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    return False
+  return True
 
 
 def _pyplot():
