@@ -123,10 +123,16 @@ def max_difference(a, b):
   )
 
 
-def check_optimizers():
+def optimizer_share(part: int, parts: int) -> list[str]:
+  """Every `parts`-th optimizer name from `part`: the registry split into even shares."""
+  return sorted(OPTIMIZERS)[part::parts]
+
+
+def check_optimizers(part: str = "0/1"):
   params, batch = _problem()
   out = {}
-  for name, entry in sorted(OPTIMIZERS.items()):
+  for name in optimizer_share(*map(int, part.split("/"))):
+    entry = OPTIMIZERS[name]
     opt = entry.make()
     single, single_report = run_optimizer(opt, params, batch, 3)
     row = {"single": single_report}
@@ -262,11 +268,11 @@ def _distributed_blocks(params, batch):
 
 if __name__ == "__main__":
   assert jax.device_count() >= DEVICES, jax.devices()
-  which = sys.argv[1]
+  which, *args = sys.argv[1:]
   result = {
     "optimizers": check_optimizers,
     "estimators": check_estimators,
     "sam": check_per_group_sam,
     "blocks": check_distributed_blocks,
-  }[which]()
+  }[which](*args)
   print("RESULT " + json.dumps(result))
