@@ -1,5 +1,6 @@
 """The runner's numbers can be trusted: each silent wrong result of issue 18, and the protocol."""
 
+import csv
 import fcntl
 import json
 import math
@@ -556,3 +557,32 @@ def test_summaries_read_back_use_the_windowed_step_time(tmp_path):
     "".join(json.dumps(r) + "\n" for r in [*lines[:-1], failed])
   )
   assert results.run_summaries(tmp_path)[0]["robust_time_to_target_s"] is None
+
+
+def test_without_matplotlib_the_report_says_the_plots_were_skipped(tmp_path, monkeypatch, capsys):
+  from curvopt.bench import plots
+
+  monkeypatch.setattr(plots, "available", lambda: False)
+  out = tmp_path / "out"
+  assert _run(_write(tmp_path, SMALL.format(steps=20, b1=0.9)), out) == 0
+  assert "plots not drawn: matplotlib is not installed" in (out / "results.md").read_text()
+  assert "plots not drawn" in capsys.readouterr().err
+  assert not list(out.glob("plots/*.png"))
+  assert cli.main(["compare", str(out), "--out", str(tmp_path / "merged"), "--quiet"]) == 0
+  assert not (tmp_path / "merged" / "performance_profile.png").exists()
+
+
+def test_compare_refuses_a_summary_written_before_the_windowed_step_time(tmp_path, capsys):
+  out = tmp_path / "out"
+  assert _run(_write(tmp_path, SMALL.format(steps=20, b1=0.9)), out) == 0
+  with open(out / "summary.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  with open(out / "summary.csv", "w", newline="") as f:
+    columns = [c for c in rows[0] if c != "robust_step_ms"]
+    writer = csv.DictWriter(f, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+  capsys.readouterr()
+  assert cli.main(["compare", str(out), "--quiet"]) == 2
+  err = capsys.readouterr().err
+  assert "lacks the columns robust_step_ms" in err and "curvopt-bench report" in err
