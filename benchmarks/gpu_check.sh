@@ -17,10 +17,12 @@ set -uo pipefail
 out="${OUT:-/tmp/curvopt-gpu}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-config=configs/gpu.toml size=full sizes=256,512,1024 pytest_args=(-x)
+config=configs/gpu.toml size=full sizes=256,512,1024 pytest_args=(-x) scale=1
 oracle_speed=(--synthetic --repeats 50 --out "$out/oracle_speed_gpu.md")
 if [ "${SMOKE:-0}" = 1 ]; then
+  # Time limits x4: a smoke run checks that every stage works, on a CPU that may be busy.
   config="$out/gpu_smoke.toml" size=tiny sizes=16 pytest_args=(--collect-only) oracle_speed=(--help)
+  scale=4
   sed -e 's/size = "full"/size = "tiny"/' -e 's/^steps = .*/steps = 12/' \
     -e 's/^eval_every = .*/eval_every = 4/' configs/gpu.toml > "$config"
 fi
@@ -31,15 +33,15 @@ print(sys.version.split()[0], "jax", jax.__version__, "optax", optax.__version__
 print(jax.devices(), jax.devices()[0].device_kind)
 PY
 if python -c "import pytest, chex" 2>/dev/null; then
-  timeout 45 python -m pytest tests/test_oracles.py tests/test_estimators.py -q -p no:cacheprovider -p no:hypothesispytest \
+  timeout $((45 * scale)) python -m pytest tests/test_oracles.py tests/test_estimators.py -q -p no:cacheprovider -p no:hypothesispytest \
     "${pytest_args[@]}" 2>&1 | tail -25 | tee "$out/tests.txt" || failed+=(tests)
 else
   echo "pytest or chex missing: tests skipped" | tee "$out/tests.txt"
 fi
-timeout 300 python -m curvopt.bench run "$config" --out "$out/gpu" --quiet 2>&1 | tail -20 \
+timeout $((300 * scale)) python -m curvopt.bench run "$config" --out "$out/gpu" --quiet 2>&1 | tail -20 \
   | tee "$out/gpu_run.txt" || failed+=(comparison)
 # The report again, from the runs that finished, in case the stage above ran out of time.
-timeout 30 python -m curvopt.bench report "$out/gpu" --quiet 2>&1 | tail -5 \
+timeout $((30 * scale)) python -m curvopt.bench report "$out/gpu" --quiet 2>&1 | tail -5 \
   | tee -a "$out/gpu_run.txt" || failed+=(report)
 python - "$out/gpu/summary.csv" <<'PY' 2>&1 | tee "$out/steps.md" || failed+=(steps)
 import csv, math, sys
@@ -55,13 +57,13 @@ for r in rows:
         f"| {median:.2f} | {robust:.2f} | {share} | {mib(r['step_memory_bytes'])} "
         f"| {mib(r['peak_device_bytes'])} |")
 PY
-timeout 80 python benchmarks/compile_time.py --workloads gpt_lm --size "$size" --repeats 1 \
+timeout $((80 * scale)) python benchmarks/compile_time.py --workloads gpt_lm --size "$size" --repeats 1 \
   --optimizers adamw,soap,shampoo,psgd_kron,sophia_h --out "$out/compile_time_gpu.md" 2>&1 \
   | tail -12 | tee "$out/compile.txt" || failed+=(compile_time)
-timeout 45 python benchmarks/kronecker_refresh.py --sizes "$sizes" \
+timeout $((45 * scale)) python benchmarks/kronecker_refresh.py --sizes "$sizes" \
   --out "$out/kronecker_refresh_gpu.md" 2>&1 | tail -8 | tee "$out/kronecker_refresh.txt" \
   || failed+=(kronecker_refresh)
-timeout 50 python benchmarks/oracle_speed.py "${oracle_speed[@]}" 2>&1 | tail -40 \
+timeout $((50 * scale)) python benchmarks/oracle_speed.py "${oracle_speed[@]}" 2>&1 | tail -40 \
   | tee "$out/bench.txt" || failed+=(oracle_speed)
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check: stages that failed or ran out of time: ${failed[*]}" | tee "$out/failed.txt"
