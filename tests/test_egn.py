@@ -224,6 +224,22 @@ def test_damping_follows_the_gain_ratio_rule_on_every_branch():
   assert {"rejected", "up", "=", "down"} <= seen, seen
 
 
+def test_the_gain_ratio_counts_the_l2_penalty_in_both_losses_and_the_model():
+  # f(p) = loss(model(p)) + l2/2 ||m p||^2, masked: the ratio is exact in float64 for
+  # whatever step the inner transform takes.
+  model_fn, loss_fn, w = _logistic_problem()
+  l2, mask, damping = 0.7, jnp.array([True, False, True]), 0.1
+  f = lambda p: loss_fn(model_fn(p)) + 0.5 * l2 * jnp.sum((mask * p) ** 2)
+  inner = optax.chain(scale_by_egn(l2_regularization=l2), optax.scale_by_learning_rate(0.8))
+  tx = levenberg_marquardt(inner, damping, l2_regularization=l2, l2_mask=mask, reject_below=None)
+  grad = jax.grad(lambda p: loss_fn(model_fn(p)))(w)
+  step, state = tx.update(grad, tx.init(w), w, model_fn=model_fn, loss_fn=loss_fn)
+  ggn = dense_ggn(model_fn, loss_fn, w) + l2 * jnp.diag(mask.astype(w.dtype))
+  predicted = -(jax.grad(f)(w) @ step + 0.5 * (step @ ggn @ step + damping * step @ step))
+  assert bool(state.measured)
+  np.testing.assert_allclose(state.gain_ratio, (f(w) - f(w + step)) / predicted, rtol=1e-10)
+
+
 def test_a_step_that_raises_the_loss_where_nothing_is_predicted_is_rejected():
   # On a quadratic, a step longer than twice Newton's has pred < 0 (not measurable).
   _x, _y, model_fn, loss_fn = _least_squares(b=8, d=5)

@@ -142,8 +142,9 @@ def levenberg_marquardt(
     model = GaussNewtonModel(model_fn, loss_fn, l2_regularization, l2_mask)
     working = _tree.cast(params, state.damping.dtype)
     s = _tree.cast(step, state.damping.dtype)
-    before, after = model.value(working), model.value(jax.tree.map(jnp.add, working, s))
-    predicted = model.predicted_decrease(working, s, state.damping).astype(state.damping.dtype)
+    before, predicted = model.value_and_predicted_decrease(working, s, state.damping)
+    predicted = predicted.astype(state.damping.dtype)
+    after = model.value(jax.tree.map(jnp.add, working, s))
     ratio = ((before - after) / predicted).astype(state.damping.dtype)
     measured = jnp.isfinite(ratio) & (predicted > 1e-16)
     # The loss rose (or became non-finite) where the model saw no decrease to measure.

@@ -75,10 +75,19 @@ class GaussNewtonModel(NamedTuple):
     One JVP through the model and one Hessian-vector product of the loss on
     the outputs.
     """
+    return self.value_and_predicted_decrease(params, step, damping)[1]
+
+  def value_and_predicted_decrease(
+    self, params: PyTree, step: PyTree, damping: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
+    """`(f(params), predicted_decrease(...))`: the value from the JVP's own forward pass."""
     outputs, j_step = jax.jvp(self.model_fn, (params,), (step,))
     output_grad, h_j_step = jax.jvp(jax.grad(self.loss_fn), (outputs,), (j_step,))
     mask = self.penalty_mask(params)
     masked_step = jax.tree.map(jnp.multiply, mask, step)
     slope = jnp.vdot(output_grad, j_step) + self.l2 * _tree.dot(masked_step, params)
     curvature = jnp.vdot(j_step, h_j_step) + self.l2 * _tree.dot(masked_step, masked_step)
-    return -(slope + 0.5 * (curvature + damping * _tree.dot(step, step)))
+    masked = jax.tree.map(jnp.multiply, mask, params)
+    loss = self.loss_fn(outputs)
+    value = loss + 0.5 * self.l2 * _tree.dot(masked, masked).astype(loss.dtype)
+    return value, -(slope + 0.5 * (curvature + damping * _tree.dot(step, step)))
