@@ -64,30 +64,27 @@ class GaussNewtonModel(NamedTuple):
   def penalty_gradient(self, params: PyTree) -> PyTree:
     return jax.tree.map(lambda m, p: self.l2 * m * p, self.penalty_mask(params), params)
 
-  def value(self, params: PyTree) -> jax.Array:
-    loss = self.loss_fn(self.model_fn(params))
+  def _penalized(self, loss: jax.Array, params: PyTree) -> jax.Array:
     masked = jax.tree.map(jnp.multiply, self.penalty_mask(params), params)
     return loss + 0.5 * self.l2 * _tree.dot(masked, masked).astype(loss.dtype)
 
-  def predicted_decrease(self, params: PyTree, step: PyTree, damping: jax.Array) -> jax.Array:
-    """`-(g^T s + (s^T G s + damping ||s||^2)/2)`, the damped model's decrease (somax v1).
-
-    One JVP through the model and one Hessian-vector product of the loss on
-    the outputs.
-    """
-    return self.value_and_predicted_decrease(params, step, damping)[1]
+  def value(self, params: PyTree) -> jax.Array:
+    return self._penalized(self.loss_fn(self.model_fn(params)), params)
 
   def value_and_predicted_decrease(
     self, params: PyTree, step: PyTree, damping: jax.Array
   ) -> tuple[jax.Array, jax.Array]:
-    """`(f(params), predicted_decrease(...))`: the value from the JVP's own forward pass."""
+    """`f(params)` and `-(g^T s + (s^T G s + damping ||s||^2)/2)`, the damped model's decrease.
+
+    One JVP through the model and one Hessian-vector product of the loss on
+    the outputs (somax v1); `f(params)` comes from the same forward pass.
+    """
     outputs, j_step = jax.jvp(self.model_fn, (params,), (step,))
-    output_grad, h_j_step = jax.jvp(jax.grad(self.loss_fn), (outputs,), (j_step,))
-    mask = self.penalty_mask(params)
-    masked_step = jax.tree.map(jnp.multiply, mask, step)
+    (loss, output_grad), (_, h_j_step) = jax.jvp(
+      jax.value_and_grad(self.loss_fn), (outputs,), (j_step,)
+    )
+    masked_step = jax.tree.map(jnp.multiply, self.penalty_mask(params), step)
     slope = jnp.vdot(output_grad, j_step) + self.l2 * _tree.dot(masked_step, params)
     curvature = jnp.vdot(j_step, h_j_step) + self.l2 * _tree.dot(masked_step, masked_step)
-    masked = jax.tree.map(jnp.multiply, mask, params)
-    loss = self.loss_fn(outputs)
-    value = loss + 0.5 * self.l2 * _tree.dot(masked, masked).astype(loss.dtype)
-    return value, -(slope + 0.5 * (curvature + damping * _tree.dot(step, step)))
+    predicted = -(slope + 0.5 * (curvature + damping * _tree.dot(step, step)))
+    return self._penalized(loss, params), predicted
