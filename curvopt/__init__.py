@@ -10,7 +10,7 @@ Layers, each importing only the ones before it:
    `scale_by_*` steps that consume them).
 4. the named optimizers (`curvopt.adahessian`, `curvopt.sophia_h`,
    `curvopt.shampoo`, `curvopt.soap`, `curvopt.psgd_kron`,
-   `curvopt.psgd_lra`, `curvopt.psgd_dense`, `curvopt.sam`, `curvopt.gam`,
+   `curvopt.psgd_lra`, `curvopt.psgd_dense`, `curvopt.psgd_muon`, `curvopt.sam`, `curvopt.gam`,
    `curvopt.egn`, `curvopt.lazy_newton`, `curvopt.mfac`, `curvopt.newton_cg`),
    each a short `optax.chain` of transforms.
 """
@@ -32,6 +32,7 @@ from curvopt.alias import newton_cg as newton_cg
 from curvopt.alias import psgd_dense as psgd_dense
 from curvopt.alias import psgd_kron as psgd_kron
 from curvopt.alias import psgd_lra as psgd_lra
+from curvopt.alias import psgd_muon as psgd_muon
 from curvopt.alias import sam as sam
 from curvopt.alias import shampoo as shampoo
 from curvopt.alias import soap as soap

@@ -149,6 +149,13 @@ OPTIMIZERS = {
     # A diagonal factor (the default for a vector) crawls along the valley; a dense one does not.
     problem_kwargs={"rosenbrock": {"max_skew": float("inf")}},
   ),
+  "psgd_muon": Entry(
+    curvopt.psgd_muon,
+    {"learning_rate": 0.05},
+    static_args=("matrices", "ns_steps", "ns_coeffs", "max_size", "max_skew", "geometry", "seed"),
+    problem_kwargs={"rosenbrock": {"learning_rate": 0.01}},
+    needs_value_fn=False,
+  ),
   "psgd_lra": Entry(
     curvopt.psgd_lra,
     {"learning_rate": 0.05, "rank": 1},

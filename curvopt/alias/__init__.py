@@ -8,6 +8,7 @@ from curvopt.alias._newton_cg import newton_cg as newton_cg
 from curvopt.alias._psgd import psgd_dense as psgd_dense
 from curvopt.alias._psgd import psgd_kron as psgd_kron
 from curvopt.alias._psgd import psgd_lra as psgd_lra
+from curvopt.alias._psgd_muon import psgd_muon as psgd_muon
 from curvopt.alias._sam import gam as gam
 from curvopt.alias._sam import sam as sam
 from curvopt.alias._shampoo import shampoo as shampoo

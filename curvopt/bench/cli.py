@@ -33,8 +33,13 @@ def _list(_: argparse.Namespace) -> int:
   for name, factory in WORKLOADS.items():
     print(f"  {name:22s} {inspect.getdoc(factory).splitlines()[0]}")
     if "size" in inspect.signature(factory).parameters:
-      sizes = ("tiny", "small", "full")
-      counts = ", ".join(f"{size} {parameters(factory, size=size)}" for size in sizes)
+      counts = []
+      for size in ("tiny", "small", "medium", "full"):
+        try:
+          counts.append(f"{size} {parameters(factory, size=size)}")
+        except ValueError:  # a size this workload does not have
+          continue
+      counts = ", ".join(counts)
     else:
       counts = parameters(factory)
     print(f"  {'':22s}   parameters: {counts}")

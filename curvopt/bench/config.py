@@ -397,7 +397,8 @@ def parse(raw: dict, name: str = "benchmark") -> Config:
     key = f"optimizers.{o}"
     allowed = {"learning_rates", "search", "schedule", "warmup_fraction", "workloads"}
     _check_keys(key, table, allowed | set(spec.hyperparameters))
-    schedule = _schedule(f"{key}.schedule", table, bench["schedule"])
+    # An optimizer's own default (schedule-free: warmup_constant) before the benchmark's.
+    schedule = _schedule(f"{key}.schedule", table, spec.default_schedule or bench["schedule"])
     if not spec.takes_schedule:
       if "schedule" in table and schedule != "constant":
         raise ConfigError(

@@ -6,13 +6,15 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
+from typing import Any
 
+import jax
 import optax
 
 import curvopt
 
 EXTRA_ARGS = ("value", "grad", "value_fn", "model_fn", "loss_fn")
-SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
+SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "warmup_constant")
 
 
 def learning_rate_schedule(
@@ -22,11 +24,14 @@ def learning_rate_schedule(
 
   `warmup_cosine` is AlgoPerf's baseline schedule (Dahl et al. 2023, "Benchmarking
   Neural Network Training Algorithms"): linear warmup over `warmup_fraction` of
-  the step budget, then cosine decay.
+  the step budget, then cosine decay. `warmup_constant` holds the peak after
+  the warmup: what a schedule-free method takes (Defazio et al. 2024).
   """
   if schedule == "constant":
     return peak
   warmup = max(1, round(warmup_fraction * steps)) if warmup_fraction > 0 else 0
+  if schedule == "warmup_constant":
+    return optax.warmup_constant_schedule(0.0, peak, warmup) if warmup else peak
   decay = max(1, steps - warmup)
   if schedule == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, warmup + decay, end_value=0.0)
@@ -55,6 +60,13 @@ class OptimizerSpec:
     takes_schedule: the learning rate may follow a schedule. Methods whose
       learning rate scales a step chosen by a line search or a Newton model
       (L-BFGS, EGN, lazy Newton) run at a constant rate, and their tables say so.
+    default_schedule: the schedule this optimizer runs unless its config table
+      names one (None: the benchmark's). Schedule-free AdamW: `warmup_constant`,
+      since it replaces the decay by averaging.
+    takes_hidden_matrices: the factory takes `hidden_matrices`, the workload's
+      mask of hidden weight matrices (Muon's parameter groups).
+    eval_params: `(state, params) -> params` to evaluate instead of the
+      iterate (schedule-free methods evaluate their average).
   """
 
   name: str
@@ -64,6 +76,9 @@ class OptimizerSpec:
   value_and_grad_from_state: bool = False
   takes_l2: bool = False
   takes_schedule: bool = True
+  default_schedule: str | None = None
+  takes_hidden_matrices: bool = False
+  eval_params: Callable[[Any, Any], Any] | None = None
 
   @property
   def hyperparameters(self) -> dict[str, object]:
@@ -71,7 +86,7 @@ class OptimizerSpec:
     return {
       name: p.default
       for name, p in inspect.signature(self.factory).parameters.items()
-      if name not in ("learning_rate", "l2_regularization", "l2_mask")
+      if name not in ("learning_rate", "l2_regularization", "l2_mask", "hidden_matrices")
     }
 
   def build(self, learning_rate: float, **hyperparameters) -> optax.GradientTransformation:
@@ -98,6 +113,86 @@ def _adamw(
   weight_decay: float = 1e-4,
 ):
   return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+def _nadamw(
+  learning_rate: float,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 1e-4,
+):
+  return optax.nadamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+def _muon(
+  learning_rate: float,
+  hidden_matrices: Callable[[Any], Any],
+  beta: float = 0.95,
+  weight_decay: float = 1e-4,
+  adam_lr_ratio: float = 1.0,
+  consistent_rms: float = 0.2,
+  ns_steps: int = 5,
+):
+  """`optax.contrib.muon` with Adam on every leaf `hidden_matrices` leaves out.
+
+  `consistent_rms=0.2` scales each orthogonalized update to AdamW's typical RMS
+  (Liu et al. 2025, "Muon is scalable for LLM training"), so one learning rate
+  serves both groups; with `consistent_rms=0` (Jordan et al. 2024's width
+  scaling instead) set the Adam group's rate with `adam_lr_ratio`.
+  """
+
+  def dimension_numbers(params):
+    def numbers(leaf, hidden):
+      if not hidden:
+        return None
+      ndim = len(leaf.shape)  # the last axis is the output; the others are reduced
+      return optax.contrib.MuonDimensionNumbers(tuple(range(ndim - 1)), ndim - 1)
+
+    return jax.tree.map(numbers, params, hidden_matrices(params))
+
+  adam_lr = (
+    learning_rate
+    if adam_lr_ratio == 1.0
+    else (lambda step: adam_lr_ratio * learning_rate(step))
+    if callable(learning_rate)
+    else adam_lr_ratio * learning_rate
+  )
+  return optax.contrib.muon(
+    learning_rate,
+    ns_steps=ns_steps,
+    beta=beta,
+    weight_decay=weight_decay,
+    adam_weight_decay=weight_decay,
+    adam_learning_rate=adam_lr,
+    muon_weight_dimension_numbers=dimension_numbers,
+    consistent_rms=consistent_rms or None,
+  )
+
+
+def _psgd_muon(
+  learning_rate: float,
+  hidden_matrices: Callable[[Any], Any],
+  b1: float = 0.9,
+  weight_decay: float = 1e-4,
+  update_rms: float = 0.2,
+):
+  return curvopt.psgd_muon(
+    learning_rate, b1, weight_decay, matrices=hidden_matrices, update_rms=update_rms
+  )
+
+
+def _schedule_free_adamw(
+  learning_rate: float,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 1e-4,
+):
+  # optax's alias takes the warmup as a step count; the runner's schedule carries it.
+  return optax.contrib.schedule_free_adamw(
+    learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay
+  )
 
 
 def _lbfgs(learning_rate: float, memory_size: int = 10):
@@ -149,6 +244,26 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     OptimizerSpec("adam", "optax.adam (Kingma and Ba 2015)", _adam),
     OptimizerSpec("adamw", "optax.adamw, decoupled weight decay 1e-4", _adamw),
     OptimizerSpec(
+      "nadamw",
+      "optax.nadamw, Nesterov AdamW (AlgoPerf's baseline; Dozat 2016), weight decay 1e-4",
+      _nadamw,
+    ),
+    OptimizerSpec(
+      "muon",
+      "optax.contrib.muon on hidden matrices, AdamW on embeddings, head, norms, biases "
+      "(Jordan et al. 2024; update RMS 0.2, Liu et al. 2025)",
+      _muon,
+      takes_hidden_matrices=True,
+    ),
+    OptimizerSpec(
+      "schedule_free_adamw",
+      "optax.contrib.schedule_free_adamw, warmup then constant, evaluated at its average "
+      "(Defazio et al. 2024)",
+      _schedule_free_adamw,
+      default_schedule="warmup_constant",
+      eval_params=optax.contrib.schedule_free_eval_params,
+    ),
+    OptimizerSpec(
       "lbfgs",
       "optax.lbfgs with a zoom line search (on the current batch)",
       _lbfgs,
@@ -183,6 +298,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
       "curvopt.psgd_kron(fit='newton'): Kronecker factors fitted to Hessian products",
       _psgd_kron_newton,
       extra_args=("value_fn",),
+    ),
+    OptimizerSpec(
+      "psgd_muon",
+      "curvopt.psgd_muon: Muon's orthogonalized momentum of PSGD-Kron's whitened gradient on "
+      "hidden matrices, AdamW on the rest",
+      _psgd_muon,
+      takes_hidden_matrices=True,
     ),
     OptimizerSpec(
       "psgd_lra",
@@ -265,4 +387,6 @@ def build_optimizer(
       "l2_regularization": workload.l2,
       "l2_mask": workload.l2_mask,
     }
+  if spec.takes_hidden_matrices:
+    hyperparameters = {**hyperparameters, "hidden_matrices": workload.hidden_matrix_mask}
   return spec.build(learning_rate, **hyperparameters)

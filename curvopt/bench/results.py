@@ -343,10 +343,20 @@ def profile_score(ratios: list[float], max_ratio: float = PROFILE_MAX_RATIO) -> 
 
 
 def _versus(entry: dict, base: dict) -> str:
-  """`entry`'s time to target as a multiple of `base`'s, with the verdict."""
+  """`entry`'s time to target as a multiple of `base`'s, with the verdict.
+
+  Steps to target do not depend on the machine: a time verdict the step counts
+  contradict (faster in more steps, slower in fewer) says so.
+  """
   ratio = _ratio(entry["robust_time_to_target_s"], base["robust_time_to_target_s"])
   if math.isfinite(ratio):
-    return f"{ratio:.2f}x, {verdict(entry, base)}"
+    call = verdict(entry, base)
+    steps, base_steps = entry["steps_to_target"], base["steps_to_target"]
+    if call == "faster" and steps > base_steps:
+      call += f" but in more steps ({steps:.0f} vs {base_steps:.0f})"
+    elif call == "slower" and steps < base_steps:
+      call += f" but in fewer steps ({steps:.0f} vs {base_steps:.0f})"
+    return f"{ratio:.2f}x, {call}"
   if math.isfinite(entry["robust_time_to_target_s"]):
     return "baseline missed the target"
   return "missed the target"
@@ -401,7 +411,7 @@ def markdown_table(
       "| rank | optimizer | schedule | trials | best trial | hit target "
       "| steps to target | time to target (s) | 95% interval | measured (s) "
       f"| vs {baseline or 'baseline'} | vs first "
-      "| final train loss | test metric | step (ms) | compile (s) | state (KiB) "
+      "| final train loss | final test metric | step (ms) | compile (s) | state (KiB) "
       "| skipped / resets | failed runs |",
       "|---:|---|---|---:|---|---:|---:|---:|---|---:|---|---|---:|---:|---:|---:|---:|---|---|",
     ]

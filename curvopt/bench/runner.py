@@ -192,13 +192,14 @@ def run(
   first = batch_at(progress["step"])
   compiled, compile_s, memory = _compile(spec, workload, params, state, first)
   evaluate = _evaluator(workload, spec.sharpness_every)
+  eval_params = OPTIMIZERS[spec.optimizer].eval_params or (lambda state, params: params)
 
   def record_at(step: int) -> dict:
     skipped, resets = guard_counts(state)
     record = {
       "step": step,
       "time": progress["train_time"],
-      **evaluate(params, step),
+      **evaluate(eval_params(state, params), step),
       "guard_skipped": skipped,
       "guard_resets": resets,
     }

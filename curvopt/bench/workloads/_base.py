@@ -39,6 +39,10 @@ class Workload:
     l2_mask: `params -> pytree of booleans` choosing the penalized leaves (None: all).
     sample_batch: `(seed, step) -> batch` when batches are not subsets of `train`.
     train_eval_batch: the batch the reported training loss is measured on.
+    hidden_matrices: `params -> pytree of booleans` marking the hidden weight
+      matrices (and convolution kernels), the leaves matrix optimizers such as
+      Muon orthogonalize; embeddings, output heads, the first layer, norms and
+      biases go to Adam (Jordan et al. 2024). None: `default_hidden_matrices`.
   """
 
   name: str
@@ -57,6 +61,7 @@ class Workload:
   l2_mask: Callable[[Params], Any] | None = None
   sample_batch: Callable[[int, int], Batch] | None = None
   train_eval_batch: Batch | None = None
+  hidden_matrices: Callable[[Params], Any] | None = None
 
   @property
   def num_train(self) -> int:
@@ -83,6 +88,29 @@ class Workload:
 
   def eval_batch(self) -> Batch:
     return self.train if self.train_eval_batch is None else self.train_eval_batch
+
+  def hidden_matrix_mask(self, params: Params) -> Any:
+    """Which leaves of `params` are hidden weight matrices (see `hidden_matrices`)."""
+    rule = default_hidden_matrices if self.hidden_matrices is None else self.hidden_matrices
+    return rule(params)
+
+
+# Leaves under these names are not hidden matrices: the input and output layers.
+_INPUT_OUTPUT_NAMES = frozenset({"embed", "position", "unembed", "head", "stem"})
+
+
+def default_hidden_matrices(params: Params) -> Any:
+  """Leaves of two or more axes outside any `embed`, `position`, `unembed`, `head`, `stem` key.
+
+  Matrix optimizers treat the last axis as the output axis and the others as
+  inputs (dense `(in, out)`, convolution `(h, w, in, out)`).
+  """
+
+  def hidden(path, leaf) -> bool:
+    names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+    return len(getattr(leaf, "shape", ())) >= 2 and not names & _INPUT_OUTPUT_NAMES
+
+  return jax.tree_util.tree_map_with_path(hidden, params)
 
 
 def check_batch_size(batch_size: int | None, *, full_batch_allowed: bool = True) -> None:

@@ -12,10 +12,11 @@ from curvopt.bench import data, models
 from curvopt.bench.workloads._base import Workload, check_batch_size
 
 # (resolution, stage widths, blocks per stage, batch size, target): parameters
-# tiny 8k, small 0.17M, full 2.8M.
+# tiny 8k, small 0.17M, medium 0.70M, full 2.8M.
 _RESNET_SIZES = {
   "tiny": (8, (8, 16), 1, 32, 0.3),
   "small": (16, (24, 48, 96), 1, 32, 0.05),
+  "medium": (16, (32, 64, 128), 2, 64, 0.02),
   "full": (32, (64, 128, 256), 2, 128, 0.01),
 }
 

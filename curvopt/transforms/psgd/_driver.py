@@ -215,6 +215,8 @@ def scale_by_psgd(
 
   def update(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
+    if not jax.tree.leaves(updates):  # every leaf masked out (a group with no tensors)
+      return updates, state._replace(count=optax.safe_increment(state.count))
     if not whitening:
       if params is None:
         raise ValueError(
