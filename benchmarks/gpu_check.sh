@@ -57,8 +57,8 @@ for r in rows:
         f"| {median:.2f} | {robust:.2f} | {share} | {mib(r['step_memory_bytes'])} "
         f"| {mib(r['peak_device_bytes'])} |")
 PY
-timeout $((80 * scale)) python benchmarks/compile_time.py --workloads gpt_lm --size "$size" --repeats 1 \
-  --optimizers adamw,soap,shampoo,psgd_kron,sophia_h --out "$out/compile_time_gpu.md" 2>&1 \
+timeout $((95 * scale)) python benchmarks/compile_time.py --workloads gpt_lm --size "$size" --repeats 1 \
+  --optimizers adamw,muon,psgd_muon,soap,shampoo,psgd_kron,sophia_h --out "$out/compile_time_gpu.md" 2>&1 \
   | tail -12 | tee "$out/compile.txt" || failed+=(compile_time)
 timeout $((45 * scale)) python benchmarks/kronecker_refresh.py --sizes "$sizes" \
   --out "$out/kronecker_refresh_gpu.md" 2>&1 | tail -8 | tee "$out/kronecker_refresh.txt" \

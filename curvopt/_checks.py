@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def static(name: str, value: Any, what: str = "a Python number") -> None:
@@ -166,15 +167,36 @@ def scalar_function(name: str, fn: Callable, *args: Any) -> None:
     raise TypeError(f"{name} must return a floating-point scalar, got dtype {out.dtype}.")
 
 
-def _is_plain_number(name: str, value: Any) -> bool:
-  """Whether `value` is a Python or NumPy real number; a string or a bool is an error.
+def _concrete_real(name: str, value: Any) -> float | None:
+  """`value` as a float when it is a concrete real number, None when it cannot be checked.
 
-  Anything else (an array, a tracer under `optax.inject_hyperparams`, a
-  schedule) is not checked here.
+  Python and NumPy numbers and concrete 0-d arrays (`jnp.asarray(0.1)`,
+  `np.array(0.1)`) are checked like numbers; tracers (under
+  `optax.inject_hyperparams`), schedules and arrays of other shapes are not.
+  None, strings, booleans, containers and complex values with an imaginary
+  part are errors that name the argument: optax reads `learning_rate=None` as
+  "no scaling", which here would step up the gradient.
   """
-  if isinstance(value, str | bytes | bool):
-    raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
-  return isinstance(value, numbers.Real)
+  if value is None or isinstance(value, str | bytes | bool | list | tuple | dict | set):
+    raise TypeError(
+      f"{name} must be a number (or, where documented, a schedule), got {value!r} "
+      f"({type(value).__name__})."
+    )
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    return None
+  if isinstance(value, jax.Array | np.ndarray | np.generic):
+    if value.shape != () or not (
+      jnp.issubdtype(value.dtype, jnp.number) or jnp.issubdtype(value.dtype, jnp.bool_)
+    ):
+      return None
+    if jnp.issubdtype(value.dtype, jnp.bool_):
+      raise TypeError(f"{name} must be a number, got the boolean array {value!r}.")
+    value = complex(value) if jnp.issubdtype(value.dtype, jnp.complexfloating) else float(value)
+  if isinstance(value, complex):
+    if value.imag != 0:
+      raise TypeError(f"{name} must be a real number, got the complex value {value!r}.")
+    return value.real
+  return float(value) if isinstance(value, numbers.Real) else None
 
 
 def in_range(
@@ -186,10 +208,11 @@ def in_range(
   cannot be checked at trace time; plain numbers can, and should fail here
   rather than as a silent NaN later. NaN is out of every range.
   """
-  if not _is_plain_number(name, value):
+  real = _concrete_real(name, value)
+  if real is None:
     return value
-  below_high = value <= high if high_inclusive else value < high
-  if not (low <= value and below_high):  # written so that NaN fails
+  below_high = real <= high if high_inclusive else real < high
+  if not (low <= real and below_high):  # written so that NaN fails
     bracket = "]" if high_inclusive else ")"
     raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}.")
   return value
@@ -197,9 +220,10 @@ def in_range(
 
 def positive(name: str, value: Any, why: str = "") -> Any:
   """Checks that a hyperparameter given as a Python number is > 0 (traced values pass through)."""
-  if not _is_plain_number(name, value):
+  real = _concrete_real(name, value)
+  if real is None:
     return value
-  if not value > 0 or value == float("inf"):
+  if not real > 0 or real == float("inf"):
     raise ValueError(f"{name} must be a finite number > 0{why}, got {value}.")
   return value
 

@@ -25,7 +25,7 @@ def _hidden_names(params) -> set[str]:
 def test_list_names_the_contest_baselines(capsys):
   assert cli.main(["list"]) == 0
   out = capsys.readouterr().out
-  for name in BASELINES:
+  for name in (*BASELINES, "psgd_muon"):
     assert f"  {name} " in out
 
 
@@ -98,6 +98,8 @@ learning_rates = [0.01]
 learning_rates = [0.01]
 [optimizers.schedule_free_adamw]
 learning_rates = [0.01]
+[optimizers.psgd_muon]
+learning_rates = [0.01]
 """
 
 
@@ -123,7 +125,7 @@ def test_baselines_lower_the_loss_at_tiny_size_and_schedule_free_is_evaluated_at
     for path in (out / "runs").glob("*.jsonl"):
       records = [json.loads(line) for line in path.read_text().splitlines()]
       by_optimizer[records[-1]["optimizer"]] = records
-    assert set(by_optimizer) == {"adamw", *BASELINES}
+    assert set(by_optimizer) == {"adamw", "psgd_muon", *BASELINES}
     for name, records in by_optimizer.items():
       losses = [r["train_loss"] for r in records[1:-1]]
       assert records[-1]["failed"] is False, name

@@ -9,6 +9,7 @@ import pathlib
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from test_conformance import OPTIMIZERS, _parabola, extra_args, registry
@@ -315,13 +316,14 @@ _FACTORIES = {
   "psgd_kron": curvopt.psgd_kron,
   "psgd_lra": curvopt.psgd_lra,
   "psgd_dense": curvopt.psgd_dense,
+  "psgd_muon": curvopt.psgd_muon,
   "egn": curvopt.egn,
   "lazy_newton": curvopt.lazy_newton,
   "sam": lambda **kw: curvopt.sam(optax.sgd(0.1), **kw),
   "gam": lambda **kw: curvopt.gam(optax.sgd(0.1), **kw),
 }
 # Where infinity is a meaningful setting ("no limit"), not a mistake.
-_INFINITY_ALLOWED = {("psgd_kron", "max_skew")}
+_INFINITY_ALLOWED = {("psgd_kron", "max_skew"), ("psgd_muon", "max_skew")}
 
 
 def _numeric_hyperparameters():
@@ -338,9 +340,14 @@ def _numeric_hyperparameters():
 
 
 @pytest.mark.parametrize(("name", "argument"), list(_numeric_hyperparameters()))
-@pytest.mark.parametrize("bad", [math.nan, math.inf, "0.1"], ids=["nan", "inf", "string"])
+@pytest.mark.parametrize(
+  "bad",
+  [math.nan, math.inf, "0.1", np.array(math.nan), jnp.asarray(math.inf)],
+  ids=["nan", "inf", "string", "numpy-nan", "jax-inf"],
+)
 def test_every_numeric_hyperparameter_rejects_nan_inf_and_strings(name, argument, bad):
-  if bad == math.inf and (name, argument) in _INFINITY_ALLOWED:
+  """Concrete arrays are checked like numbers (only tracers under inject_hyperparams are not)."""
+  if not isinstance(bad, str) and np.isinf(bad) and (name, argument) in _INFINITY_ALLOWED:
     pytest.skip("infinity means no limit here")
   kwargs = {argument: bad}
   if argument != "learning_rate" and name not in ("sam", "gam", "egn", "lazy_newton"):
@@ -349,9 +356,27 @@ def test_every_numeric_hyperparameter_rejects_nan_inf_and_strings(name, argument
     _FACTORIES[name](**kwargs)
 
 
+@pytest.mark.parametrize("name", sorted(set(_FACTORIES) - {"sam", "gam"}))
+@pytest.mark.parametrize(
+  "bad",
+  [None, [0.05], np.array(-0.05), jnp.asarray(0.1 + 0.5j)],
+  ids=["none", "list", "negative-array", "complex"],
+)
+def test_a_learning_rate_that_is_not_a_positive_real_number_is_refused(name, bad):
+  """None would be optax's "no scaling": the raw direction applied without its minus sign."""
+  with pytest.raises((ValueError, TypeError), match="learning_rate"):
+    _FACTORIES[name](learning_rate=bad)
+
+
 @pytest.mark.parametrize(
   ("factory", "kwargs", "match"),
   [
+    (curvopt.adahessian, {"learning_rate": 0.1, "b1": jnp.asarray(1.5)}, "b1"),
+    (curvopt.soap, {"learning_rate": 0.1, "b2": jnp.asarray(1.0)}, "b2"),
+    (curvopt.egn, {"damping": jnp.asarray(-1.0)}, "damping"),
+    (curvopt.newton_cg, {"learning_rate": 1.0, "damping": None}, "damping"),
+    (lambda **kw: curvopt.sam(optax.sgd(0.1), **kw), {"rho": jnp.asarray(math.nan)}, "rho"),
+    (curvopt.psgd_kron, {"learning_rate": 0.1, "max_update_rms": 0.0}, "max_update_rms"),
     (curvopt.sophia_h, {"learning_rate": 0.1, "clip_threshold": 0.0}, "clip_threshold"),
     (curvopt.egn, {"momentum": 1.5}, "momentum"),
     (curvopt.egn, {"learning_rate": math.inf}, "learning_rate"),
@@ -360,7 +385,7 @@ def test_every_numeric_hyperparameter_rejects_nan_inf_and_strings(name, argument
   ],
 )
 def test_values_that_make_an_optimizer_a_no_op_or_unstable_are_named(factory, kwargs, match):
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises((ValueError, TypeError), match=match):
     factory(**kwargs)
 
 

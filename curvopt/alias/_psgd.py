@@ -29,7 +29,8 @@ def _chain(
 ) -> optax.GradientTransformationExtraArgs:
   _checks.shared_hyperparameters(learning_rate=learning_rate, b1=b1, weight_decay=weight_decay)
   if max_update_rms is not None:
-    _checks.in_range("max_update_rms", max_update_rms, 0.0, float("inf"))
+    # 0 would zero every update: "no clip" is None.
+    _checks.positive("max_update_rms", max_update_rms, " (None for no clip)")
   return skip_nonfinite(
     optax.chain(
       preconditioner,

@@ -117,10 +117,10 @@ def psgd_muon(
     layers in neural networks", 2024; Liu et al., "Muon is scalable for LLM
     training", 2025.
   """
-  _checks.shared_hyperparameters(
-    learning_rate=learning_rate, b1=b1, b2=adam_b2, weight_decay=weight_decay, eps=adam_eps
-  )
-  _checks.shared_hyperparameters(b1=adam_b1)
+  _checks.shared_hyperparameters(learning_rate=learning_rate, b1=b1, weight_decay=weight_decay)
+  _checks.in_range("adam_b1", adam_b1, 0.0, 1.0)
+  _checks.in_range("adam_b2", adam_b2, 0.0, 1.0)
+  _checks.in_range("adam_eps", adam_eps, 0.0, float("inf"))
   matrix_step = optax.chain(
     scale_by_psgd_kron(
       "whitening",

@@ -202,8 +202,9 @@ def scale_by_psgd(
     dtype = _tree.working_dtype(_tree.structure_of(params))
     key = make_key()
     zero = jnp.zeros((), jnp.int32)
-    if not jax.tree.leaves(params):  # `optax.tree.map_params`'s placeholder
-      return state_type(zero, key, zero, jnp.zeros((0,), dtype))
+    if not jax.tree.leaves(params):  # no tensors (map_params' placeholder, a masked-out group)
+      # One element, not none: orbax refuses to save zero-size arrays.
+      return state_type(zero, key, zero, jnp.zeros((1,), dtype))
     family = family_for(params, settings)
     x = family.view(_tree.zeros(_tree.structure_of(params), dtype))
     preconditioner = family.init(x, key)
