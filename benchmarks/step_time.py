@@ -1,13 +1,22 @@
-"""Step time, compile time and state size of runner optimizers against optax.adam, side by side.
+"""Step time, compile time and state size of runner optimizers against a reference, side by side.
 
 Times full jitted training steps (gradient, optimizer update, parameter
 update) on runner workloads, in blocks of 20 steps (so a refresh every 10
 steps is counted), blocks interleaved round-robin across optimizers; reports
-the median block per step, its ratio to Adam's, the first step's compile
-time, and the optimizer state's bytes relative to the parameters'.
+the median block per step, its ratio to the reference's (optax.adam unless
+--reference), the first step's compile time, and the optimizer state's bytes
+relative to the parameters'.
+
+Where a method's time goes: `--variant` adds a row for an optimizer with changed
+keywords (a refresh period beyond the run: no refreshes; `update_probability=0.0`:
+PSGD fits at step 0 only), and the pseudo-keyword `guard=False` builds it without
+the non-finite guard.
 
 Run:  python benchmarks/step_time.py --optimizers shampoo,soap \\
         --workloads digits_mlp,mnist1d_cnn,char_transformer [--set shampoo.block_size=256]
+      python benchmarks/step_time.py --reference adamw --optimizers soap \\
+        --workload gpt_lm:size=small --workload digits_mlp:hidden=384-192,batch_size=200 \\
+        --variant "soap:precondition_frequency=1000000000" --variant "soap:guard=False"
 """
 
 from __future__ import annotations
@@ -96,34 +105,70 @@ def interleaved_medians(runners: dict, blocks: int) -> dict[str, float]:
   return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
 
 
-def _measure(workload_name: str, names: list[str], overrides: dict, blocks: int) -> list[str]:
-  workload = WORKLOADS[workload_name]()
+def _measure(
+  workload_text: str,
+  rows: dict[str, tuple[str, dict]],
+  reference: str,
+  blocks: int,
+) -> list[str]:
+  name, _, options = workload_text.partition(":")
+  workload = WORKLOADS[name](**_keywords(options, literal=False))
   params = workload.init_params(jax.random.key(0))
   batches = [jax.tree.map(jnp.asarray, workload.batch(0, i)) for i in range(BLOCK)]
   runners, compile_s, state_ratio = {}, {}, {}
-  for name in ["adam", *names]:
-    spec = OPTIMIZERS[name]
-    opt = build_optimizer(spec, workload, 1e-3, dict(overrides.get(name, {})))
+  for label, (optimizer, keywords) in {reference: (reference, {}), **rows}.items():
+    spec = OPTIMIZERS[optimizer]
+    keywords = dict(keywords)
+    guard = keywords.pop("guard", True)
+    build = lambda spec=spec, keywords=keywords: build_optimizer(spec, workload, 1e-3, keywords)
+    opt = build() if guard else without_guard(build)
     step = train_step(workload, opt, spec.extra_args)
     state = opt.init(params)
     start = time.perf_counter()
     compiled = step.lower(params, state, batches[0]).compile()
-    compile_s[name] = time.perf_counter() - start
-    state_ratio[name] = tree_bytes(state) / tree_bytes(params)
-    runners[name] = block_runner(compiled, params, state, batches)
+    compile_s[label] = time.perf_counter() - start
+    state_ratio[label] = tree_bytes(state) / tree_bytes(params)
+    runners[label] = block_runner(compiled, params, state, batches)
   ms = interleaved_medians(runners, blocks)
   lines = [
-    f"### {workload_name}",
+    f"### {workload_text}: {workload.description}",
     "",
-    "| optimizer | ms per step | x adam | compile s | state bytes / params |",
+    f"| optimizer | ms per step | x {reference} | compile s | state bytes / params |",
     "|---|---:|---:|---:|---:|",
   ]
-  for name in runners:
+  for label in runners:
     lines.append(
-      f"| {name} | {ms[name]:.3f} | {ms[name] / ms['adam']:.2f} | {compile_s[name]:.2f} "
-      f"| {state_ratio[name]:.1f} |"
+      f"| {label} | {ms[label]:.3f} | {ms[label] / ms[reference]:.2f} | {compile_s[label]:.2f} "
+      f"| {state_ratio[label]:.1f} |"
     )
   return [*lines, ""]
+
+
+def _keywords(text: str, literal: bool = True) -> dict:
+  """`"a=1,b=x"` -> keywords; values are Python literals (`literal`) or else kept as text
+  unless they parse as numbers (workload options such as `hidden=384-192`)."""
+  out = {}
+  for assignment in filter(None, text.split(",")):
+    key, _, value = assignment.partition("=")
+    try:
+      out[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      if literal:
+        raise SystemExit(
+          f"{assignment!r} must be KEYWORD=VALUE with a Python literal value."
+        ) from None
+      out[key.strip()] = value.strip()
+  return out
+
+
+def _variant(text: str) -> tuple[str, tuple[str, dict]]:
+  """`"soap:precondition_frequency=1000000000"` -> (row label, (optimizer, keywords))."""
+  name, _, assignments = text.partition(":")
+  if name not in OPTIMIZERS:
+    raise SystemExit(f"--variant {text!r}: unknown optimizer {name!r}.")
+  keywords = _keywords(assignments)
+  label = f"{name}({', '.join(f'{k}={v!r}' for k, v in keywords.items())})"
+  return label, (name, keywords)
 
 
 def _overrides(settings: list[str]) -> dict[str, dict]:
@@ -139,20 +184,27 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--optimizers", default="shampoo,soap")
   parser.add_argument("--workloads", default="digits_mlp,mnist1d_cnn,char_transformer")
+  parser.add_argument(
+    "--workload", action="append", default=[], help="NAME:option=value,... (replaces --workloads)"
+  )
+  parser.add_argument("--reference", default="adam", help="the optimizer the ratios divide by")
   parser.add_argument("--set", action="append", default=[], help="optimizer.arg=value")
+  parser.add_argument("--variant", action="append", default=[], help="optimizer:kw=value,...")
   parser.add_argument("--blocks", type=int, default=15)
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   overrides = _overrides(args.set)
+  rows = {name: (name, overrides.get(name, {})) for name in args.optimizers.split(",") if name}
+  rows.update(dict(map(_variant, args.variant)))
   lines = [
     f"Median over {args.blocks} interleaved blocks of {BLOCK} steps, per step; "
     f"jax {jax.__version__}, {jax.default_backend()} ({jax.devices()[0].device_kind}), "
     f"{platform.machine()}. Settings: {overrides or 'defaults'}.",
     "",
   ]
-  for name in args.workloads.split(","):
-    lines += _measure(name, args.optimizers.split(","), overrides, args.blocks)
-    print("\n".join(lines[-8:]), flush=True)
+  for workload in args.workload or args.workloads.split(","):
+    lines += _measure(workload, rows, args.reference, args.blocks)
+    print("\n".join(lines[-(len(rows) + 6) :]), flush=True)
   if args.out:
     with open(args.out, "w") as f:
       f.write("\n".join(lines))

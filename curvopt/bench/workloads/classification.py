@@ -14,15 +14,30 @@ def _accuracy_on(dataset, apply):
   return lambda params: models.accuracy(apply(params, x), y)
 
 
-def digits_mlp(batch_size: int | None = 128) -> Workload:
-  """MLP 64-64-10 (tanh) on sklearn digits; test accuracy on 359 held-out images."""
+def digits_mlp(batch_size: int | None = 128, hidden: str = "64") -> Workload:
+  """MLP 64-64-10 (tanh) on sklearn digits; test accuracy on 359 held-out images.
+
+  `hidden` gives the hidden widths, "-"-separated ("384-192": a network wide for
+  a small batch, where a Kronecker method's matrix work rivals the model's).
+  """
   check_batch_size(batch_size)
+  try:
+    widths = tuple(int(w) for w in hidden.split("-"))
+  except (AttributeError, ValueError):
+    widths = ()
+  if not widths or min(widths) <= 0:
+    raise ValueError(
+      f'hidden must be positive widths separated by "-" (e.g. "384-192"), got {hidden!r}.'
+    )
   d = data.digits()
+  sizes = (64, *widths, 10)
   return Workload(
     name="digits_mlp",
-    description="sklearn digits (1438 train / 359 test), MLP 64-64-10 tanh, cross-entropy",
+    description=(
+      f"sklearn digits (1438 train / 359 test), MLP {'-'.join(map(str, sizes))} tanh, cross-entropy"
+    ),
     loss_type="softmax_cross_entropy",
-    init_params=lambda key: models.init_mlp(key, (64, 64, 10)),
+    init_params=lambda key: models.init_mlp(key, sizes),
     model_fn=models.mlp,
     loss_fn=models.softmax_cross_entropy,
     train=(d.x_train, d.y_train),
