@@ -174,3 +174,31 @@ def orthogonalize(basis: Any, v: Any) -> Any:
 
 
 _DGKS_RATIO = 0.7071067811865476
+
+
+def own_buffers(tree: Any) -> Any:
+  """`tree` with every concrete array leaf in a buffer of its own (repeats copied).
+
+  An eagerly built state may hold one array in several leaves (one zero count
+  for two counters, one zeros tensor for two moments); `jax.jit(...,
+  donate_argnums=...)` then refuses to donate "the same buffer twice". Traced
+  leaves and leaves already unique are returned as they are.
+  """
+  seen: set[int] = set()
+
+  def own(x: Any) -> Any:
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+      return x
+    try:
+      pointers = [shard.data.unsafe_buffer_pointer() for shard in x.addressable_shards]
+    except Exception:  # a deleted or non-addressable array: nothing to deduplicate
+      return x
+    if seen.isdisjoint(pointers):
+      seen.update(pointers)
+      return x
+    copy = jnp.copy(x)
+    if hasattr(x, "sharding"):
+      copy = jax.device_put(copy, x.sharding)
+    return copy
+
+  return jax.tree.map(own, tree)

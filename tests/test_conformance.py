@@ -484,3 +484,21 @@ def test_works_inside_flax_nnx_optimizer(name):
 
 
 del np
+
+
+@pytest.mark.parametrize("name", registry())
+def test_a_jitted_step_can_donate_an_eagerly_built_state(name):
+  """Every state leaf is its own buffer: `donate_argnums` refuses to donate one twice."""
+  with jax.enable_x64(False):
+    params, model_fn, _ = _mixed_tree()
+    opt = OPTIMIZERS[name].make()
+    extra = extra_args(model_fn)
+    state = opt.init(params)
+
+    def step(params, state):
+      grads = jax.grad(extra["value_fn"])(params)
+      updates, state = opt.update(grads, state, params, **extra)
+      return optax.apply_updates(params, updates), state
+
+    params, state = jax.jit(step, donate_argnums=(0, 1))(params, state)
+    chex.assert_tree_all_finite(params)

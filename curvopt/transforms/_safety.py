@@ -170,10 +170,10 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
 
   def init(params: PyTree) -> SkipNonFiniteState:
     _require_float_leaves(params)
-    zero = jnp.zeros((), jnp.int32)
+    skipped, resets = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
     if _holds_nothing(params):  # legal in optax: nothing to precondition, empty updates
-      return SkipNonFiniteState(optax.EmptyState(), zero, zero)
-    return SkipNonFiniteState(inner.init(params), zero, zero)
+      return SkipNonFiniteState(optax.EmptyState(), skipped, resets)
+    return SkipNonFiniteState(_tree.own_buffers(inner.init(params)), skipped, resets)
 
   def update(updates, state, params=None, **extra_args):
     if isinstance(state.inner_state, optax.EmptyState) and _holds_nothing(updates):
