@@ -509,6 +509,33 @@ def test_compare_combines_folders_and_refuses_different_protocols(tmp_path, caps
   assert "breast_cancer_logreg was run under different protocols" in err and "steps" in err
 
 
+def test_compare_with_the_baseline_in_both_folders_takes_the_first_folders(tmp_path, capsys):
+  import shutil
+
+  a, b = tmp_path / "a", tmp_path / "b"
+  assert _run(_write(tmp_path, SMALL.format(steps=20, b1=0.9)), a) == 0
+  shutil.copytree(a, b)
+  capsys.readouterr()
+  assert (
+    cli.main(
+      ["compare", str(a), str(b), "--baseline", "adam", "--quiet", "--out", str(tmp_path / "m")]
+    )
+    == 0
+  )
+  table = (tmp_path / "m" / "results.md").read_text()
+  assert (
+    "The baseline is adam from a (the first folder named that ran it; it also ran in b)" in table
+  )
+  row = next(
+    line for line in table.splitlines() if line.startswith("| ") and "| adam [b] |" in line
+  )
+  cells = [c.strip() for c in row.split("|")]
+  assert cells[11] not in ("—", "baseline"), row  # compared with adam [a], not left empty
+  assert "| adam [a] |" in table and "| baseline |" in table
+  assert cli.main(["compare", str(a), "--baseline", "adamw", "--quiet"]) == 2
+  assert "--baseline 'adamw' ran in none of the folders" in capsys.readouterr().err
+
+
 def _timed(step_seconds, eval_every=25):
   """Evaluation records of a run whose step `i` (1-based) took `step_seconds[i - 1]`."""
   elapsed = np.concatenate([[0.0], np.cumsum(step_seconds)])

@@ -284,6 +284,15 @@ def _compare(args: argparse.Namespace) -> int:
   homes: dict[str, set[str]] = {}
   for row in summaries:
     homes.setdefault(row["optimizer"], set()).add(row["folder"])
+  baseline = args.baseline
+  if baseline is not None and baseline not in homes:
+    print(
+      f"error: --baseline {baseline!r} ran in none of the folders; their optimizers: "
+      f"{', '.join(sorted(homes))}.",
+      file=sys.stderr,
+    )
+    return 2
+  order = [f.name or str(f) for f in folders]
   for row in summaries:
     if len(homes[row["optimizer"]]) > 1:
       row["optimizer"] = f"{row['optimizer']} [{row['folder']}]"
@@ -292,7 +301,15 @@ def _compare(args: argparse.Namespace) -> int:
   )
   if len(set(machines.values())) > 1:
     header += ". **Times come from different machines.**"
-  table = header + "\n\n" + results.markdown_table(summaries, args.baseline)
+  if baseline is not None and len(homes[baseline]) > 1:
+    # One baseline for every row: the copy from the first folder named that ran it.
+    home = next(name for name in order if name in homes[baseline])
+    header += (
+      f" The baseline is {baseline} from {home} (the first folder named that ran it; it also "
+      f"ran in {', '.join(n for n in order if n in homes[baseline] and n != home)})."
+    )
+    baseline = f"{baseline} [{home}]"
+  table = header + "\n\n" + results.markdown_table(summaries, baseline)
   out = pathlib.Path(args.out) if args.out else None
   if out is not None:
     _results_folder(out)
