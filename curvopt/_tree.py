@@ -196,9 +196,8 @@ def own_buffers(tree: Any) -> Any:
     if seen.isdisjoint(pointers):
       seen.update(pointers)
       return x
-    copy = jnp.copy(x)
-    if hasattr(x, "sharding"):
-      copy = jax.device_put(copy, x.sharding)
-    return copy
+    # jnp.copy keeps the sharding and whether the array is committed to its device (a
+    # device_put would commit it, and the first jitted step would then recompile).
+    return jnp.copy(x)
 
   return jax.tree.map(own, tree)
