@@ -263,6 +263,11 @@ def _with(section, key, value):
       r"workloads.digits_mlp.target must be a number",
     ),
     (
+      _with("workloads", "digits_mlp", {"target": -1.0}),
+      r"workloads.digits_mlp.target = -1.0: the training loss of digits_mlp "
+      r"\(softmax_cross_entropy\) is never below 0",
+    ),
+    (
       {**GOOD, "extra": {}},
       r"unknown key \(top level\).extra; valid keys: benchmark, optimizers, workloads",
     ),

@@ -247,6 +247,11 @@ def _workload_options(name: str, table: dict) -> dict:
   workload = build_workload(name, tuple(sorted(options.items())))
   target = table.get("target", workload.target)
   _expect(f"workloads.{name}.target", target, (numbers.Real,), "a number (training-loss target)")
+  if target < workload.loss_lower_bound:
+    raise ConfigError(
+      f"workloads.{name}.target = {target}: the training loss of {name} ({workload.loss_type}) "
+      f"is never below {workload.loss_lower_bound:g}, so no run could reach it."
+    )
   return {
     "options": options,
     "target": float(target),

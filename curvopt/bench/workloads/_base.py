@@ -64,6 +64,12 @@ class Workload:
   hidden_matrices: Callable[[Params], Any] | None = None
 
   @property
+  def loss_lower_bound(self) -> float:
+    """The training objective is never below this: every loss type here and the L2 penalty
+    are non-negative."""
+    return 0.0
+
+  @property
   def num_train(self) -> int:
     return len(self.train[0])
 
