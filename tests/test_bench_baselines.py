@@ -164,3 +164,40 @@ def test_a_time_verdict_the_step_counts_contradict_is_called_out():
   assert results._versus(_entry(5.0, 250), base) == "0.50x, faster but in more steps (250 vs 200)"
   assert results._versus(_entry(20.0, 150), base) == "2.00x, slower but in fewer steps (150 vs 200)"
   assert results._versus(_entry(20.0, 250), base) == "2.00x, slower"
+
+
+def test_loss_thresholds_take_the_rate_that_reaches_each_level_first(tmp_path):
+  import pathlib
+  import sys
+
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+  import loss_thresholds
+
+  (tmp_path / "runs").mkdir()
+
+  def write(name, lr, seed, losses, step_ms):
+    records = [{"event": "spec"}]
+    records += [
+      {"step": 10 * i, "time": 10 * i * step_ms / 1e3, "train_loss": loss}
+      for i, loss in enumerate(losses)
+    ]
+    records.append(
+      {
+        "event": "done",
+        "workload": "w",
+        "optimizer": name,
+        "learning_rate": lr,
+        "seed": seed,
+        "robust_step_ms": step_ms,
+      }
+    )
+    path = tmp_path / "runs" / f"{name}_{lr}_{seed}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+  for seed in range(3):
+    write("fast_start", 0.1, seed, [3.0, 2.4, 2.3, 2.25, 2.2], 1.0)  # 2.5 at step 10
+    write("slow_start", 0.1, seed, [3.0, 2.8, 2.4, 2.1, 1.9], 2.0)  # 2.5 at 20, 2.0 at 40
+    write("slow_start", 0.2, seed, [3.0, 2.6, 2.45, 2.3, float("nan")], 2.0)
+  text = loss_thresholds.table(tmp_path, [2.5, 2.0])
+  assert "| fast_start | 10 (3/3, lr 0.1, 0.01 s) | — |" in text
+  assert "| slow_start | 20 (3/3, lr 0.1, 0.04 s) | 40 (3/3, lr 0.1, 0.08 s) |" in text
