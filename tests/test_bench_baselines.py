@@ -1,6 +1,7 @@
 """The first-order baselines of the language-model contest: Muon, NAdamW, Schedule-Free AdamW."""
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from curvopt.bench import cli, config, results, runner
+from curvopt.bench import cli, config, models, results, runner
 from curvopt.bench.optimizers import OPTIMIZERS, build_optimizer, learning_rate_schedule
-from curvopt.bench.workloads import WORKLOADS
 from curvopt.bench.workloads._base import default_hidden_matrices
 
 BASELINES = ("muon", "nadamw", "schedule_free_adamw")
@@ -29,10 +29,14 @@ def test_list_names_the_contest_baselines(capsys):
     assert f"  {name} " in out
 
 
+def _tiny_gpt(key):  # gpt_lm's tiny model without loading its corpus
+  return models.init_transformer(key, 256, context=32, width=32, depth=1, heads=2, tied=True)
+
+
 def test_hidden_matrices_leave_embeddings_heads_norms_and_biases_to_adam():
   with jax.enable_x64(False):
-    gpt = WORKLOADS["gpt_lm"](size="tiny").init_params(jax.random.key(0))
-    resnet = WORKLOADS["resnet_digits"](size="tiny").init_params(jax.random.key(0))
+    gpt = _tiny_gpt(jax.random.key(0))
+    resnet = models.init_resnet(jax.random.key(0), (8, 16), 1)  # resnet_digits' tiny model
   assert _hidden_names(gpt) == {
     f"['block0']['{name}']" for name in ("qkv", "proj", "up", "down")
   }  # not embed, position (the tied head) or the norms
@@ -47,10 +51,14 @@ def test_hidden_matrices_leave_embeddings_heads_norms_and_biases_to_adam():
 
 def test_muon_orthogonalizes_hidden_matrices_and_runs_adamw_on_the_rest():
   with jax.enable_x64(False):
-    workload = WORKLOADS["gpt_lm"](size="tiny")
-    params = workload.init_params(jax.random.key(0))
-    grads = jax.grad(workload.value_fn)(params, jax.tree.map(jnp.asarray, workload.batch(0, 0)))
+    params = _tiny_gpt(jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (4, 33), 0, 256)
+    loss = lambda p: models.sequence_cross_entropy(
+      models.transformer(p, tokens[:, :-1], heads=2), tokens[:, 1:]
+    )
+    grads = jax.grad(loss)(params)
     lr = 0.1
+    workload = types.SimpleNamespace(hidden_matrix_mask=default_hidden_matrices)
     muon = build_optimizer(OPTIMIZERS["muon"], workload, lr, {"weight_decay": 0.0})
     updates, _ = muon.update(grads, muon.init(params), params)
     # A hidden (in, out) matrix: the Newton-Schulz polar factor of the (Nesterov) momentum,
@@ -115,6 +123,7 @@ def test_schedule_free_runs_warmup_constant_unless_its_table_names_a_schedule(tm
   assert {r.schedule for r in runs if r.optimizer == "schedule_free_adamw"} == {"constant"}
 
 
+@pytest.mark.slow  # end to end through the runner: about a minute
 def test_baselines_lower_the_loss_at_tiny_size_and_schedule_free_is_evaluated_at_its_average(
   tmp_path,
 ):
