@@ -182,6 +182,28 @@ def _psgd_muon(
   )
 
 
+def _psgd_muon_annealed(
+  learning_rate: float,
+  hidden_matrices: Callable[[Any], Any],
+  b1: float = 0.9,
+  weight_decay: float = 1e-4,
+  update_rms: float = 0.2,
+  flat_steps: int = 30,
+  decay: float = 0.05,
+  min_probability: float = 0.05,
+):
+  # The fit every step for `flat_steps`, then exp(-decay t) down to `min_probability`.
+  probability = curvopt.transforms.psgd_update_probability(1.0, min_probability, decay, flat_steps)
+  return curvopt.psgd_muon(
+    learning_rate,
+    b1,
+    weight_decay,
+    matrices=hidden_matrices,
+    update_rms=update_rms,
+    update_probability=probability,
+  )
+
+
 def _schedule_free_adamw(
   learning_rate: float,
   b1: float = 0.9,
@@ -304,6 +326,12 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
       "curvopt.psgd_muon: Muon's orthogonalized momentum of PSGD-Kron's whitened gradient on "
       "hidden matrices, AdamW on the rest",
       _psgd_muon,
+      takes_hidden_matrices=True,
+    ),
+    OptimizerSpec(
+      "psgd_muon_annealed",
+      "curvopt.psgd_muon fitting PSGD on every step for 30 steps, then on 5% (by step 90)",
+      _psgd_muon_annealed,
       takes_hidden_matrices=True,
     ),
     OptimizerSpec(
