@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import platform
 import statistics
 import time
@@ -31,6 +32,7 @@ import types
 import jax
 import jax.numpy as jnp
 import optax
+from compile_time import parse_variant  # the same --variant syntax and row labels
 
 import curvopt.alias
 from curvopt.bench.optimizers import OPTIMIZERS, build_optimizer
@@ -112,7 +114,7 @@ def _measure(
   blocks: int,
 ) -> list[str]:
   name, _, options = workload_text.partition(":")
-  workload = WORKLOADS[name](**_keywords(options, literal=False))
+  workload = WORKLOADS[name](**_workload_options(WORKLOADS[name], options))
   params = workload.init_params(jax.random.key(0))
   batches = [jax.tree.map(jnp.asarray, workload.batch(0, i)) for i in range(BLOCK)]
   runners, compile_s, state_ratio = {}, {}, {}
@@ -144,30 +146,20 @@ def _measure(
   return [*lines, ""]
 
 
-def _keywords(text: str, literal: bool = True) -> dict:
-  """`"a=1,b=x"` -> keywords; values are Python literals (`literal`) or else kept as text
-  unless they parse as numbers (workload options such as `hidden=384-192`)."""
+def _workload_options(factory, text: str) -> dict:
+  """`"size=small,hidden=384-192"` -> options: text where the factory's default is text,
+  else a Python literal."""
+  defaults = {k: p.default for k, p in inspect.signature(factory).parameters.items()}
   out = {}
   for assignment in filter(None, text.split(",")):
-    key, _, value = assignment.partition("=")
-    try:
-      out[key.strip()] = ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-      if literal:
-        raise SystemExit(
-          f"{assignment!r} must be KEYWORD=VALUE with a Python literal value."
-        ) from None
-      out[key.strip()] = value.strip()
+    key, _, value = (part.strip() for part in assignment.partition("="))
+    out[key] = value if isinstance(defaults.get(key), str) else ast.literal_eval(value)
   return out
 
 
 def _variant(text: str) -> tuple[str, tuple[str, dict]]:
   """`"soap:precondition_frequency=1000000000"` -> (row label, (optimizer, keywords))."""
-  name, _, assignments = text.partition(":")
-  if name not in OPTIMIZERS:
-    raise SystemExit(f"--variant {text!r}: unknown optimizer {name!r}.")
-  keywords = _keywords(assignments)
-  label = f"{name}({', '.join(f'{k}={v!r}' for k, v in keywords.items())})"
+  label, name, keywords = parse_variant(text)
   return label, (name, keywords)
 
 

@@ -151,13 +151,10 @@ def _muon(
 
     return jax.tree.map(numbers, params, hidden_matrices(params))
 
-  adam_lr = (
-    learning_rate
-    if adam_lr_ratio == 1.0
-    else (lambda step: adam_lr_ratio * learning_rate(step))
-    if callable(learning_rate)
-    else adam_lr_ratio * learning_rate
-  )
+  if callable(learning_rate):
+    adam_lr = lambda step: adam_lr_ratio * learning_rate(step)
+  else:
+    adam_lr = adam_lr_ratio * learning_rate
   return optax.contrib.muon(
     learning_rate,
     ns_steps=ns_steps,
