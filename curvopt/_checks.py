@@ -21,7 +21,8 @@ def static(name: str, value: Any, what: str = "a Python number") -> None:
   if isinstance(value, jax.Array | jax.core.Tracer):
     raise TypeError(
       f"{name} must be {what}: it sets shapes, layouts or loop counts, so it cannot be an "
-      f"array. Under optax.inject_hyperparams, pass static_args=({name!r}, ...), got {value!r}."
+      f"array. Use curvopt.inject_hyperparams(optimizer), which keeps every such argument "
+      f"static, or pass optax.inject_hyperparams static_args=({name!r}, ...); got {value!r}."
     )
 
 
@@ -227,6 +228,12 @@ def positive(name: str, value: Any, why: str = "") -> Any:
     raise ValueError(f"{name} must be a finite number > 0{why}, got {value}.")
   return value
 
+
+# Why a denominator's epsilon must be > 0, for the messages of the optimizers that divide.
+EPS_IS_A_FLOOR = (
+  " (it keeps the denominator away from zero: with eps=0 a parameter the loss does not"
+  " use gets 0/0 and every step is skipped)"
+)
 
 # The ranges of the hyperparameters the named optimizers share.
 _SHARED_RANGES = {

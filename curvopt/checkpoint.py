@@ -70,7 +70,7 @@ def _orbax():
     import orbax.checkpoint as ocp
   except ImportError as error:  # pragma: no cover - flax, in the test extra, brings it
     raise ImportError(
-      "curvopt.checkpoint needs orbax-checkpoint: pip install orbax-checkpoint"
+      'curvopt.checkpoint needs orbax-checkpoint: pip install "curvopt[checkpoint]"'
     ) from error
   return ocp
 
@@ -137,7 +137,10 @@ def restore(path: str | pathlib.Path, like: PyTree) -> PyTree:
     raise FileNotFoundError(f"no checkpoint at {path}.")
   description = path / _DESCRIPTION
   if description.is_file():  # checkpoints from before it was recorded are restored as they are
-    _check_compatible(json.loads(description.read_text()), _describe(like))
+    _check_compatible(_read_json(description), _describe(like))
+  for name in _ORBAX_JSON:  # orbax reads them with a bare JSONDecodeError on damage
+    if (path / name).is_file():
+      _read_json(path / name)
 
   def abstract(x):
     if _tree.is_key(x):
@@ -148,8 +151,33 @@ def restore(path: str | pathlib.Path, like: PyTree) -> PyTree:
     return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=sharding)
 
   target = jax.tree.map(abstract, like)
-  data = ocp.StandardCheckpointer().restore(path, target)
+  try:
+    data = ocp.StandardCheckpointer().restore(path, target)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise DamagedCheckpointError(
+      f"the checkpoint at {path} is damaged: orbax could not read one of its files "
+      f"({type(error).__name__}: {error})."
+    ) from error
   return jax.tree.map(_unstorable, data, like)
+
+
+class DamagedCheckpointError(ValueError):
+  """A checkpoint's files are truncated or corrupted (the message names the file)."""
+
+
+# orbax's JSON files in a StandardCheckpointer directory.
+_ORBAX_JSON = ("_METADATA", "_CHECKPOINT_METADATA", "_sharding")
+
+
+def _read_json(file: pathlib.Path) -> Any:
+  """`file`'s JSON, or an error naming the file and saying the checkpoint is damaged."""
+  try:
+    return json.loads(file.read_bytes().decode("utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise DamagedCheckpointError(
+      f"the checkpoint at {file.parent} is damaged: {file.name} is not readable JSON "
+      f"({type(error).__name__}: {error}). Restore an earlier checkpoint."
+    ) from None
 
 
 def _size(x: Any) -> int:

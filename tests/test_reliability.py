@@ -527,7 +527,9 @@ def test_every_state_is_savable_by_plain_orbax(name, tmp_path):
 def test_inject_hyperparams_names_the_static_args_a_structural_argument_needs(factory, kwargs):
   """optax.inject_hyperparams turns every numeric argument, defaults included, into an array:
   one that sets shapes or loop counts must be static, and the error says so by name."""
-  with pytest.raises(TypeError, match=r"pass static_args=\('\w+', \.\.\.\)"):
+  with pytest.raises(
+    TypeError, match=r"curvopt.inject_hyperparams\(optimizer\).*static_args=\('\w+', \.\.\.\)"
+  ):
     optax.inject_hyperparams(factory)(**kwargs).init({"w": jnp.ones((3, 4))})
 
 

@@ -101,6 +101,8 @@ def adahessian(
     eps=eps,
     weight_decay=weight_decay,
   )
+  _checks.positive("eps", eps, _checks.EPS_IS_A_FLOOR)
+
   _checks.in_range("hessian_power", hessian_power, 0.0, 1.0, high_inclusive=True)
   return skip_nonfinite(
     optax.chain(

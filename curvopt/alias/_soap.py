@@ -53,6 +53,16 @@ def soap(
   `start_preconditioning_step` beyond the run the basis stays the identity
   and SOAP is exactly AdamW.
 
+  A limit of the method, not of this implementation: while a factor's
+  statistic is rank-deficient (fewer gradients seen than its dimension, or
+  gradients of low rank), its zero eigenvalue is repeated and `eigh` may
+  return any basis of that eigenspace; Adam's per-coordinate normalization is
+  not invariant to that choice, so the update there depends on round-off. A
+  float32 rounding of `b2` (as `inject_hyperparams` stores it) then moves a
+  rank-1 problem's parameters by about 1e-2 after two steps, where with
+  full-rank statistics the runs agree to 1e-6. `start_preconditioning_step`
+  at least the largest factor dimension avoids the early steps' case.
+
   Args:
     learning_rate: a float or an optax schedule.
     b1: EMA rate of the gradient.
@@ -104,6 +114,8 @@ def soap(
     eps=eps,
     weight_decay=weight_decay,
   )
+  _checks.positive("eps", eps, _checks.EPS_IS_A_FLOOR)
+
   if shampoo_beta is not None:
     _checks.in_range("shampoo_beta", shampoo_beta, 0.0, 1.0)
   return skip_nonfinite(

@@ -79,6 +79,8 @@ def sophia_h(
     eps=eps,
     weight_decay=weight_decay,
   )
+  _checks.positive("eps", eps, _checks.EPS_IS_A_FLOOR)
+
   _checks.positive("clip_threshold", clip_threshold, " (0 would never move)")
   return skip_nonfinite(
     optax.chain(

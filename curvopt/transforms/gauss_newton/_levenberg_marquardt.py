@@ -147,8 +147,12 @@ def levenberg_marquardt(
     after = model.value(jax.tree.map(jnp.add, working, s))
     ratio = ((before - after) / predicted).astype(state.damping.dtype)
     measured = jnp.isfinite(ratio) & (predicted > 1e-16)
+    # A non-finite step (a NaN learning rate, a NaN gradient) is not the damping's fault:
+    # it passes through unchanged so the guard around the optimizer skips it, counts it
+    # in `skipped` and keeps this state as it was.
+    proposed_finite = jnp.isfinite(_tree.max_abs(s))
     # The loss rose (or became non-finite) where the model saw no decrease to measure.
-    failed = ~jnp.isfinite(after) | (~measured & (after > before))
+    failed = proposed_finite & (~jnp.isfinite(after) | (~measured & (after > before)))
     rejected = failed
     if reject_below is not None:
       rejected = rejected | (measured & (ratio <= reject_below))

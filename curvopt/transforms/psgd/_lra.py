@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from curvopt import _checks
 from curvopt.transforms.psgd._driver import (
   Family,
   Fit,
@@ -192,8 +194,12 @@ def scale_by_psgd_lra(
     form); Pooladzandi & Li, "Curvature-Informed SGD via General Purpose
     Lie-Group Preconditioners", 2024; psgd_torch's `LRAWhiten`/`LRANewton`.
   """
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-    raise ValueError(f"rank must be a non-negative integer, got {rank!r}.")
+  _checks.static("rank", rank, "a Python integer")
+  if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+    raise TypeError(f"rank must be a non-negative integer, got {rank!r} ({type(rank).__name__}).")
+  if rank < 0:
+    raise ValueError(f"rank must be a non-negative integer, got {rank}.")
+  rank = int(rank)  # np.int64(3) is an integer like 3
   return scale_by_psgd(
     lambda tree, settings: lra_family(tree, settings, rank=rank),
     fit=fit,
