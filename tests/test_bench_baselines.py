@@ -175,6 +175,13 @@ def test_a_time_verdict_the_step_counts_contradict_is_called_out():
   assert results._versus(_entry(20.0, 250), base) == "2.00x, slower"
 
 
+def test_a_time_to_target_of_milliseconds_gets_no_time_verdict():
+  # A quickstart headline, "0.37x, faster" at 7 ms against 18 ms, read 1.85x on a rerun.
+  base = _entry(0.018, 100)
+  assert results._versus(_entry(0.0067, 25), base) == "0.37x, host-overhead bound: 25 vs 100 steps"
+  assert results._versus(_entry(0.5, 25), base) == "27.78x, slower but in fewer steps (25 vs 100)"
+
+
 def test_loss_thresholds_take_the_rate_that_reaches_each_level_first(tmp_path):
   import pathlib
   import sys

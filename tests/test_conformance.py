@@ -129,7 +129,7 @@ OPTIMIZERS = {
   ),
   "egn": Entry(  # the Cholesky solve with Levenberg-Marquardt damping
     curvopt.egn,
-    {"learning_rate": 1.0, "damping": 1e-2, "adaptive_damping": True},
+    {"learning_rate": 1.0, "damping": 1e-2, "adaptive_damping": True, "line_search": False},
     needs_value_fn=False,
     reads_gradient=False,
   ),

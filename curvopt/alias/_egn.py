@@ -22,7 +22,7 @@ def egn(
   *,
   adaptive_damping: bool = False,
   momentum: float = 0.0,
-  line_search: bool = False,
+  line_search: bool = True,
   solver: str = "auto",
   l2_regularization: float = 0.0,
   l2_mask: Mask = None,
@@ -39,9 +39,13 @@ def egn(
   - `scale_by_egn(damping, solver=...)`: the direction;
   - `ema_momentum(momentum, debias=True)` when `momentum > 0` (the paper-era
     code's bias-corrected average of directions);
-  - `scale_by_learning_rate(learning_rate)`, or with `line_search=True`
-    `scale_by_armijo_backtracking(learning_rate)` on the same batch, which
-    never accepts an increase;
+  - `scale_by_armijo_backtracking(learning_rate)` on the same batch (the
+    default: it never accepts an increase of the batch loss), or with
+    `line_search=False` `scale_by_learning_rate(learning_rate)`. The default
+    changed from a plain step because at learning rate 1 and damping 0.1 a
+    mini-batch MLP (64-64-10 ReLU on digits, batch 64) went 1.71 -> 0.14 at
+    step 20 -> 18.7 at step 50, finite, so nothing flagged it; with the line
+    search it reaches 0.012 at step 300 (`tests/test_egn.py`);
   - wrapped, when `adaptive_damping`, in `levenberg_marquardt(..., damping)`:
     `lambda` from the gain ratio of the step actually applied (somax v1:
     x1.5 below 0.25, x0.5 above 0.75, clamped to [1e-12, 1e6]); steps that
@@ -73,7 +77,7 @@ def egn(
       best on both mini-batch MLPs of the benchmark (grid 0.01-1).
     adaptive_damping: adapt `lambda` by the gain ratio (for full batches).
     momentum: EMA decay on directions (0: none).
-    line_search: Armijo backtracking on the batch loss.
+    line_search: Armijo backtracking on the batch loss (default; False: a plain step).
     solver: one of `SOLVERS`.
     l2_regularization: coupled L2 strength `l2` (objective `+ l2/2 ||p||^2`).
     l2_mask: pytree of booleans (or a function of params returning one)

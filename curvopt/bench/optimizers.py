@@ -356,7 +356,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     ),
     OptimizerSpec(
       "egn",
-      "curvopt.egn: exact Gauss-Newton in the batch space, fixed damping 0.1",
+      "curvopt.egn: exact Gauss-Newton in the batch space, fixed damping 0.1, Armijo line search",
       curvopt.egn,
       extra_args=("model_fn", "loss_fn"),
       takes_l2=True,
