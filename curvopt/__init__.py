@@ -74,8 +74,10 @@ from curvopt.oracles import random_vector as random_vector
 from curvopt.oracles import restrict as restrict
 from curvopt.oracles import to_lineax as to_lineax
 from curvopt.oracles import value_grad_hvp as value_grad_hvp
+from curvopt.transforms import StateSize as StateSize
 from curvopt.transforms import masked as masked
 from curvopt.transforms import multi_transform as multi_transform
+from curvopt.transforms import state_size as state_size
 
 __version__ = "0.1.0.dev0"
 

@@ -5,7 +5,17 @@ from __future__ import annotations
 import optax
 
 from curvopt import _checks
-from curvopt.transforms import ema_momentum, scale_by_mfac, skip_nonfinite
+from curvopt.transforms import (
+  ema_momentum,
+  refuse_unaffordable_state,
+  scale_by_mfac,
+  skip_nonfinite,
+)
+
+_MEMORY_HINT = (
+  "Lower num_grads: the window holds num_grads gradients and a num_grads x num_grads "
+  "Gram matrix, and beyond the parameter count it adds no rank."
+)
 
 
 def mfac(
@@ -62,4 +72,4 @@ def mfac(
   if momentum:
     transforms.append(ema_momentum(momentum))
   transforms.append(optax.scale_by_learning_rate(learning_rate))
-  return skip_nonfinite(optax.chain(*transforms))
+  return skip_nonfinite(refuse_unaffordable_state(optax.chain(*transforms), "mfac", _MEMORY_HINT))

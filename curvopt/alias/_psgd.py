@@ -12,14 +12,21 @@ from curvopt.transforms import (
   Fit,
   Geometry,
   ema_momentum,
+  refuse_unaffordable_state,
   scale_by_psgd_dense,
   scale_by_psgd_kron,
   scale_by_psgd_lra,
   skip_nonfinite,
 )
 
+_MEMORY_HINT = (
+  "Lower max_skew (1 keeps every dense Kronecker factor within its tensor's size) or set "
+  "max_size (PSGD-Kron), or lower rank (PSGD-LRA)."
+)
+
 
 def _chain(
+  name: str,
   preconditioner: optax.GradientTransformationExtraArgs,
   learning_rate: optax.ScalarOrSchedule,
   b1: float,
@@ -32,12 +39,16 @@ def _chain(
     # 0 would zero every update: "no clip" is None.
     _checks.positive("max_update_rms", max_update_rms, " (None for no clip)")
   return skip_nonfinite(
-    optax.chain(
-      preconditioner,
-      ema_momentum(b1),
-      optax.clip_by_block_rms(max_update_rms) if max_update_rms is not None else optax.identity(),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+    refuse_unaffordable_state(
+      optax.chain(
+        preconditioner,
+        ema_momentum(b1),
+        optax.clip_by_block_rms(max_update_rms) if max_update_rms is not None else optax.identity(),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+      ),
+      name,
+      _MEMORY_HINT,
     )
   )
 
@@ -154,6 +165,7 @@ def psgd_kron(
     2024; Li, "Stochastic Hessian Fitting on Lie Group", 2024.
   """
   return _chain(
+    "psgd_kron",
     scale_by_psgd_kron(
       fit,
       lr_preconditioner,
@@ -225,6 +237,7 @@ def psgd_lra(
     Li, "Curvature-Informed SGD via General Purpose Lie-Group Preconditioners", 2024.
   """
   return _chain(
+    "psgd_lra",
     scale_by_psgd_lra(
       fit,
       lr_preconditioner,
@@ -298,6 +311,7 @@ def psgd_dense(
     Li, "Preconditioned Stochastic Gradient Descent", IEEE TNNLS 2018.
   """
   return _chain(
+    "psgd_dense",
     scale_by_psgd_dense(
       fit,
       lr_preconditioner,

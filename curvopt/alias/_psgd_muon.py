@@ -16,6 +16,7 @@ from curvopt.transforms import (
   matrix_leaves,
   multi_transform,
   orthogonalize,
+  refuse_unaffordable_state,
   scale_by_psgd_kron,
   skip_nonfinite,
   with_float32_statistics,
@@ -153,4 +154,11 @@ def psgd_muon(
       )
     return jax.tree.map(lambda is_matrix: "matrix" if is_matrix else "adam", mask)
 
-  return skip_nonfinite(multi_transform({"matrix": matrix_step, "adam": adam_step}, labels))
+  return skip_nonfinite(
+    refuse_unaffordable_state(
+      multi_transform({"matrix": matrix_step, "adam": adam_step}, labels),
+      "psgd_muon",
+      "Lower max_skew (1 keeps every dense Kronecker factor within its matrix's size) or set "
+      "max_size.",
+    )
+  )

@@ -7,7 +7,15 @@ import optax
 
 from curvopt import _checks
 from curvopt._matrix_roots import RootMethod
-from curvopt.transforms import Grafting, MatrixAxes, ema_momentum, scale_by_shampoo, skip_nonfinite
+from curvopt.transforms import (
+  Grafting,
+  MatrixAxes,
+  ema_momentum,
+  refuse_unaffordable_state,
+  scale_by_shampoo,
+  skip_nonfinite,
+)
+from curvopt.transforms.kronecker._blocks import MEMORY_HINT
 
 
 def shampoo(
@@ -146,28 +154,32 @@ def shampoo(
   """
   _checks.shared_hyperparameters(learning_rate=learning_rate, b1=b1, weight_decay=weight_decay)
   return skip_nonfinite(
-    optax.chain(
-      scale_by_shampoo(
-        block_size,
-        beta2,
-        epsilon,
-        precondition_frequency=precondition_frequency,
-        start_preconditioning_step=start_preconditioning_step,
-        relative_epsilon=relative_epsilon,
-        root_method=root_method,
-        exponent_override=exponent_override,
-        rank_rtol=rank_rtol,
-        grafting=grafting,
-        grafting_b2=grafting_b2,
-        grafting_eps=grafting_eps,
-        merge_dims=merge_dims,
-        precondition_1d=precondition_1d,
-        matrix_axes=matrix_axes,
-        one_sided=one_sided,
-        block_sharding=block_sharding,
+    refuse_unaffordable_state(
+      optax.chain(
+        scale_by_shampoo(
+          block_size,
+          beta2,
+          epsilon,
+          precondition_frequency=precondition_frequency,
+          start_preconditioning_step=start_preconditioning_step,
+          relative_epsilon=relative_epsilon,
+          root_method=root_method,
+          exponent_override=exponent_override,
+          rank_rtol=rank_rtol,
+          grafting=grafting,
+          grafting_b2=grafting_b2,
+          grafting_eps=grafting_eps,
+          merge_dims=merge_dims,
+          precondition_1d=precondition_1d,
+          matrix_axes=matrix_axes,
+          one_sided=one_sided,
+          block_sharding=block_sharding,
+        ),
+        ema_momentum(b1, nesterov),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
       ),
-      ema_momentum(b1, nesterov),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+      "shampoo",
+      MEMORY_HINT,
     )
   )

@@ -6,7 +6,14 @@ import jax
 import optax
 
 from curvopt import _checks
-from curvopt.transforms import EigenbasisMethod, MatrixAxes, scale_by_soap, skip_nonfinite
+from curvopt.transforms import (
+  EigenbasisMethod,
+  MatrixAxes,
+  refuse_unaffordable_state,
+  scale_by_soap,
+  skip_nonfinite,
+)
+from curvopt.transforms.kronecker._blocks import MEMORY_HINT
 
 
 def soap(
@@ -119,23 +126,27 @@ def soap(
   if shampoo_beta is not None:
     _checks.in_range("shampoo_beta", shampoo_beta, 0.0, 1.0)
   return skip_nonfinite(
-    optax.chain(
-      scale_by_soap(
-        b1,
-        b2,
-        eps,
-        shampoo_beta,
-        precondition_frequency=precondition_frequency,
-        start_preconditioning_step=start_preconditioning_step,
-        block_size=block_size,
-        merge_dims=merge_dims,
-        precondition_1d=precondition_1d,
-        matrix_axes=matrix_axes,
-        one_sided=one_sided,
-        block_sharding=block_sharding,
-        eigenbasis_method=eigenbasis_method,
+    refuse_unaffordable_state(
+      optax.chain(
+        scale_by_soap(
+          b1,
+          b2,
+          eps,
+          shampoo_beta,
+          precondition_frequency=precondition_frequency,
+          start_preconditioning_step=start_preconditioning_step,
+          block_size=block_size,
+          merge_dims=merge_dims,
+          precondition_1d=precondition_1d,
+          matrix_axes=matrix_axes,
+          one_sided=one_sided,
+          block_sharding=block_sharding,
+          eigenbasis_method=eigenbasis_method,
+        ),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
       ),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+      "soap",
+      MEMORY_HINT,
     )
   )

@@ -25,6 +25,9 @@ from curvopt.transforms._sam import Perturbation as Perturbation
 from curvopt.transforms._sam import SharpnessAwareState as SharpnessAwareState
 from curvopt.transforms._sam import gam_gradient as gam_gradient
 from curvopt.transforms._sam import sam_gradient as sam_gradient
+from curvopt.transforms._state_size import StateSize as StateSize
+from curvopt.transforms._state_size import refuse_unaffordable_state as refuse_unaffordable_state
+from curvopt.transforms._state_size import state_size as state_size
 from curvopt.transforms.gauss_newton._egn import scale_by_egn as scale_by_egn
 from curvopt.transforms.gauss_newton._levenberg_marquardt import (
   LevenbergMarquardtState as LevenbergMarquardtState,
