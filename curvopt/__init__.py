@@ -26,7 +26,6 @@ from curvopt._matrix_roots import matrix_inverse_root as matrix_inverse_root
 from curvopt.alias import adahessian as adahessian
 from curvopt.alias import egn as egn
 from curvopt.alias import gam as gam
-from curvopt.alias import inject_hyperparams as inject_hyperparams
 from curvopt.alias import lazy_newton as lazy_newton
 from curvopt.alias import mfac as mfac
 from curvopt.alias import newton_cg as newton_cg
@@ -38,7 +37,8 @@ from curvopt.alias import sam as sam
 from curvopt.alias import shampoo as shampoo
 from curvopt.alias import soap as soap
 from curvopt.alias import sophia_h as sophia_h
-from curvopt.alias import structural_args as structural_args
+from curvopt.alias._inject_hyperparams import inject_hyperparams as inject_hyperparams
+from curvopt.alias._inject_hyperparams import structural_args as structural_args
 from curvopt.estimators import DiagonalEstimate as DiagonalEstimate
 from curvopt.estimators import Eigenpairs as Eigenpairs
 from curvopt.estimators import LanczosDecomposition as LanczosDecomposition

@@ -165,7 +165,7 @@ def test_optax_inject_hyperparams_error_points_to_curvopts():
 
 
 def test_structural_args_are_the_non_numeric_arguments():
-  assert curvopt.structural_args(curvopt.sophia_h) == ("refresh_every", "seed")
+  assert curvopt.structural_args(curvopt.sophia_h) == ("refresh_every", "seed", "state_dtype")
   assert "block_size" in curvopt.structural_args(curvopt.soap)
   assert "learning_rate" not in curvopt.structural_args(curvopt.soap)
   assert "momentum" in curvopt.structural_args(curvopt.egn)  # 0 drops a transform

@@ -2,8 +2,6 @@
 
 from curvopt.alias._adahessian import adahessian as adahessian
 from curvopt.alias._egn import egn as egn
-from curvopt.alias._inject_hyperparams import inject_hyperparams as inject_hyperparams
-from curvopt.alias._inject_hyperparams import structural_args as structural_args
 from curvopt.alias._lazy_newton import lazy_newton as lazy_newton
 from curvopt.alias._mfac import mfac as mfac
 from curvopt.alias._newton_cg import newton_cg as newton_cg

@@ -7,9 +7,15 @@ from typing import Any
 
 import jax
 import optax
+from jax.typing import DTypeLike
 
 from curvopt import _checks
-from curvopt.transforms import hutchinson_diagonal_estimator, scale_by_adahessian, skip_nonfinite
+from curvopt.transforms import (
+  hutchinson_diagonal_estimator,
+  scale_by_adahessian,
+  skip_nonfinite,
+  with_state_dtype,
+)
 
 
 def adahessian(
@@ -24,6 +30,7 @@ def adahessian(
   absolute: bool = True,
   averaging_axes: str | Callable[[jax.Array], tuple[int, ...]] | Any | None = "flax",
   seed: int = 0,
+  state_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaHessian: Adam whose second moment is a Hutchinson Hessian diagonal.
 
@@ -70,6 +77,9 @@ def adahessian(
       `optax.inject_hyperparams`, pass `static_args=("refresh_every",
       "absolute", "seed")`: they are Python values, not hyperparameters.
     seed: seed of the probes' PRNG key.
+    state_dtype: the dtype the state is stored in (None: float32; `jnp.bfloat16`
+      halves it); every step computes in float32. See
+      `curvopt.transforms.with_state_dtype`.
 
   Returns:
     A `GradientTransformationExtraArgs` whose `update` needs `value_fn`.
@@ -105,18 +115,21 @@ def adahessian(
 
   _checks.in_range("hessian_power", hessian_power, 0.0, 1.0, high_inclusive=True)
   return skip_nonfinite(
-    optax.chain(
-      scale_by_adahessian(
-        b1,
-        b2,
-        eps,
-        hessian_power,
-        refresh_every=refresh_every,
-        absolute=absolute,
-        averaging_axes=averaging_axes,
-        hessian_diagonal_fn=hutchinson_diagonal_estimator(seed=seed, name="adahessian"),
+    with_state_dtype(
+      optax.chain(
+        scale_by_adahessian(
+          b1,
+          b2,
+          eps,
+          hessian_power,
+          refresh_every=refresh_every,
+          absolute=absolute,
+          averaging_axes=averaging_axes,
+          hessian_diagonal_fn=hutchinson_diagonal_estimator(seed=seed, name="adahessian"),
+        ),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
       ),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+      state_dtype,
     )
   )

@@ -45,7 +45,7 @@ def structural_args(factory: Callable[..., Any]) -> tuple[str, ...]:
   Examples:
     >>> import curvopt
     >>> curvopt.structural_args(curvopt.sophia_h)
-    ('refresh_every', 'seed')
+    ('refresh_every', 'seed', 'state_dtype')
 
   References:
     optax's `inject_hyperparams` (its `static_args`).

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import optax
+from jax.typing import DTypeLike
 
 from curvopt import _checks
 from curvopt.transforms import (
@@ -17,6 +18,7 @@ from curvopt.transforms import (
   scale_by_psgd_kron,
   scale_by_psgd_lra,
   skip_nonfinite,
+  with_state_dtype,
 )
 
 _MEMORY_HINT = (
@@ -33,24 +35,25 @@ def _chain(
   weight_decay: float,
   weight_decay_mask: Any,
   max_update_rms: float | None,
+  state_dtype: DTypeLike | None,
 ) -> optax.GradientTransformationExtraArgs:
   _checks.shared_hyperparameters(learning_rate=learning_rate, b1=b1, weight_decay=weight_decay)
   if max_update_rms is not None:
     # 0 would zero every update: "no clip" is None.
     _checks.positive("max_update_rms", max_update_rms, " (None for no clip)")
-  return skip_nonfinite(
-    refuse_unaffordable_state(
-      optax.chain(
-        preconditioner,
-        ema_momentum(b1),
-        optax.clip_by_block_rms(max_update_rms) if max_update_rms is not None else optax.identity(),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
-        optax.scale_by_learning_rate(learning_rate),
-      ),
-      name,
-      _MEMORY_HINT,
-    )
+  steps = with_state_dtype(
+    optax.chain(
+      preconditioner,
+      ema_momentum(b1),
+      optax.clip_by_block_rms(max_update_rms) if max_update_rms is not None else optax.identity(),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+    ),
+    state_dtype,
   )
+  if name != "psgd_dense":  # its own max_dimension refuses; raising it is meant
+    steps = refuse_unaffordable_state(steps, name, _MEMORY_HINT)
+  return skip_nonfinite(steps)
 
 
 def psgd_kron(
@@ -70,6 +73,7 @@ def psgd_kron(
   max_update_rms: float | None = 1.1,
   weight_decay_mask: Any | Callable | None = None,
   seed: int = 0,
+  state_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """PSGD-Kron: per tensor, a Kronecker product of per-axis factors fitted on a Lie group.
 
@@ -142,6 +146,9 @@ def psgd_kron(
     seed: the PRNG seed of the probes and coin flips (the key lives in the state). With
       `optax.inject_hyperparams`, pass `fit`, `max_size`, `max_skew`,
       `geometry` and `seed` as `static_args`.
+    state_dtype: the dtype the state is stored in (None: float32; `jnp.bfloat16`
+      halves it); every step computes in float32. See
+      `curvopt.transforms.with_state_dtype`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
@@ -183,6 +190,7 @@ def psgd_kron(
     weight_decay,
     weight_decay_mask,
     max_update_rms,
+    state_dtype=state_dtype,
   )
 
 
@@ -201,6 +209,7 @@ def psgd_lra(
   max_update_rms: float | None = 1.1,
   weight_decay_mask: Any | Callable | None = None,
   seed: int = 0,
+  state_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """PSGD-LRA: one low-rank-plus-diagonal `Q = (I + U V^T) diag(d)` on all parameters.
 
@@ -217,6 +226,9 @@ def psgd_lra(
       `rank + 1` parameters gets `n - 1`).
     seed: the PRNG seed of the probes and coin flips (the key lives in the state).
       `fit`, `rank` and `seed` are static under `optax.inject_hyperparams`.
+    state_dtype: the dtype the state is stored in (None: float32; `jnp.bfloat16`
+      halves it); every step computes in float32. See
+      `curvopt.transforms.with_state_dtype`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
@@ -253,6 +265,7 @@ def psgd_lra(
     weight_decay,
     weight_decay_mask,
     max_update_rms,
+    state_dtype=state_dtype,
   )
 
 
@@ -272,6 +285,7 @@ def psgd_dense(
   max_update_rms: float | None = 1.1,
   weight_decay_mask: Any | Callable | None = None,
   seed: int = 0,
+  state_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """PSGD-dense: one dense `Q` on all `n` parameters; a quasi-Newton method for small models.
 
@@ -292,6 +306,9 @@ def psgd_dense(
     update_probability: per-step probability of fitting `Q`; a float or a
       schedule. (1 by default here).
     max_dimension: the most parameters accepted (a dense `n x n` `Q`).
+    state_dtype: the dtype the state is stored in (None: float32; `jnp.bfloat16`
+      halves it); every step computes in float32. See
+      `curvopt.transforms.with_state_dtype`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
@@ -328,4 +345,5 @@ def psgd_dense(
     weight_decay,
     weight_decay_mask,
     max_update_rms,
+    state_dtype=state_dtype,
   )

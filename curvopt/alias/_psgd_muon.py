@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import optax
+from jax.typing import DTypeLike
 
 from curvopt import _checks
 from curvopt.transforms import (
@@ -20,6 +21,7 @@ from curvopt.transforms import (
   scale_by_psgd_kron,
   skip_nonfinite,
   with_float32_statistics,
+  with_state_dtype,
 )
 
 PyTree = Any
@@ -43,6 +45,7 @@ def psgd_muon(
   max_skew: float = 1.0,
   geometry: Geometry = "Q0.5EQ1.5",
   seed: int = 0,
+  state_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""PSGD-Muon: on hidden matrices, Muon's step on PSGD-Kron's whitened gradient.
 
@@ -92,6 +95,9 @@ def psgd_muon(
     seed: PSGD's probe seed. With `optax.inject_hyperparams`, pass `matrices`,
       `ns_steps`, `ns_coeffs`, `max_size`, `max_skew`, `geometry` and `seed` as
       `static_args`.
+    state_dtype: the dtype the state is stored in (None: float32; `jnp.bfloat16`
+      halves it); every step computes in float32. See
+      `curvopt.transforms.with_state_dtype`.
 
   Returns:
     An optax `GradientTransformationExtraArgs`.
@@ -156,7 +162,9 @@ def psgd_muon(
 
   return skip_nonfinite(
     refuse_unaffordable_state(
-      multi_transform({"matrix": matrix_step, "adam": adam_step}, labels),
+      with_state_dtype(
+        multi_transform({"matrix": matrix_step, "adam": adam_step}, labels), state_dtype
+      ),
       "psgd_muon",
       "Lower max_skew (1 keeps every dense Kronecker factor within its matrix's size) or set "
       "max_size.",

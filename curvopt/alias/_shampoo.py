@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import optax
+from jax.typing import DTypeLike
 
 from curvopt import _checks
 from curvopt._matrix_roots import RootMethod
@@ -14,8 +15,14 @@ from curvopt.transforms import (
   refuse_unaffordable_state,
   scale_by_shampoo,
   skip_nonfinite,
+  with_state_dtype,
 )
-from curvopt.transforms.kronecker._blocks import MEMORY_HINT
+
+# What lowers a Kronecker state that `refuse_unaffordable_state` refuses.
+MEMORY_HINT = (
+  "Lower block_size (a vector block of b entries holds b x b factors), leave vectors to the "
+  "grafted/Adam step (precondition_1d=False), or keep one_sided=True for thin matrices."
+)
 
 
 def shampoo(
@@ -41,6 +48,7 @@ def shampoo(
   matrix_axes: MatrixAxes | None = None,
   one_sided: bool = True,
   block_sharding: jax.sharding.NamedSharding | None = None,
+  state_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Shampoo: each block of each tensor preconditioned by inverse roots of its Kronecker factors.
 
@@ -126,6 +134,9 @@ def shampoo(
       every device computes every root).
     matrix_axes: see above. With `optax.inject_hyperparams`, pass the
       integer, boolean, string and function arguments as `static_args`.
+    state_dtype: the dtype the state is stored in (None: float32; `jnp.bfloat16`
+      halves it); every step computes in float32. See
+      `curvopt.transforms.with_state_dtype`.
 
   Returns:
     An optax `GradientTransformation`.
@@ -155,29 +166,32 @@ def shampoo(
   _checks.shared_hyperparameters(learning_rate=learning_rate, b1=b1, weight_decay=weight_decay)
   return skip_nonfinite(
     refuse_unaffordable_state(
-      optax.chain(
-        scale_by_shampoo(
-          block_size,
-          beta2,
-          epsilon,
-          precondition_frequency=precondition_frequency,
-          start_preconditioning_step=start_preconditioning_step,
-          relative_epsilon=relative_epsilon,
-          root_method=root_method,
-          exponent_override=exponent_override,
-          rank_rtol=rank_rtol,
-          grafting=grafting,
-          grafting_b2=grafting_b2,
-          grafting_eps=grafting_eps,
-          merge_dims=merge_dims,
-          precondition_1d=precondition_1d,
-          matrix_axes=matrix_axes,
-          one_sided=one_sided,
-          block_sharding=block_sharding,
+      with_state_dtype(
+        optax.chain(
+          scale_by_shampoo(
+            block_size,
+            beta2,
+            epsilon,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
+            relative_epsilon=relative_epsilon,
+            root_method=root_method,
+            exponent_override=exponent_override,
+            rank_rtol=rank_rtol,
+            grafting=grafting,
+            grafting_b2=grafting_b2,
+            grafting_eps=grafting_eps,
+            merge_dims=merge_dims,
+            precondition_1d=precondition_1d,
+            matrix_axes=matrix_axes,
+            one_sided=one_sided,
+            block_sharding=block_sharding,
+          ),
+          ema_momentum(b1, nesterov),
+          optax.add_decayed_weights(weight_decay),
+          optax.scale_by_learning_rate(learning_rate),
         ),
-        ema_momentum(b1, nesterov),
-        optax.add_decayed_weights(weight_decay),
-        optax.scale_by_learning_rate(learning_rate),
+        state_dtype,
       ),
       "shampoo",
       MEMORY_HINT,

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import jax
 import optax
+from jax.typing import DTypeLike
 
 from curvopt import _checks
+from curvopt.alias._shampoo import MEMORY_HINT
 from curvopt.transforms import (
   EigenbasisMethod,
   MatrixAxes,
   refuse_unaffordable_state,
   scale_by_soap,
   skip_nonfinite,
+  with_state_dtype,
 )
-from curvopt.transforms.kronecker._blocks import MEMORY_HINT
 
 
 def soap(
@@ -33,6 +35,7 @@ def soap(
   one_sided: bool = True,
   block_sharding: jax.sharding.NamedSharding | None = None,
   eigenbasis_method: EigenbasisMethod = "eigh",
+  state_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""SOAP: Adam run in the eigenbasis of each block's Shampoo factors.
 
@@ -91,6 +94,9 @@ def soap(
       matrix products and a QR that accelerators run faster than `eigh`).
       The default stays "eigh" on every backend until a GPU measurement says
       otherwise; on 2 CPU cores see the README.
+    state_dtype: the dtype the state is stored in (None: float32; `jnp.bfloat16`
+      halves it); every step computes in float32. See
+      `curvopt.transforms.with_state_dtype`.
 
   Returns:
     An optax `GradientTransformation`.
@@ -127,24 +133,27 @@ def soap(
     _checks.in_range("shampoo_beta", shampoo_beta, 0.0, 1.0)
   return skip_nonfinite(
     refuse_unaffordable_state(
-      optax.chain(
-        scale_by_soap(
-          b1,
-          b2,
-          eps,
-          shampoo_beta,
-          precondition_frequency=precondition_frequency,
-          start_preconditioning_step=start_preconditioning_step,
-          block_size=block_size,
-          merge_dims=merge_dims,
-          precondition_1d=precondition_1d,
-          matrix_axes=matrix_axes,
-          one_sided=one_sided,
-          block_sharding=block_sharding,
-          eigenbasis_method=eigenbasis_method,
+      with_state_dtype(
+        optax.chain(
+          scale_by_soap(
+            b1,
+            b2,
+            eps,
+            shampoo_beta,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
+            block_size=block_size,
+            merge_dims=merge_dims,
+            precondition_1d=precondition_1d,
+            matrix_axes=matrix_axes,
+            one_sided=one_sided,
+            block_sharding=block_sharding,
+            eigenbasis_method=eigenbasis_method,
+          ),
+          optax.add_decayed_weights(weight_decay),
+          optax.scale_by_learning_rate(learning_rate),
         ),
-        optax.add_decayed_weights(weight_decay),
-        optax.scale_by_learning_rate(learning_rate),
+        state_dtype,
       ),
       "soap",
       MEMORY_HINT,

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import optax
+from jax.typing import DTypeLike
 
 from curvopt import _checks
-from curvopt.transforms import hutchinson_diagonal_estimator, scale_by_sophia_h, skip_nonfinite
+from curvopt.transforms import (
+  hutchinson_diagonal_estimator,
+  scale_by_sophia_h,
+  skip_nonfinite,
+  with_state_dtype,
+)
 
 
 def sophia_h(
@@ -19,6 +25,7 @@ def sophia_h(
   *,
   refresh_every: int = 10,
   seed: int = 0,
+  state_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sophia-H: a clipped diagonal Newton step with a lazy Hutchinson Hessian diagonal.
 
@@ -49,6 +56,9 @@ def sophia_h(
     clip_threshold: the per-coordinate clip `c`.
     refresh_every: Hessian refresh interval `k` (the paper's 10).
     seed: seed of the probes' PRNG key.
+    state_dtype: the dtype the state is stored in (None: float32; `jnp.bfloat16`
+      halves it); every step computes in float32. See
+      `curvopt.transforms.with_state_dtype`.
 
   Returns:
     A `GradientTransformationExtraArgs` whose `update` needs `value_fn`.
@@ -83,17 +93,20 @@ def sophia_h(
 
   _checks.positive("clip_threshold", clip_threshold, " (0 would never move)")
   return skip_nonfinite(
-    optax.chain(
-      scale_by_sophia_h(
-        b1,
-        b2,
-        gamma,
-        eps,
-        clip_threshold,
-        refresh_every=refresh_every,
-        hessian_diagonal_fn=hutchinson_diagonal_estimator(seed=seed, name="sophia_h"),
+    with_state_dtype(
+      optax.chain(
+        scale_by_sophia_h(
+          b1,
+          b2,
+          gamma,
+          eps,
+          clip_threshold,
+          refresh_every=refresh_every,
+          hessian_diagonal_fn=hutchinson_diagonal_estimator(seed=seed, name="sophia_h"),
+        ),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
       ),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+      state_dtype,
     )
   )

@@ -88,7 +88,7 @@ def spectral_density(
     >>> import jax, jax.numpy as jnp, curvopt
     >>> op = curvopt.diagonal_operator(jnp.array([1.0, 2.0, 3.0, 4.0]))
     >>> sd = curvopt.spectral_density(op, jax.random.key(0), num_iterations=4)
-    >>> [round(float(x), 3) for x in sd.nodes[0]], round(float(sd.weights.sum()), 4)
+    >>> [round(float(x), 3) for x in sd.nodes[0]], round(float(sd.weights[0].sum()), 4)
     ([1.0, 2.0, 3.0, 4.0], 1.0)
 
   References:

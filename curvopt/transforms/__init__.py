@@ -16,7 +16,9 @@ from curvopt.transforms._momentum import ema_momentum as ema_momentum
 from curvopt.transforms._orthogonalize import MUON_NS_COEFFS as MUON_NS_COEFFS
 from curvopt.transforms._orthogonalize import matrix_leaves as matrix_leaves
 from curvopt.transforms._orthogonalize import orthogonalize as orthogonalize
+from curvopt.transforms._precision import WithStateDtypeState as WithStateDtypeState
 from curvopt.transforms._precision import with_float32_statistics as with_float32_statistics
+from curvopt.transforms._precision import with_state_dtype as with_state_dtype
 from curvopt.transforms._safety import SkipNonFiniteState as SkipNonFiniteState
 from curvopt.transforms._safety import all_finite as all_finite
 from curvopt.transforms._safety import skip_nonfinite as skip_nonfinite

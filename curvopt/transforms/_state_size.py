@@ -66,7 +66,7 @@ def state_size(optimizer: optax.GradientTransformation, params: PyTree) -> State
   Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> params = {"w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32)}
-    >>> curvopt.state_size(optax.adam(1e-3), params).bytes_per_parameter
+    >>> round(curvopt.state_size(optax.adam(1e-3), params).bytes_per_parameter, 1)
     8.0
     >>> round(curvopt.state_size(curvopt.soap(1e-3), params).bytes_per_parameter, 1)
     24.0
@@ -96,6 +96,15 @@ def refuse_unaffordable_state(
   arguments that shrink it): such a state comes from a setting meant for
   another shape (a dense factor over a long vector, a window of gradients far
   beyond the parameter count), not from a model that is simply large.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, curvopt
+    >>> tx = curvopt.transforms.refuse_unaffordable_state(
+    ...   optax.adam(0.1), "adam", "Lower nothing: Adam is 8 bytes a parameter.")
+    >>> state = tx.init(jnp.zeros(10**6))  # 8 MB: accepted
+
+  References:
+    JAX's `jax.eval_shape`; the refusal follows psgd_dense's `max_dimension`.
   """
   inner = optax.with_extra_args_support(inner)
 

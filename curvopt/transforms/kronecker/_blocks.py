@@ -25,12 +25,6 @@ from curvopt import _checks
 PyTree = Any
 MatrixAxes = Callable[[tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]] | None]
 
-# What lowers a Kronecker state that `refuse_unaffordable_state` refuses.
-MEMORY_HINT = (
-  "Lower block_size (a vector block of b entries holds b x b factors), leave vectors to the "
-  "grafted/Adam step (precondition_1d=False), or keep one_sided=True for thin matrices."
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class LeafLayout:

@@ -1,0 +1,152 @@
+"""Optimizer state in bfloat16 against float32: bytes per parameter, and the loss it costs.
+
+Bytes come from `curvopt.state_size` (shapes only, nothing allocated) on the runner's
+`gpt_lm` and `resnet_digits` at `small` size, per optimizer and per layer shape. Losses
+come from the run logs of `configs/state_precision_{gpt,resnet}_{float32,bfloat16}.toml`
+(the same learning rate and seeds in both precisions): median final training loss and
+test metric over seeds, and bfloat16's relative change.
+
+Run:  python benchmarks/state_precision.py --out benchmarks/results/state_precision/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+import statistics
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import curvopt
+from curvopt.bench import results
+from curvopt.bench.optimizers import OPTIMIZERS, build_optimizer
+from curvopt.bench.workloads import WORKLOADS
+
+FOLDERS = {"gpt_lm": "gpt", "resnet_digits": "resnet"}
+OPTIMIZERS_SIZED = ["adamw", "adahessian", "sophia_h", "soap", "shampoo", "psgd_kron", "psgd_muon"]
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _bytes_per_parameter(opt, params) -> float:
+  return curvopt.state_size(opt, params).bytes_per_parameter
+
+
+def workload_bytes() -> list[str]:
+  lines = [
+    "| workload | optimizer | float32 state (bytes/param) | bfloat16 state | ratio |",
+    "|---|---|---:|---:|---:|",
+  ]
+  for name in FOLDERS:
+    workload = WORKLOADS[name](size="small")
+    params = _abstract(jax.eval_shape(workload.init_params, jax.random.key(0)))
+    for optimizer in OPTIMIZERS_SIZED:
+      spec = OPTIMIZERS[optimizer]
+      sizes = []
+      for dtype in (None, "bfloat16"):
+        if optimizer == "adamw":  # optax has mu_dtype but no nu_dtype: wrapped like the rest
+          opt = curvopt.transforms.with_state_dtype(optax.adamw(1e-3), dtype)
+        elif optimizer == "psgd_muon":  # the runner's spec keeps its committed arguments
+          opt = curvopt.psgd_muon(1e-3, matrices=workload.hidden_matrix_mask, state_dtype=dtype)
+        else:
+          extra = {} if dtype is None else {"state_dtype": dtype}
+          opt = build_optimizer(spec, workload, 1e-3, {**spec.hyperparameters, **extra})
+        sizes.append(_bytes_per_parameter(opt, params))
+      lines.append(
+        f"| {name} | {optimizer} | {sizes[0]:.2f} | {sizes[1]:.2f} | {sizes[1] / sizes[0]:.2f} |"
+      )
+  return lines
+
+
+SHAPES = [(256, 256), (128, 512), (64, 1024), (1024,), (3, 3, 64, 64), (50_000, 128)]
+
+
+def shape_bytes() -> list[str]:
+  lines = [
+    "| shape | optimizer | block_size | float32 (bytes/param) | bfloat16 |",
+    "|---|---|---:|---:|---:|",
+  ]
+  for shape in SHAPES:
+    params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
+    for name in ("soap", "shampoo"):
+      for block in (1024, 256, 128):
+        factory = getattr(curvopt, name)
+        f32 = _bytes_per_parameter(factory(1e-3, block_size=block), params)
+        bf16 = _bytes_per_parameter(
+          factory(1e-3, block_size=block, state_dtype=jnp.bfloat16), params
+        )
+        lines.append(f"| {shape} | {name} | {block} | {f32:.2f} | {bf16:.2f} |")
+    for name in ("psgd_kron",):
+      f32 = _bytes_per_parameter(curvopt.psgd_kron(1e-3), params)
+      bf16 = _bytes_per_parameter(curvopt.psgd_kron(1e-3, state_dtype=jnp.bfloat16), params)
+      lines.append(f"| {shape} | {name} | — | {f32:.2f} | {bf16:.2f} |")
+  return lines
+
+
+def losses(root: pathlib.Path) -> list[str]:
+  runs = collections.defaultdict(list)
+  for workload, folder in FOLDERS.items():
+    for path in sorted((root / folder / "runs").glob("*.jsonl")):
+      records = results.read_records(path)
+      if not records or records[-1].get("event") != "done":
+        continue
+      spec = records[0].get("spec", records[0])
+      dtype = dict(spec.get("hyperparameters", {})).get("state_dtype") or "float32"
+      done = records[-1]
+      runs[(workload, spec["optimizer"], dtype)].append(
+        (done["final_train_loss"], done.get("final_test_metric"))
+      )
+  lines = [
+    "| workload | optimizer | seeds | final train loss, float32 | bfloat16 | change "
+    "| test metric, float32 | bfloat16 |",
+    "|---|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for workload, optimizer in sorted({k[:2] for k in runs}):
+    f32, bf16 = (
+      runs.get((workload, optimizer, "float32"), []),
+      runs.get((workload, optimizer, "bfloat16"), []),
+    )
+    if not f32 or not bf16:
+      continue
+    median = lambda xs, i: statistics.median(x[i] for x in xs)
+    a, b = median(f32, 0), median(bf16, 0)
+    lines.append(
+      f"| {workload} | {optimizer} | {len(f32)}/{len(bf16)} | {a:.4g} | {b:.4g} | "
+      f"{(b / a - 1) * 100:+.1f}% | {median(f32, 1):.4f} | {median(bf16, 1):.4f} |"
+    )
+  return lines
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--root", default="benchmarks/results/state_precision")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  text = "\n".join(
+    [
+      "### State bytes per parameter, whole model (`curvopt.state_size`)",
+      "",
+      *workload_bytes(),
+      "",
+      "### Per layer shape",
+      "",
+      *shape_bytes(),
+      "",
+      "### Loss with bfloat16 state (median over seeds, same learning rate)",
+      "",
+      *losses(pathlib.Path(args.root)),
+      "",
+    ]
+  )
+  print(text)
+  if args.out:
+    pathlib.Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+  main()

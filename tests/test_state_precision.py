@@ -1,0 +1,122 @@
+"""Optimizer state stored in a low precision (`state_dtype`), computed in float32."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvopt
+from curvopt.transforms import with_state_dtype
+
+WITH_STATE_DTYPE = [
+  "adahessian",
+  "sophia_h",
+  "soap",
+  "shampoo",
+  "psgd_kron",
+  "psgd_lra",
+  "psgd_dense",
+  "psgd_muon",
+]
+
+
+def _problem():
+  key_x, key_w = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(key_x, (64, 12), jnp.float32)
+  target = jnp.tanh(x @ jax.random.normal(key_w, (12, 6), jnp.float32))
+  params = {"w": jnp.zeros((12, 6), jnp.float32), "b": jnp.zeros(6, jnp.float32)}
+  value_fn = lambda p: jnp.mean((jnp.tanh(x @ p["w"] + p["b"]) - target) ** 2)
+  return params, value_fn
+
+
+def _train(opt, steps=40):
+  params, value_fn = _problem()
+  state = opt.init(params)
+
+  @jax.jit
+  def step(p, s):
+    updates, s = opt.update(jax.grad(value_fn)(p), s, p, value_fn=value_fn)
+    return optax.apply_updates(p, updates), s, updates
+
+  for _ in range(steps):
+    params, state, updates = step(params, state)
+  return float(value_fn(params)), state, updates
+
+
+@pytest.mark.parametrize("name", WITH_STATE_DTYPE)
+def test_bfloat16_state_halves_the_bytes_and_trains_like_float32(name):
+  factory = getattr(curvopt, name)
+  params, value_fn = _problem()
+  start = float(value_fn(params))
+  f32_loss, _, _ = _train(factory(0.02))
+  bf16_loss, state, updates = _train(factory(0.02, state_dtype=jnp.bfloat16))
+  low = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert low and all(x.dtype == jnp.bfloat16 for x in low)
+  chex.assert_trees_all_equal_dtypes(updates, params)  # updates in the parameters' dtype
+  assert int(state.skipped) == 0
+  # Both descend, and bfloat16 storage ends near float32 (relative to the descent).
+  assert math.isfinite(bf16_loss) and f32_loss < 0.9 * start
+  assert abs(bf16_loss - f32_loss) < 0.1 * (start - f32_loss)
+  f32_bytes = curvopt.state_size(factory(0.02), params).total_bytes
+  bf16_bytes = curvopt.state_size(factory(0.02, state_dtype=jnp.bfloat16), params).total_bytes
+  assert bf16_bytes <= 0.55 * f32_bytes
+
+
+def test_stochastic_rounding_keeps_a_slow_ema_moving():
+  # b2 = 0.999 moves nu by 0.1% a step; a bfloat16 step is 0.8%: rounded to nearest nu
+  # never leaves its first value.
+  exact = 4 - (4 - 0.001) * 0.999**2000
+  got = {}
+  for rounding in (True, False):
+    tx = with_state_dtype(optax.scale_by_adam(b2=0.999), jnp.bfloat16, stochastic_rounding=rounding)
+    state = tx.init(jnp.zeros(1000, jnp.float32))
+    _, state = tx.update(jnp.ones(1000, jnp.float32), state)
+    update = jax.jit(tx.update)
+    for _ in range(2000):
+      _, state = update(jnp.full(1000, 2.0, jnp.float32), state)
+    got[rounding] = float(jnp.mean(state.inner_state.nu.astype(jnp.float32)))
+  assert got[True] == pytest.approx(exact, rel=5e-3)
+  assert got[False] == pytest.approx(1.0, rel=1e-2)
+
+
+def test_stochastic_rounding_is_unbiased_and_within_one_bfloat16_step():
+  x = jnp.full(100_000, 1.0 + 2**-10, jnp.float32)  # a quarter of the way to the next step
+  rounded = curvopt.transforms._precision._stochastic_round_to_bfloat16(x, jax.random.key(0))
+  values = np.unique(np.asarray(rounded.astype(jnp.float32)))
+  np.testing.assert_array_equal(values, [1.0, 1.0 + 2**-7])
+  assert float(jnp.mean(rounded.astype(jnp.float32))) == pytest.approx(1.0 + 2**-10, rel=1e-4)
+  special = jnp.array([jnp.inf, -jnp.inf, 0.0, -0.0], jnp.float32)
+  out = curvopt.transforms._precision._stochastic_round_to_bfloat16(special, jax.random.key(1))
+  np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), np.asarray(special))
+
+
+def test_counts_and_keys_are_never_cast():
+  tx = with_state_dtype(curvopt.sophia_h(0.1), jnp.bfloat16)
+  state = tx.init(jnp.ones(3, jnp.float32))
+  ints = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.integer)]
+  assert ints and all(x.dtype in (jnp.int32, jnp.uint32) for x in ints)
+  keys = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)]
+  assert keys  # Sophia-H's probe key survives as a key
+
+
+@pytest.mark.parametrize("bad", ["int8", jnp.int32, "not_a_dtype", 3])
+def test_a_state_dtype_that_is_not_floating_is_named(bad):
+  with pytest.raises(TypeError, match="state_dtype must be a floating-point dtype"):
+    curvopt.soap(0.1, state_dtype=bad)
+
+
+def test_bfloat16_state_checkpoints_and_is_structural_under_inject_hyperparams(tmp_path):
+  assert "state_dtype" in curvopt.structural_args(curvopt.soap)
+  opt = curvopt.inject_hyperparams(curvopt.soap)(learning_rate=0.01, state_dtype=jnp.bfloat16)
+  params, value_fn = _problem()
+  state = opt.init(params)
+  _, state = opt.update(jax.grad(value_fn)(params), state, params)
+  curvopt.checkpoint.save(tmp_path / "c", state)
+  restored = curvopt.checkpoint.restore(tmp_path / "c", jax.eval_shape(lambda: state))
+  chex.assert_trees_all_equal(restored, state)
