@@ -458,3 +458,32 @@ def test_bad_arguments_are_named(small_op, call, error, message):
 def test_sharpness_rejects_non_scalar_value_fn():
   with pytest.raises(ValueError, match="value_fn must return a scalar"):
     curvopt.sharpness(lambda w: w**2, jnp.ones(3), key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("per_step", [1, 2, 6])
+def test_hutchinson_stderr_is_the_bessel_corrected_sample_error_over_merged_chunks(per_step):
+  # The probes the estimators draw, replayed: step s uses split(fold_in(key, s), per_step).
+  # The standard error must be std(ddof=1) / sqrt(n) however the probes are chunked
+  # (a mutant without Bessel's correction, or a wrong merge, passed a 15% check).
+  d, n = 5, 6
+  a = np.random.default_rng(0).normal(size=(d, d))
+  a = a + a.T
+  op = curvopt.linear_operator(lambda v: jnp.asarray(a) @ v, jnp.zeros(d))
+  key = jax.random.key(3)
+  probes = np.stack(
+    [
+      np.asarray(curvopt.random_vector(k, jnp.zeros(d), "rademacher", jnp.float64))
+      for s in range(n // per_step)
+      for k in jax.random.split(jax.random.fold_in(key, s), per_step)
+    ]
+  )
+  diagonal_samples = probes * (probes @ a.T)
+  trace_samples = np.einsum("pi,ij,pj->p", probes, a, probes)
+  diag = curvopt.hutchinson_diagonal(op, key, num_probes=n, probes_per_step=per_step)
+  np.testing.assert_allclose(diag.diagonal, diagonal_samples.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(
+    diag.stderr, diagonal_samples.std(0, ddof=1) / np.sqrt(n), rtol=1e-10, atol=1e-14
+  )
+  trace = curvopt.hutchinson_trace(op, key, num_probes=n, probes_per_step=per_step)
+  np.testing.assert_allclose(trace.trace, trace_samples.mean(), rtol=1e-12)
+  np.testing.assert_allclose(trace.stderr, trace_samples.std(ddof=1) / np.sqrt(n), rtol=1e-10)

@@ -489,3 +489,49 @@ def test_soap_power_qr_takes_eigh_first_and_stays_close_to_it():
     np.testing.assert_allclose(q[0].T @ q[0], np.eye(q.shape[-1]), atol=1e-5)
   with pytest.raises(ValueError, match="eigenbasis_method must be one of"):
     curvopt.soap(0.1, eigenbasis_method="qr")
+
+
+@pytest.mark.parametrize("beta2", [0.9, 0.5])
+def test_an_ema_of_a_constant_gradient_debiased_gives_the_polar_factor_every_step(beta2):
+  # With beta2 < 1 the statistics are debiased by 1 - beta2**t at step t (count + 1): for
+  # a constant G the debiased factors are G G^T and G^T G exactly, so every step, the
+  # first included, returns U V^T. A debias by 1 - beta2**(t - 1) divides by zero first.
+  g = jnp.asarray(np.random.default_rng(1).normal(size=(4, 6)))
+  tx = scale_by_shampoo(
+    beta2=beta2,
+    precondition_frequency=1,
+    start_preconditioning_step=0,
+    grafting=None,
+    epsilon=0.0,
+    rank_rtol=1e-10,
+    one_sided=False,
+  )
+  u, _, vt = np.linalg.svd(np.asarray(g), full_matrices=False)
+  state = tx.init(g)
+  for _ in range(4):
+    updates, state = tx.update(g, state)
+    np.testing.assert_allclose(updates, u @ vt, atol=1e-10)
+
+
+def test_nesterov_momentum_uses_the_updated_momentum():
+  # m_t = b m_{t-1} + (1 - b) u_t; Nesterov outputs b m_t + (1 - b) u_t (not b m_{t-1} + ...,
+  # which is plain momentum again).
+  tx = curvopt.transforms.ema_momentum(0.5, nesterov=True)
+  state = tx.init(jnp.zeros(1))
+  out1, state = tx.update(jnp.array([1.0]), state)
+  out2, state = tx.update(jnp.array([3.0]), state)
+  np.testing.assert_allclose(out1, [0.5 * 0.5 + 0.5 * 1.0], rtol=1e-15)  # m1 = 0.5
+  np.testing.assert_allclose(out2, [0.5 * 1.75 + 0.5 * 3.0], rtol=1e-15)  # m2 = 1.75
+  plain = curvopt.transforms.ema_momentum(0.5)
+  state = plain.init(jnp.zeros(1))
+  _, state = plain.update(jnp.array([1.0]), state)
+  np.testing.assert_allclose(plain.update(jnp.array([3.0]), state)[0], [1.75], rtol=1e-15)
+  # Through curvopt.shampoo: its nesterov switch reaches the momentum.
+  g = jnp.asarray(np.random.default_rng(2).normal(size=(3, 3)))
+  outs = []
+  for nesterov in (False, True):
+    opt = curvopt.shampoo(1.0, b1=0.5, nesterov=nesterov, grafting=None)
+    s = opt.init(g)
+    _, s = opt.update(g, s, g)
+    outs.append(opt.update(2 * g, s, g)[0])
+  assert not np.allclose(outs[0], outs[1])
