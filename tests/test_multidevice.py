@@ -136,3 +136,48 @@ def test_a_mesh_the_batch_cannot_split_over_is_refused_by_name(tmp_path):
   done = _bench(config, tmp_path / "o", "--mesh", "data=8")
   assert done.returncode == 2
   assert "workloads.digits_mlp.batch_size" in done.stderr and "multiple of 8" in done.stderr
+
+
+def _free_port() -> int:
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path):
+  """Two `jax.distributed` processes of 4 CPU devices each train Shampoo, SOAP, PSGD-Kron and
+  Sophia-H data-parallel on one 8-device mesh: the parameters equal one process with 8
+  devices, and the orbax checkpoint both processes wrote restores in one."""
+  port = str(_free_port())
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  workers = [
+    subprocess.Popen(
+      [sys.executable, "two_process_checks.py", "worker", str(i), port, str(tmp_path)],
+      cwd=TESTS,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in (0, 1)
+  ]
+  for worker in workers:
+    _, err = worker.communicate(timeout=600)
+    assert worker.returncode == 0, err[-3000:]
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  done = subprocess.run(
+    [sys.executable, "two_process_checks.py", "single", str(tmp_path)],
+    cwd=TESTS,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+  report = json.loads(line.removeprefix("RESULT "))
+  assert set(report) == {"shampoo", "soap", "psgd_kron", "sophia_h", "checkpoint"}
+  for name, difference in report.items():
+    assert difference < 1e-10, (name, difference)
