@@ -81,7 +81,7 @@ def measure(name: str, build, mesh: Mesh, workload) -> list[str]:
     state_shardings = jax.tree.map(place, abstract)
     state = jax.jit(opt.init, out_shardings=state_shardings)(p)
 
-    def step(params, state, batch):
+    def step(params, state, batch, opt=opt):
       loss_fn = lambda q: value_fn(q, batch)
       grads = jax.grad(loss_fn)(params)
       updates, state = opt.update(grads, state, params, value_fn=loss_fn)
@@ -102,7 +102,7 @@ def measure(name: str, build, mesh: Mesh, workload) -> list[str]:
         "flops": cost.get("flops", float("nan")),
       }
     )
-  replicated, sharded = rows
+  replicated = rows[0]
   bound = replicated["state"] / mesh.size + replicated["largest"]
   lines = []
   for row in rows:

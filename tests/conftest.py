@@ -31,6 +31,8 @@ def pytest_configure(config):
     os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="curvopt-test-jax-cache-")
     config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(_CACHE_VARIABLE), True))
   jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
+  # The runner's own cache (curvopt-bench run) is the same folder, not the user's.
+  os.environ["CURVOPT_COMPILATION_CACHE"] = os.environ[_CACHE_VARIABLE]
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

@@ -375,3 +375,16 @@ def test_shipped_digits_equal_scikit_learns():
   np.testing.assert_array_equal(shipped.y_train, bunch.target[train])
   np.testing.assert_array_equal(shipped.y_test, bunch.target[test])
   assert shipped.y_train.dtype == np.int32
+
+
+def test_the_runner_turns_on_the_persistent_compilation_cache_with_a_switch(monkeypatch, tmp_path):
+  from curvopt.bench import cli
+
+  monkeypatch.setenv("CURVOPT_COMPILATION_CACHE", str(tmp_path / "cache"))
+  assert cli.compilation_cache_dir() == tmp_path / "cache"
+  for off in ("off", "0", "false", ""):
+    monkeypatch.setenv("CURVOPT_COMPILATION_CACHE", off)
+    assert cli.compilation_cache_dir() is None
+  monkeypatch.delenv("CURVOPT_COMPILATION_CACHE")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert cli.compilation_cache_dir() == tmp_path / "xdg" / "curvopt" / "jax"
