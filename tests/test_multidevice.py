@@ -20,10 +20,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 TESTS = pathlib.Path(__file__).parent
 
 
-def _checks(which: str, *args: str) -> dict:
+def _checks(which: str, *args: str, script: str = "multidevice_checks.py") -> dict:
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   done = subprocess.run(
-    [sys.executable, "multidevice_checks.py", which, *args],
+    [sys.executable, script, which, *args],
     cwd=TESTS,
     env=env,
     capture_output=True,
@@ -166,18 +166,7 @@ def test_two_processes_equal_one(tmp_path):
   for worker in workers:
     _, err = worker.communicate(timeout=600)
     assert worker.returncode == 0, err[-3000:]
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  done = subprocess.run(
-    [sys.executable, "two_process_checks.py", "single", str(tmp_path)],
-    cwd=TESTS,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert done.returncode == 0, done.stderr[-3000:]
-  line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-  report = json.loads(line.removeprefix("RESULT "))
+  report = _checks("single", str(tmp_path), script="two_process_checks.py")
   assert set(report) == {"shampoo", "soap", "psgd_kron", "sophia_h", "checkpoint"}
   for name, difference in report.items():
     assert difference < 1e-10, (name, difference)
