@@ -92,8 +92,11 @@ def with_state_dtype(
   `stochastic_rounding` (bfloat16 only) the stored value is unbiased, so slow
   EMAs keep moving (measured: Adam's `nu` at `b2 = 0.999` after 2,000 steps
   within 0.1% of float32; rounded to nearest it never left its first value);
-  round-to-nearest otherwise. `state_dtype=None` returns `inner` unchanged
-  (the named optimizers' `state_dtype` argument).
+  round-to-nearest otherwise. A running *sum* (Shampoo's default `beta2=1`)
+  gathers that rounding's noise step after step: Shampoo on the small GPT
+  ended 2.9% higher with bfloat16 state, SOAP (an EMA) equal to float32; use
+  `beta2 < 1` there. `state_dtype=None` returns `inner` unchanged (the named
+  optimizers' `state_dtype` argument).
 
   Examples:
     >>> import jax.numpy as jnp, optax, curvopt
