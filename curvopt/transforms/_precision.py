@@ -149,9 +149,12 @@ def with_state_dtype(
     return WithStateDtypeState(count, store(inner.init(params), count))
 
   def update(updates: PyTree, state: WithStateDtypeState, params: PyTree = None, **extra_args):
-    working = jax.eval_shape(inner.init, params if params is not None else updates)
+    # Stored-low leaves go back to the working dtype the statistics were made in (float32,
+    # float64 for float64 parameters): read from the updates, not by re-tracing `init`.
+    working = _tree.working_dtype(updates)
     full = jax.tree.map(
-      lambda x, like: x.astype(like.dtype) if is_stored_low(like) else x, state.inner_state, working
+      lambda x: x.astype(working) if getattr(x, "dtype", None) == state_dtype else x,
+      state.inner_state,
     )
     out, new_state = inner.update(updates, full, params, **extra_args)
     count = state.count + jnp.uint32(1)
