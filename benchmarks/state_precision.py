@@ -29,10 +29,6 @@ FOLDERS = {"gpt_lm": "gpt", "resnet_digits": "resnet"}
 OPTIMIZERS_SIZED = ["adamw", "adahessian", "sophia_h", "soap", "shampoo", "psgd_kron", "psgd_muon"]
 
 
-def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
 def _bytes_per_parameter(opt, params) -> float:
   return curvopt.state_size(opt, params).bytes_per_parameter
 
@@ -44,7 +40,7 @@ def workload_bytes() -> list[str]:
   ]
   for name in FOLDERS:
     workload = WORKLOADS[name](size="small")
-    params = _abstract(jax.eval_shape(workload.init_params, jax.random.key(0)))
+    params = jax.eval_shape(workload.init_params, jax.random.key(0))
     for optimizer in OPTIMIZERS_SIZED:
       spec = OPTIMIZERS[optimizer]
       sizes = []

@@ -105,7 +105,7 @@ def test_counts_and_keys_are_never_cast():
   assert keys  # Sophia-H's probe key survives as a key
 
 
-@pytest.mark.parametrize("bad", ["int8", jnp.int32, "not_a_dtype", 3])
+@pytest.mark.parametrize("bad", ["int8", jnp.int32, "not_a_dtype", 3, math.nan, math.inf])
 def test_a_state_dtype_that_is_not_floating_is_named(bad):
   with pytest.raises(TypeError, match="state_dtype must be a floating-point dtype"):
     curvopt.soap(0.1, state_dtype=bad)
