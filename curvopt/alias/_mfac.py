@@ -24,6 +24,7 @@ def mfac(
   damping: float = 1e-5,
   momentum: float = 0.0,
   weight_decay: float = 0.0,
+  refresh_every: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""M-FAC: steps along the inverse empirical Fisher of the last `m` gradients.
 
@@ -35,9 +36,10 @@ def mfac(
   $$
 
   with the current gradient (weight decay included, as in the paper's code)
-  entering the window before the product. A product costs `O(d m + m^2)`
-  and a window update `O(d m + m^3)`; memory is `m d` (the window). Use
-  `m` in the tens to hundreds on a CPU; the paper uses 1024 on GPUs.
+  entering the window before the product. A step costs `O(d m + m^2)` (the
+  paper's dynamic algorithm; `O(d^2 + d m)` when `d < m`), plus an exact
+  recomputation every `refresh_every` steps; memory is `m d` (the window)
+  and `min(d, m)^2`. See `curvopt.transforms.scale_by_mfac`.
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -45,11 +47,13 @@ def mfac(
     damping: `lambda > 0`.
     momentum: `mu` in [0, 1): an EMA of the directions (0: none).
     weight_decay: L2 coefficient added to the gradient (coupled).
+    refresh_every: steps between exact recomputations of the window's
+      inverse (None: `m`; 1: every step, the static algorithm).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, curvopt
     >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
-    >>> opt = curvopt.mfac(0.5, num_grads=4, damping=1e-3)
+    >>> opt = curvopt.mfac(0.5, num_grads=4, damping=0.1)
     >>> params = jnp.zeros(2)
     >>> state = opt.init(params)
     >>> @jax.jit
@@ -68,7 +72,7 @@ def mfac(
   _checks.shared_hyperparameters(learning_rate=learning_rate, weight_decay=weight_decay)
   _checks.in_range("momentum", momentum, 0.0, 1.0)
   transforms = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
-  transforms.append(scale_by_mfac(num_grads, damping))
+  transforms.append(scale_by_mfac(num_grads, damping, refresh_every))
   if momentum:
     transforms.append(ema_momentum(momentum))
   transforms.append(optax.scale_by_learning_rate(learning_rate))

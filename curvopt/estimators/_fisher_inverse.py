@@ -3,10 +3,10 @@
 `F = lambda I + (1/m) sum_i g_i g_i^T` for the rows `g_i` of `U` (`m x d`).
 By Woodbury, `F^-1 = (1/lambda) (I - U^T A^-1 U)` with the `m x m` matrix
 `A = m lambda I + U U^T`: a product costs `O(d m + m^2)` once `A` is factored
-(`O(m^3)`), and `diag(F^-1)` costs `O(d m^2)`. This is the inverse M-FAC's
-dynamic algorithm builds by `m` rank-one Sherman-Morrison steps on the Gram
-matrix (Frantar, Kurtic and Alistarh 2021); one Cholesky factorization of `A`
-gives the same inverse in one LAPACK call instead of an `m`-step sequential loop.
+(`O(m^3)`), and `diag(F^-1)` costs `O(d m^2)`. M-FAC's dynamic
+algorithm (Frantar, Kurtic and Alistarh 2021) keeps `A^-1` as gradients of a
+sliding window are replaced: one row and column of `A` change, a rank-two
+update of its inverse (`O(m^2)`).
 """
 
 from __future__ import annotations
@@ -23,15 +23,28 @@ PyTree = Any
 
 
 def factor(gram: jax.Array, damping: jax.Array | float) -> Any:
-  """`(L, True)`, `A = L L^T = m lambda I + gram` (`gram = U U^T`), for `inverse_product`."""
+  """`(L, True)`, `A = L L^T = m lambda I + gram` (`gram = U U^T`)."""
   m = gram.shape[0]
   return jax.scipy.linalg.cho_factor(gram + m * damping * jnp.eye(m, dtype=gram.dtype), lower=True)
 
 
-def inverse_product(rows: jax.Array, chol: Any, damping: jax.Array | float, x: jax.Array):
-  """`F^-1 x = (x - U^T A^-1 U x) / lambda` for flat `x`: `O(d m + m^2)`."""
-  coefficients = jax.scipy.linalg.cho_solve(chol, rows @ x)
-  return (x - rows.T @ coefficients) / damping
+def shifted_inverse(kernel: jax.Array, shift: jax.Array | float) -> jax.Array:
+  """`(shift I + kernel)^-1` for a PSD `kernel` and `shift > 0`, by Cholesky: `O(k^3)`."""
+  k = kernel.shape[0]
+  identity = jnp.eye(k, dtype=kernel.dtype)
+  lower = jax.scipy.linalg.cho_factor(kernel + shift * identity, lower=True)
+  return jax.scipy.linalg.cho_solve(lower, identity)
+
+
+def rank_two_update_inverse(inverse: jax.Array, basis: jax.Array, coupling: jax.Array) -> jax.Array:
+  """`(A + U C U^T)^-1` from `A^-1` for `U` `(k, 2)` and symmetric invertible `C` `(2, 2)`.
+
+  Woodbury: `A^-1 - A^-1 U (C^-1 + U^T A^-1 U)^-1 U^T A^-1`, in `O(k^2)`.
+  """
+  projected = inverse @ basis  # A^-1 U
+  capacitance = jnp.linalg.inv(coupling) + basis.T @ projected
+  updated = inverse - projected @ jnp.linalg.solve(capacitance, projected.T)
+  return 0.5 * (updated + updated.T)  # rounding would otherwise drift off symmetric
 
 
 def _flat_rows(grads: PyTree, name: str) -> tuple[jax.Array, Any]:

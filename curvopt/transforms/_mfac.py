@@ -10,9 +10,13 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from curvopt import _checks, _tree
-from curvopt.estimators._fisher_inverse import factor, inverse_product
+from curvopt.estimators._fisher_inverse import rank_two_update_inverse, shifted_inverse
 
 PyTree = Any
+
+# A kept inverse whose solve leaves a larger relative residual is recomputed (one
+# refinement step then leaves about its square).
+RESIDUAL_TOLERANCE = 1e-3
 
 
 class ScaleByMFACState(NamedTuple):
@@ -21,27 +25,45 @@ class ScaleByMFACState(NamedTuple):
   Attributes:
     count: gradients seen; the next one replaces row `count % m`.
     grads: the window, `(m, d)` flattened gradients (zero rows until filled).
-    gram: `grads @ grads.T`, kept up to date one row and column per step.
+    inverse: `(m damping I + K)^-1` for the smaller of the window's kernels,
+      `K = G G^T` (`m x m`) or `G^T G` (`d x d`): kept by a rank-two update
+      per step and recomputed every `refresh_every` steps.
+    damping: the damping `inverse` holds (a changed one, e.g. under
+      `curvopt.inject_hyperparams`, triggers a recomputation).
   """
 
   count: jax.Array
   grads: jax.Array
-  gram: jax.Array
+  inverse: jax.Array
+  damping: jax.Array
 
 
-def scale_by_mfac(num_grads: int = 1024, damping: float = 1e-5) -> optax.GradientTransformation:
+def scale_by_mfac(
+  num_grads: int = 1024, damping: float = 1e-5, refresh_every: int | None = None
+) -> optax.GradientTransformation:
   """Outputs `F^-1 g` with `F = damping I + (1/m) sum_i g_i g_i^T` over the last `m` gradients.
 
   Each step the incoming gradient replaces the oldest in an `(m, d)` window
-  and one row and column of the Gram matrix `G G^T` (`O(d m)`); the `m x m`
-  matrix `m damping I + G G^T` is factored (`O(m^3)`) and the product is
-  `(g - G^T A^-1 G g) / damping` (`O(d m + m^2)`, Woodbury). Before the
-  window fills, its zero rows add nothing to `F`. Statistics are float32 (or
-  float64 for float64 parameters); updates come back in the gradients' dtypes.
+  `G`. M-FAC's dynamic algorithm: for `d >= m`, the inverse of the `m x m`
+  matrix `A = m damping I + G G^T` follows the replaced row and column by a
+  rank-two Woodbury step, and the product is `(g - G^T A^-1 G g) / damping`:
+  `O(d m + m^2)` a step. For `d < m` (a small model, a long window) the
+  same rank-two step keeps `(m damping I + G^T G)^-1` (`d x d`, `O(d^2)` a
+  step) and the product is `m` times it applied to `g`: cheaper, and without
+  the float32 cancellation of the `m x m` form when the window spans every
+  direction. Every `refresh_every` steps, when `damping` changed, and when
+  an update is not finite, the inverse is recomputed from the window
+  (`O(k^2 (k + d m / k))` for `k = min(d, m)`), so rounding cannot pile up;
+  with the default `refresh_every = m` this adds `O(d m + k^2)` a step on
+  average. Before the window fills, its zero rows add nothing to `F`.
+  Statistics are float32 (or float64 for float64 parameters); updates come
+  back in the gradients' dtypes.
 
   Args:
     num_grads: `m`, the window length.
     damping: `lambda > 0`; the direction is `g / lambda` off the window's span.
+    refresh_every: steps between exact recomputations of the inverse (None:
+      `m`; 1 recomputes every step, the static algorithm's cost).
 
   Examples:
     >>> import jax.numpy as jnp, curvopt
@@ -57,25 +79,69 @@ def scale_by_mfac(num_grads: int = 1024, damping: float = 1e-5) -> optax.Gradien
   """
   _checks.positive_int("num_grads", num_grads)
   _checks.positive("damping", damping)
+  refresh_every = num_grads if refresh_every is None else refresh_every
+  _checks.positive_int("refresh_every", refresh_every)
+  m = num_grads
 
   def init(params: PyTree) -> ScaleByMFACState:
     dtype = _tree.working_dtype(_tree.structure_of(params))
     d = _tree.size_of(_tree.structure_of(params))
+    k = min(d, m)
+    damping_ = jnp.asarray(damping, dtype)
     return ScaleByMFACState(
       jnp.zeros((), jnp.int32),
-      jnp.zeros((num_grads, d), dtype),
-      jnp.zeros((num_grads, num_grads), dtype),
+      jnp.zeros((m, d), dtype),
+      jnp.eye(k, dtype=dtype) / (m * damping_),
+      damping_,
     )
 
   def update(updates, state, params=None):
     del params
     g, unravel = ravel_pytree(_tree.cast(updates, state.grads.dtype))
-    slot = state.count % num_grads
+    dtype = g.dtype
+    damping_ = jnp.asarray(damping, dtype)
+    shift = m * damping_
+    slot = state.count % m
+    old = state.grads[slot]
     grads = state.grads.at[slot].set(g)
-    row = grads @ g
-    gram = state.gram.at[slot].set(row).at[:, slot].set(row)
-    direction = inverse_product(grads, factor(gram, damping), damping, g)
-    new_state = ScaleByMFACState(optax.safe_increment(state.count), grads, gram)
+    window_space = g.shape[0] >= m
+    if window_space:  # the m x m form: A = shift I + G G^T, solve A c = G g
+      rhs = grads @ g  # G' g: also row `slot` of the new G G^T
+      delta = rhs - state.grads @ old  # the change of that row and column
+      e = jax.nn.one_hot(slot, m, dtype=dtype)
+      basis = jnp.stack([e, delta - 0.5 * delta[slot] * e], axis=1)  # A' = A + e w^T + w e^T
+      coupling = jnp.array([[0.0, 1.0], [1.0, 0.0]], dtype)
+      times_kernel = lambda c: grads @ (grads.T @ c)
+      kernel = lambda: grads @ grads.T
+    else:  # the d x d form: A = shift I + G^T G = m F, solve A c = g
+      rhs = g
+      basis = jnp.stack([g, old], axis=1)  # G'^T G' = G^T G + g g^T - old old^T
+      coupling = jnp.diag(jnp.array([1.0, -1.0], dtype))
+      times_kernel = lambda c: grads.T @ (grads @ c)
+      kernel = lambda: grads.T @ grads
+
+    def refine(inverse, c):
+      # One step of iterative refinement against A itself: squares the solve's error.
+      return c + inverse @ (rhs - shift * c - times_kernel(c))
+
+    updated = rank_two_update_inverse(state.inverse, basis, coupling)
+    first = updated @ rhs
+    residual = rhs - shift * first - times_kernel(first)
+    accurate = jnp.all(jnp.isfinite(residual)) & (
+      jnp.linalg.norm(residual) <= RESIDUAL_TOLERANCE * jnp.linalg.norm(rhs)
+    )
+    due = (state.count % refresh_every == 0) | (damping_ != state.damping) | ~accurate
+
+    def recompute():
+      inverse = shifted_inverse(kernel(), shift)
+      return inverse, refine(inverse, inverse @ rhs)
+
+    def keep():
+      return updated, first + updated @ residual
+
+    inverse, coefficients = jax.lax.cond(due, recompute, keep)
+    direction = (g - grads.T @ coefficients) / damping_ if window_space else m * coefficients
+    new_state = ScaleByMFACState(optax.safe_increment(state.count), grads, inverse, damping_)
     return _tree.cast_like(unravel(direction), _tree.structure_of(updates)), new_state
 
   return optax.GradientTransformation(init, update)
