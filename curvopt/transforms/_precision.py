@@ -97,8 +97,8 @@ def with_state_dtype(
   positive statistics: 1.4% RMS relative error after 100 steps, 4.2% after
   1,000, about 5% from then on; an EMA at `beta2 = 0.999` 2.5%, at 0.99
   1.7%): Shampoo on the small GPT ended 2.9% higher with bfloat16 state,
-  SOAP (an EMA) equal to float32; use `beta2 < 1` there. `state_dtype=None` returns `inner` unchanged (the named
-  optimizers' `state_dtype` argument).
+  SOAP (an EMA) equal to float32; use `beta2 < 1` there. `state_dtype=None`
+  returns `inner` unchanged (the named optimizers' `state_dtype` argument).
 
   Examples:
     >>> import jax.numpy as jnp, optax, curvopt
