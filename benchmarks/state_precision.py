@@ -26,6 +26,9 @@ from curvopt.bench.optimizers import OPTIMIZERS, build_optimizer
 from curvopt.bench.workloads import WORKLOADS
 
 FOLDERS = {"gpt_lm": "gpt", "resnet_digits": "resnet"}
+# Row label -> folder of run logs: the contest configs, and Shampoo with an EMA of its
+# statistics (configs/state_precision_gpt_shampoo_ema_*.toml).
+LOSS_FOLDERS = {**FOLDERS, "gpt_lm, beta2 0.999": "gpt_shampoo_ema"}
 OPTIMIZERS_SIZED = ["adamw", "adahessian", "sophia_h", "soap", "shampoo", "psgd_kron", "psgd_muon"]
 
 
@@ -86,7 +89,7 @@ def shape_bytes() -> list[str]:
 
 def losses(root: pathlib.Path) -> list[str]:
   runs = collections.defaultdict(list)
-  for workload, folder in FOLDERS.items():
+  for workload, folder in LOSS_FOLDERS.items():
     for path in sorted((root / folder / "runs").glob("*.jsonl")):
       records = results.read_records(path)
       if not records or records[-1].get("event") != "done":

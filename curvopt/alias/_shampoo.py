@@ -135,7 +135,8 @@ def shampoo(
     matrix_axes: see above. With `optax.inject_hyperparams`, pass the
       integer, boolean, string and function arguments as `static_args`.
     state_dtype: the dtype the state is stored in (None: float32; `jnp.bfloat16`
-      halves it); every step computes in float32. See
+      halves it, at a measured 2.9-3.3% higher final loss on a small GPT with
+      `beta2` 1 or 0.999); every step computes in float32. See
       `curvopt.transforms.with_state_dtype`.
 
   Returns:
