@@ -25,15 +25,18 @@ class ScaleByMFACState(NamedTuple):
   Attributes:
     count: gradients seen; the next one replaces row `count % m`.
     grads: the window, `(m, d)` flattened gradients (zero rows until filled).
-    inverse: `(m damping I + K)^-1` for the smaller of the window's kernels,
-      `K = G G^T` (`m x m`) or `G^T G` (`d x d`): kept by a rank-two update
-      per step and recomputed every `refresh_every` steps.
+    kernel: the smaller of the window's kernels, `K = G G^T` (`m x m`: one
+      fresh row and column a step) or `G^T G` (`d x d`: a rank-two update a
+      step, recomputed from the window at each refresh).
+    inverse: `(m damping I + K)^-1`, kept by a rank-two update per step and
+      recomputed every `refresh_every` steps.
     damping: the damping `inverse` holds (a changed one, e.g. under
       `curvopt.inject_hyperparams`, triggers a recomputation).
   """
 
   count: jax.Array
   grads: jax.Array
+  kernel: jax.Array
   inverse: jax.Array
   damping: jax.Array
 
@@ -52,10 +55,11 @@ def scale_by_mfac(
   step) and the product is `m` times it applied to `g`: cheaper, and without
   the float32 cancellation of the `m x m` form when the window spans every
   direction. Every `refresh_every` steps, when `damping` changed, and when
-  an update is not finite, the inverse is recomputed from the window
-  (`O(k^2 (k + d m / k))` for `k = min(d, m)`), so rounding cannot pile up;
-  with the default `refresh_every = m` this adds `O(d m + k^2)` a step on
-  average. Before the window fills, its zero rows add nothing to `F`.
+  the kept inverse's solve leaves a residual above 1e-3 of its right-hand
+  side (float32 drift on an ill-conditioned window), the inverse is
+  recomputed by Cholesky (`O(k^3)` for `k = min(d, m)`, plus `O(d^2 m)` to
+  rebuild the `d x d` kernel), so rounding cannot pile up; a step then
+  costs what the static algorithm does. Before the window fills, its zero rows add nothing to `F`.
   Statistics are float32 (or float64 for float64 parameters); updates come
   back in the gradients' dtypes.
 
@@ -91,6 +95,7 @@ def scale_by_mfac(
     return ScaleByMFACState(
       jnp.zeros((), jnp.int32),
       jnp.zeros((m, d), dtype),
+      jnp.zeros((k, k), dtype),
       jnp.eye(k, dtype=dtype) / (m * damping_),
       damping_,
     )
@@ -106,42 +111,45 @@ def scale_by_mfac(
     grads = state.grads.at[slot].set(g)
     window_space = g.shape[0] >= m
     if window_space:  # the m x m form: A = shift I + G G^T, solve A c = G g
-      rhs = grads @ g  # G' g: also row `slot` of the new G G^T
-      delta = rhs - state.grads @ old  # the change of that row and column
+      rhs = grads @ g  # G' g: row and column `slot` of the new G G^T
+      delta = rhs - state.kernel[slot]  # the change of that row and column
+      kernel = state.kernel.at[slot].set(rhs).at[:, slot].set(rhs)
       e = jax.nn.one_hot(slot, m, dtype=dtype)
       basis = jnp.stack([e, delta - 0.5 * delta[slot] * e], axis=1)  # A' = A + e w^T + w e^T
       coupling = jnp.array([[0.0, 1.0], [1.0, 0.0]], dtype)
-      times_kernel = lambda c: grads @ (grads.T @ c)
-      kernel = lambda: grads @ grads.T
+      exact_kernel = lambda: kernel  # its rows are fresh dot products: exact already
     else:  # the d x d form: A = shift I + G^T G = m F, solve A c = g
       rhs = g
       basis = jnp.stack([g, old], axis=1)  # G'^T G' = G^T G + g g^T - old old^T
       coupling = jnp.diag(jnp.array([1.0, -1.0], dtype))
-      times_kernel = lambda c: grads.T @ (grads @ c)
-      kernel = lambda: grads.T @ grads
+      kernel = state.kernel + basis @ coupling @ basis.T
+      exact_kernel = lambda: grads.T @ grads  # drops the downdates' rounding
 
-    def refine(inverse, c):
+    def solve_refined(inverse, kernel, c):
       # One step of iterative refinement against A itself: squares the solve's error.
-      return c + inverse @ (rhs - shift * c - times_kernel(c))
+      return c + inverse @ (rhs - shift * c - kernel @ c)
 
     updated = rank_two_update_inverse(state.inverse, basis, coupling)
     first = updated @ rhs
-    residual = rhs - shift * first - times_kernel(first)
+    residual = rhs - shift * first - kernel @ first
     accurate = jnp.all(jnp.isfinite(residual)) & (
       jnp.linalg.norm(residual) <= RESIDUAL_TOLERANCE * jnp.linalg.norm(rhs)
     )
     due = (state.count % refresh_every == 0) | (damping_ != state.damping) | ~accurate
 
     def recompute():
-      inverse = shifted_inverse(kernel(), shift)
-      return inverse, refine(inverse, inverse @ rhs)
+      exact = exact_kernel()
+      inverse = shifted_inverse(exact, shift)
+      return exact, inverse, solve_refined(inverse, exact, inverse @ rhs)
 
     def keep():
-      return updated, first + updated @ residual
+      return kernel, updated, first + updated @ residual
 
-    inverse, coefficients = jax.lax.cond(due, recompute, keep)
+    kernel, inverse, coefficients = jax.lax.cond(due, recompute, keep)
     direction = (g - grads.T @ coefficients) / damping_ if window_space else m * coefficients
-    new_state = ScaleByMFACState(optax.safe_increment(state.count), grads, inverse, damping_)
+    new_state = ScaleByMFACState(
+      optax.safe_increment(state.count), grads, kernel, inverse, damping_
+    )
     return _tree.cast_like(unravel(direction), _tree.structure_of(updates)), new_state
 
   return optax.GradientTransformation(init, update)
