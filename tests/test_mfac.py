@@ -155,6 +155,7 @@ def test_mfac_is_the_paper_step_with_momentum_and_weight_decay():
   [
     (lambda: curvopt.mfac(0.1, damping=0.0), "damping must be a finite number > 0"),
     (lambda: curvopt.mfac(0.1, num_grads=0), "num_grads"),
+    (lambda: curvopt.mfac(0.1, refresh_every=0), "refresh_every"),
     (lambda: curvopt.mfac(-0.1), r"learning_rate must be in"),
     (lambda: curvopt.mfac(0.1, momentum=1.0), r"momentum must be in"),
   ],
@@ -172,3 +173,9 @@ def test_stacked_gradients_must_share_a_leading_axis():
     curvopt.estimators.inverse_fisher_diagonal({"a": jnp.ones((3, 2))}, damping=-1.0)
   with pytest.raises((ValueError, TypeError), match="params"):
     curvopt.estimators.obs_scores({"a": jnp.ones((3, 2))}, {"b": jnp.ones(2)}, damping=0.1)
+
+
+@pytest.mark.parametrize("refresh_every", ["8", float("nan"), float("inf"), 2.5])
+def test_a_refresh_period_that_is_not_an_integer_is_refused_by_name(refresh_every):
+  with pytest.raises(TypeError, match="refresh_every must be a positive integer"):
+    curvopt.mfac(0.1, refresh_every=refresh_every)

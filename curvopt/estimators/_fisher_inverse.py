@@ -22,18 +22,16 @@ from curvopt import _checks, _tree
 PyTree = Any
 
 
-def factor(gram: jax.Array, damping: jax.Array | float) -> Any:
-  """`(L, True)`, `A = L L^T = m lambda I + gram` (`gram = U U^T`)."""
-  m = gram.shape[0]
-  return jax.scipy.linalg.cho_factor(gram + m * damping * jnp.eye(m, dtype=gram.dtype), lower=True)
+def factor(kernel: jax.Array, shift: jax.Array | float) -> Any:
+  """`(L, True)` with `L L^T = shift I + kernel` for a PSD `kernel`: Cholesky, `O(k^3)`."""
+  k = kernel.shape[0]
+  return jax.scipy.linalg.cho_factor(kernel + shift * jnp.eye(k, dtype=kernel.dtype), lower=True)
 
 
 def shifted_inverse(kernel: jax.Array, shift: jax.Array | float) -> jax.Array:
   """`(shift I + kernel)^-1` for a PSD `kernel` and `shift > 0`, by Cholesky: `O(k^3)`."""
-  k = kernel.shape[0]
-  identity = jnp.eye(k, dtype=kernel.dtype)
-  lower = jax.scipy.linalg.cho_factor(kernel + shift * identity, lower=True)
-  return jax.scipy.linalg.cho_solve(lower, identity)
+  identity = jnp.eye(kernel.shape[0], dtype=kernel.dtype)
+  return jax.scipy.linalg.cho_solve(factor(kernel, shift), identity)
 
 
 def rank_two_update_inverse(inverse: jax.Array, basis: jax.Array, coupling: jax.Array) -> jax.Array:
@@ -87,7 +85,7 @@ def inverse_fisher_diagonal(grads: PyTree, damping: float) -> PyTree:
   """
   _checks.positive("damping", damping)
   rows, unravel = _flat_rows(grads, "grads")
-  lower, _ = factor(rows @ rows.T, damping)
+  lower, _ = factor(rows @ rows.T, rows.shape[0] * damping)
   # diag(U^T A^-1 U) is the squared column norms of L^-1 U.
   whitened = jax.scipy.linalg.solve_triangular(lower, rows, lower=True)
   return unravel((1.0 - jnp.sum(whitened * whitened, axis=0)) / damping)
