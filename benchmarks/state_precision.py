@@ -30,6 +30,11 @@ FOLDERS = {"gpt_lm": "gpt", "resnet_digits": "resnet"}
 # statistics (configs/state_precision_gpt_shampoo_ema_*.toml).
 LOSS_FOLDERS = {**FOLDERS, "gpt_lm, beta2 0.999": "gpt_shampoo_ema"}
 OPTIMIZERS_SIZED = ["adamw", "adahessian", "sophia_h", "soap", "shampoo", "psgd_kron", "psgd_muon"]
+# Rows whose low-precision column keeps some statistics apart: label -> (optimizer, arguments).
+VARIANTS_SIZED = {
+  "shampoo, roots float32": ("shampoo", {"root_dtype": "float32"}),
+  "shampoo, roots float16": ("shampoo", {"root_dtype": "float16"}),
+}
 
 
 def _bytes_per_parameter(opt, params) -> float:
@@ -44,7 +49,9 @@ def workload_bytes() -> list[str]:
   for name in FOLDERS:
     workload = WORKLOADS[name](size="small")
     params = jax.eval_shape(workload.init_params, jax.random.key(0))
-    for optimizer in OPTIMIZERS_SIZED:
+    rows = [(o, o, {}) for o in OPTIMIZERS_SIZED]
+    rows += [(label, o, kept) for label, (o, kept) in VARIANTS_SIZED.items()]
+    for label, optimizer, kept in rows:
       spec = OPTIMIZERS[optimizer]
       sizes = []
       for dtype in (None, "bfloat16"):
@@ -53,11 +60,11 @@ def workload_bytes() -> list[str]:
         elif optimizer == "psgd_muon":  # the runner's spec keeps its committed arguments
           opt = curvopt.psgd_muon(1e-3, matrices=workload.hidden_matrix_mask, state_dtype=dtype)
         else:
-          extra = {} if dtype is None else {"state_dtype": dtype}
+          extra = {} if dtype is None else {"state_dtype": dtype, **kept}
           opt = build_optimizer(spec, workload, 1e-3, {**spec.hyperparameters, **extra})
         sizes.append(_bytes_per_parameter(opt, params))
       lines.append(
-        f"| {name} | {optimizer} | {sizes[0]:.2f} | {sizes[1]:.2f} | {sizes[1] / sizes[0]:.2f} |"
+        f"| {name} | {label} | {sizes[0]:.2f} | {sizes[1]:.2f} | {sizes[1] / sizes[0]:.2f} |"
       )
   return lines
 
@@ -88,34 +95,44 @@ def shape_bytes() -> list[str]:
 
 
 def losses(root: pathlib.Path) -> list[str]:
-  runs = collections.defaultdict(list)
+  # (workload, optimizer, variant, dtype) -> seed -> (final train loss, test metric). A
+  # variant is a per-statistic dtype (Shampoo's root_dtype); it is compared with the
+  # plain float32 runs. One run per seed: a rerun of a seed under a newer spec id (the
+  # optimizer gained an argument) replaces the older one.
+  runs = collections.defaultdict(dict)
   for workload, folder in LOSS_FOLDERS.items():
-    for path in sorted((root / folder / "runs").glob("*.jsonl")):
+    paths = sorted((root / folder / "runs").glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
+    for path in paths:
       records = results.read_records(path)
       if not records or records[-1].get("event") != "done":
         continue
       spec = records[0].get("spec", records[0])
-      dtype = dict(spec.get("hyperparameters", {})).get("state_dtype") or "float32"
+      hyperparameters = dict(spec.get("hyperparameters", {}))
+      dtype = hyperparameters.get("state_dtype") or "float32"
+      root_dtype = hyperparameters.get("root_dtype")
+      variant = f"roots {root_dtype}" if root_dtype else ""
       done = records[-1]
-      runs[(workload, spec["optimizer"], dtype)].append(
-        (done["final_train_loss"], done.get("final_test_metric"))
+      runs[(workload, spec["optimizer"], variant, dtype)][spec["seed"]] = (
+        done["final_train_loss"],
+        done.get("final_test_metric"),
       )
   lines = [
-    "| workload | optimizer | seeds | final train loss, float32 | bfloat16 | change "
+    "| workload | optimizer | seeds (both) | final train loss, float32 | bfloat16 | change "
     "| test metric, float32 | bfloat16 |",
     "|---|---|---:|---:|---:|---:|---:|---:|",
   ]
-  for workload, optimizer in sorted({k[:2] for k in runs}):
-    f32, bf16 = (
-      runs.get((workload, optimizer, "float32"), []),
-      runs.get((workload, optimizer, "bfloat16"), []),
-    )
-    if not f32 or not bf16:
+  for workload, optimizer, variant in sorted({k[:3] for k in runs}):
+    f32_seeds = runs.get((workload, optimizer, "", "float32"), {})
+    bf16_seeds = runs.get((workload, optimizer, variant, "bfloat16"), {})
+    seeds = sorted(f32_seeds.keys() & bf16_seeds.keys())  # compared over the seeds both have
+    if not seeds:
       continue
+    f32, bf16 = [f32_seeds[k] for k in seeds], [bf16_seeds[k] for k in seeds]
     median = lambda xs, i: statistics.median(x[i] for x in xs)
     a, b = median(f32, 0), median(bf16, 0)
+    label = f"{optimizer}, {variant}" if variant else optimizer
     lines.append(
-      f"| {workload} | {optimizer} | {len(f32)}/{len(bf16)} | {a:.4g} | {b:.4g} | "
+      f"| {workload} | {label} | {len(seeds)} | {a:.4g} | {b:.4g} | "
       f"{(b / a - 1) * 100:+.1f}% | {median(f32, 1):.4f} | {median(bf16, 1):.4f} |"
     )
   return lines

@@ -55,6 +55,17 @@ def flag(name: str, value: Any) -> bool:
   return value
 
 
+def floating_dtype(name: str, value: Any) -> jnp.dtype:
+  """Returns `value` as a floating-point dtype (`jnp.bfloat16`, "float32", ...), else raises."""
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    raise TypeError(f"{name} must be a floating-point dtype, got {value!r}.") from None
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating-point dtype, got {dtype}.")
+  return dtype
+
+
 def one_of(name: str, value: Any, choices: tuple[str, ...]) -> str:
   """Returns `value` if it is one of `choices`, else raises naming them."""
   if value not in choices:

@@ -120,3 +120,69 @@ def test_bfloat16_state_checkpoints_and_is_structural_under_inject_hyperparams(t
   curvopt.checkpoint.save(tmp_path / "c", state)
   restored = curvopt.checkpoint.restore(tmp_path / "c", jax.eval_shape(lambda: state))
   chex.assert_trees_all_equal(restored, state)
+
+
+def test_field_dtypes_keep_a_named_statistic_exact():
+  # Adam's nu depends on the gradients alone, so kept as computed it equals plain Adam's
+  # exactly while mu beside it is stored in bfloat16.
+  grads = [jax.random.normal(jax.random.key(i), (5,), jnp.float32) for i in range(6)]
+  kept = with_state_dtype(optax.scale_by_adam(), jnp.bfloat16, field_dtypes={"nu": None})
+  plain = optax.scale_by_adam()
+  ones = jnp.ones(5, jnp.float32)
+  kept_state, plain_state = kept.init(ones), plain.init(ones)
+  for g in grads:
+    _, kept_state = jax.jit(kept.update)(g, kept_state)
+    _, plain_state = jax.jit(plain.update)(g, plain_state)
+  assert kept_state.inner_state.mu.dtype == jnp.bfloat16
+  assert kept_state.inner_state.nu.dtype == jnp.float32
+  np.testing.assert_array_equal(kept_state.inner_state.nu, plain_state.nu)
+  assert not np.array_equal(kept_state.inner_state.mu.astype(jnp.float32), plain_state.mu)
+
+
+def test_field_dtypes_alone_lower_only_their_fields_and_float64_stays_float64():
+  # The suite runs with float64 enabled (conftest).
+  tx = with_state_dtype(optax.scale_by_adam(), None, field_dtypes={"mu": jnp.float16})
+  state = tx.init(jnp.ones(3, jnp.float64))
+  assert (state.inner_state.mu.dtype, state.inner_state.nu.dtype) == (jnp.float16, jnp.float64)
+  updates, state = tx.update(jnp.ones(3, jnp.float64), state)
+  assert updates.dtype == jnp.float64
+  assert (state.inner_state.mu.dtype, state.inner_state.nu.dtype) == (jnp.float16, jnp.float64)
+
+
+def _shampoo_core(state):
+  """`scale_by_shampoo`'s state inside the named optimizer's wrappers."""
+  found = []
+  jax.tree.map(
+    lambda x: found.append(x) if hasattr(x, "roots") else None,
+    state,
+    is_leaf=lambda x: hasattr(x, "roots"),
+  )
+  (core,) = found
+  return core
+
+
+def test_shampoo_root_dtype_stores_its_roots_apart_from_its_statistics():
+  params, value_fn = _problem()
+  halved = curvopt.shampoo(0.02, state_dtype=jnp.bfloat16, root_dtype=jnp.float32)
+  loss, state, _ = _train(halved)
+  core = _shampoo_core(state)
+  assert {x.dtype for x in jax.tree.leaves(core.roots)} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in jax.tree.leaves(core.statistics)} == {jnp.dtype(jnp.bfloat16)}
+  assert math.isfinite(loss) and loss < 0.5 * float(value_fn(params))
+  only_roots = curvopt.shampoo(0.02, root_dtype="bfloat16")
+  core = _shampoo_core(only_roots.init(params))
+  assert {x.dtype for x in jax.tree.leaves(core.roots)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(core.statistics)} == {jnp.dtype(jnp.float32)}
+  assert "root_dtype" in curvopt.structural_args(curvopt.shampoo)
+
+
+@pytest.mark.parametrize("bad", ["int8", "flaot32", 3])
+def test_a_root_dtype_that_is_not_floating_is_named(bad):
+  with pytest.raises(TypeError, match="root_dtype must be a floating-point dtype"):
+    curvopt.shampoo(0.1, state_dtype=jnp.bfloat16, root_dtype=bad)
+
+
+@pytest.mark.parametrize("bad", [["nu"], {1: jnp.float16}, "nu"])
+def test_field_dtypes_that_are_not_a_mapping_of_names_are_named(bad):
+  with pytest.raises(TypeError, match="field_dtypes must map state field names"):
+    with_state_dtype(optax.scale_by_adam(), jnp.bfloat16, field_dtypes=bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -81,6 +82,7 @@ def with_state_dtype(
   *,
   stochastic_rounding: bool = True,
   seed: int = 0,
+  field_dtypes: Mapping[str, Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """`inner` with its floating-point state stored in `state_dtype`, computed in float32.
 
@@ -97,8 +99,13 @@ def with_state_dtype(
   with its running sum (`beta2 = 1`) and 3.3% with an EMA (`beta2 = 0.999`),
   so keep Shampoo's state in float32 where that matters (it stores its
   inverse roots, which amplify its factors' small eigenvalues, in the state
-  too). `state_dtype=None`
-  returns `inner` unchanged (the named optimizers' `state_dtype` argument).
+  too). `field_dtypes`
+  stores chosen statistics differently: a leaf under a state field (a
+  `NamedTuple` attribute or a dict key) of a listed name is stored in that
+  dtype instead, or as computed where the dtype is None (Shampoo's
+  `root_dtype` stores its inverse roots this way). `state_dtype=None` stores
+  every other leaf as computed; with no `field_dtypes` it returns `inner`
+  unchanged (the named optimizers' `state_dtype` argument).
 
   Examples:
     >>> import jax.numpy as jnp, optax, curvopt
@@ -106,44 +113,66 @@ def with_state_dtype(
     >>> state = tx.init(jnp.ones(2))
     >>> state.inner_state.nu.dtype, tx.update(jnp.ones(2), state)[0].dtype
     (dtype(bfloat16), dtype('float32'))
+    >>> kept = curvopt.transforms.with_state_dtype(
+    ...   optax.scale_by_adam(), jnp.bfloat16, field_dtypes={"nu": None}
+    ... )
+    >>> state = kept.init(jnp.ones(2))
+    >>> state.inner_state.mu.dtype, state.inner_state.nu.dtype
+    (dtype(bfloat16), dtype('float32'))
 
   References:
     Zamirai et al., "Revisiting BFloat16 Training", 2020 (stochastic
     rounding of stored state); Micikevicius et al., "Mixed precision
     training", ICLR 2018.
   """
-  if state_dtype is None:
+  if field_dtypes is None:
+    field_dtypes = {}
+  if not isinstance(field_dtypes, Mapping) or not all(isinstance(k, str) for k in field_dtypes):
+    raise TypeError(
+      f"field_dtypes must map state field names to dtypes (or None), got {field_dtypes!r}."
+    )
+  if state_dtype is None and not any(d is not None for d in field_dtypes.values()):
     return optax.with_extra_args_support(inner)
-  try:
-    state_dtype = jnp.dtype(state_dtype)
-  except TypeError:
-    raise TypeError(f"state_dtype must be a floating-point dtype, got {state_dtype!r}.") from None
-  if not jnp.issubdtype(state_dtype, jnp.floating):
-    raise TypeError(f"state_dtype must be a floating-point dtype, got {state_dtype}.")
+  if state_dtype is not None:
+    state_dtype = _checks.floating_dtype("state_dtype", state_dtype)
+  field_dtypes = {
+    name: None if dtype is None else _checks.floating_dtype(f"field_dtypes[{name!r}]", dtype)
+    for name, dtype in field_dtypes.items()
+  }
+  stored_dtypes = {d for d in (state_dtype, *field_dtypes.values()) if d is not None}
   _checks.flag("stochastic_rounding", stochastic_rounding)
   base_key = _checks.seed("seed", seed)
   inner = optax.with_extra_args_support(inner)
-  rounds_stochastically = stochastic_rounding and state_dtype == jnp.bfloat16
 
-  def is_stored_low(x: Any) -> bool:
+  def target_dtype(path: tuple) -> Any:
+    """The dtype a leaf at `path` is stored in (None: as computed); the outermost field wins."""
+    for entry in path:
+      name = getattr(entry, "name", getattr(entry, "key", None))
+      if isinstance(name, str) and name in field_dtypes:
+        return field_dtypes[name]
+    return state_dtype
+
+  def lowered(x: Any, dtype: Any) -> bool:
     return (
-      hasattr(x, "dtype")
+      dtype is not None
+      and hasattr(x, "dtype")
       and jnp.issubdtype(x.dtype, jnp.floating)
-      and jnp.finfo(x.dtype).bits > jnp.finfo(state_dtype).bits
+      and jnp.finfo(x.dtype).bits > jnp.finfo(dtype).bits
     )
 
   def store(state: Any, count: jax.Array) -> Any:
-    leaves, treedef = jax.tree.flatten(state)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
     key = jax.random.fold_in(base_key(), count)
     out = []
-    for i, x in enumerate(leaves):
-      if not is_stored_low(x):
+    for i, (path, x) in enumerate(leaves):
+      dtype = target_dtype(path)
+      if not lowered(x, dtype):
         out.append(x)
-      elif rounds_stochastically:
+      elif stochastic_rounding and dtype == jnp.bfloat16:
         leaf_key = jax.random.fold_in(key, i)
         out.append(_stochastic_round_to_bfloat16(x.astype(jnp.float32), leaf_key))
       else:
-        out.append(x.astype(state_dtype))
+        out.append(x.astype(dtype))
     return jax.tree.unflatten(treedef, out)
 
   def init(params: PyTree) -> WithStateDtypeState:
@@ -155,7 +184,7 @@ def with_state_dtype(
     # float64 for float64 parameters): read from the updates, not by re-tracing `init`.
     working = _tree.working_dtype(updates)
     full = jax.tree.map(
-      lambda x: x.astype(working) if getattr(x, "dtype", None) == state_dtype else x,
+      lambda x: x.astype(working) if getattr(x, "dtype", None) in stored_dtypes else x,
       state.inner_state,
     )
     out, new_state = inner.update(updates, full, params, **extra_args)
