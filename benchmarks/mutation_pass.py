@@ -1,0 +1,130 @@
+"""Mutation testing of curvopt's core, one module at a time, with mutmut.
+
+For each module, a scratch copy of the repository gets a `[tool.mutmut]` section that
+mutates that module alone and runs only the test files that cover it (mutmut then
+narrows each mutant to the tests that call the mutated function). The score is killed
+mutants over all mutants less those listed as equivalent in `EQUIVALENT` (a mutation
+that cannot change any result, with the reason); survivors are printed so a test can be
+written for each.
+
+Run (needs `pip install mutmut`; a module takes minutes, run it in the background):
+  python benchmarks/mutation_pass.py curvopt/transforms/_momentum.py
+  python benchmarks/mutation_pass.py --all --table benchmarks/results/mutation.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Module -> the test files that exercise it (its own tests and the generic checks).
+MODULES = {
+  "curvopt/transforms/_momentum.py": ["tests/test_shampoo.py", "tests/test_psgd_muon.py"],
+  "curvopt/estimators/_hutchinson.py": ["tests/test_estimators.py"],
+  "curvopt/transforms/_precision.py": ["tests/test_state_precision.py"],
+  "curvopt/transforms/_safety.py": ["tests/test_reliability.py"],
+  "curvopt/transforms/kronecker/_factors.py": ["tests/test_shampoo.py"],
+  "curvopt/estimators/_fisher_inverse.py": ["tests/test_mfac.py"],
+  "curvopt/transforms/_mfac.py": ["tests/test_mfac.py"],
+}
+
+# Mutants that cannot change a result, by mutmut's name, with the reason.
+EQUIVALENT: dict[str, str] = {}
+
+
+def _workspace(module: str, tests: list[str]) -> pathlib.Path:
+  root = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / "curvopt-mutation" / module.replace(
+    "/", "."
+  )
+  if root.exists():
+    shutil.rmtree(root)
+  root.mkdir(parents=True)
+  tracked = subprocess.run(
+    ["git", "ls-files", "curvopt", "tests", "pyproject.toml", "README.md"],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout.split()
+  for name in tracked:
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO / name, root / name)
+  settings = {
+    "source_paths": ["curvopt"],
+    "only_mutate": [module],
+    "pytest_add_cli_args_test_selection": tests,
+    "pytest_add_cli_args": ["-p", "no:cacheprovider", "-q"],
+  }
+  lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+  with open(root / "pyproject.toml", "a") as f:
+    f.write("\n".join(lines) + "\n")
+  return root
+
+
+def run_module(module: str, tests: list[str], max_children: int) -> dict:
+  root = _workspace(module, tests)
+  mutmut = pathlib.Path(sys.executable).with_name("mutmut")
+  started = time.perf_counter()
+  subprocess.run(
+    [str(mutmut), "run", "--max-children", str(max_children)],
+    cwd=root,
+    check=False,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  seconds = time.perf_counter() - started
+  listing = subprocess.run(
+    [str(mutmut), "results", "--all", "true"],
+    cwd=root,
+    check=False,
+    capture_output=True,
+    text=True,
+  ).stdout
+  status = dict(re.findall(r"^\s*(\S+): (\S.*)$", listing, flags=re.MULTILINE))
+  survived = sorted(n for n, s in status.items() if s == "survived" and n not in EQUIVALENT)
+  counted = {n: s for n, s in status.items() if n not in EQUIVALENT}
+  killed = sum(s == "killed" for s in counted.values())
+  return {
+    "module": module,
+    "tests": tests,
+    "mutants": len(status),
+    "equivalent": len(status) - len(counted),
+    "killed": killed,
+    "survived": survived,
+    "other": sorted(f"{n}: {s}" for n, s in counted.items() if s not in ("killed", "survived")),
+    "score": killed / len(counted) if counted else float("nan"),
+    "seconds": seconds,
+    "workspace": str(root),
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("modules", nargs="*", help="modules to mutate (paths in the repository)")
+  parser.add_argument("--all", action="store_true", help="every module in MODULES")
+  parser.add_argument("--max-children", type=int, default=2)
+  parser.add_argument("--json", default=None, help="append each module's result to this file")
+  args = parser.parse_args()
+  modules = list(MODULES) if args.all else args.modules
+  unknown = [m for m in modules if m not in MODULES]
+  if unknown or not modules:
+    parser.error(f"modules must be among {sorted(MODULES)}; got {unknown or 'none'}")
+  for module in modules:
+    result = run_module(module, MODULES[module], args.max_children)
+    print(json.dumps(result, indent=1), flush=True)
+    if args.json:
+      with open(args.json, "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+  main()
