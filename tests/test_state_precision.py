@@ -161,7 +161,7 @@ def _shampoo_core(state):
   return core
 
 
-def test_shampoo_root_dtype_stores_its_roots_apart_from_its_statistics():
+def test_shampoo_stores_its_roots_and_statistics_in_their_own_dtypes():
   params, value_fn = _problem()
   halved = curvopt.shampoo(0.02, state_dtype=jnp.bfloat16, root_dtype=jnp.float32)
   loss, state, _ = _train(halved)
@@ -173,13 +173,18 @@ def test_shampoo_root_dtype_stores_its_roots_apart_from_its_statistics():
   core = _shampoo_core(only_roots.init(params))
   assert {x.dtype for x in jax.tree.leaves(core.roots)} == {jnp.dtype(jnp.bfloat16)}
   assert {x.dtype for x in jax.tree.leaves(core.statistics)} == {jnp.dtype(jnp.float32)}
-  assert "root_dtype" in curvopt.structural_args(curvopt.shampoo)
+  kept_statistics = curvopt.shampoo(0.02, state_dtype="bfloat16", statistics_dtype="float32")
+  core = _shampoo_core(kept_statistics.init(params))
+  assert {x.dtype for x in jax.tree.leaves(core.roots)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(core.statistics)} == {jnp.dtype(jnp.float32)}
+  assert {"root_dtype", "statistics_dtype"} <= set(curvopt.structural_args(curvopt.shampoo))
 
 
+@pytest.mark.parametrize("argument", ["root_dtype", "statistics_dtype"])
 @pytest.mark.parametrize("bad", ["int8", "flaot32", 3])
-def test_a_root_dtype_that_is_not_floating_is_named(bad):
-  with pytest.raises(TypeError, match="root_dtype must be a floating-point dtype"):
-    curvopt.shampoo(0.1, state_dtype=jnp.bfloat16, root_dtype=bad)
+def test_a_per_statistic_dtype_that_is_not_floating_is_named(argument, bad):
+  with pytest.raises(TypeError, match=f"{argument} must be a floating-point dtype"):
+    curvopt.shampoo(0.1, state_dtype=jnp.bfloat16, **{argument: bad})
 
 
 @pytest.mark.parametrize("bad", [["nu"], {1: jnp.float16}, "nu"])
