@@ -36,8 +36,13 @@ def test_outputs_follow_the_ema_nesterov_and_debiasing_recurrences(nesterov, deb
   assert int(state.count) == len(UPDATES)
 
 
-def test_the_default_decay_is_0_9():
-  np.testing.assert_array_equal(_run(ema_momentum())[0], _run(ema_momentum(0.9))[0])
+def test_the_defaults_are_a_plain_ema_at_0_9_with_an_integer_count():
+  outs, state = _run(ema_momentum())
+  m = np.zeros(2)
+  for u, out in zip(UPDATES, outs, strict=True):
+    m = 0.9 * m + 0.1 * u
+    np.testing.assert_allclose(out, m, rtol=1e-12)
+  assert state.count.dtype == jnp.int32
 
 
 @pytest.mark.parametrize("argument", ["nesterov", "debias"])
