@@ -31,7 +31,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 MODULES = {
   "curvopt/transforms/_momentum.py": (["tests/test_momentum.py"], None),
   "curvopt/estimators/_hutchinson.py": (["tests/test_estimators.py"], "hutch or stderr"),
-  "curvopt/transforms/_precision.py": (["tests/test_state_precision.py"], None),
+  "curvopt/transforms/_precision.py": (
+    ["tests/test_state_precision.py"],
+    "not halves_the_bytes and not checkpoints",
+  ),
   "curvopt/transforms/_safety.py": (
     ["tests/test_reliability.py"],
     "guard or finite or corrupted or faults or multisteps",

@@ -166,6 +166,23 @@ def test_hutchinson_stops_early_at_tolerance():
   assert float(est.trace) == pytest.approx(55.0)
 
 
+@pytest.mark.parametrize("estimator", ["hutchinson_diagonal", "hutchinson_trace"])
+def test_hutchinson_defaults_dtypes_and_metadata(estimator):
+  # Defaults: 64 probes (8 a step); a float32 operator gives float32 estimates; the
+  # operator's example count and the products spent come back with them.
+  a = jnp.asarray(_symmetric_indefinite(d=6, seed=4), jnp.float32)
+  op = curvopt.linear_operator(lambda v: a @ v, jnp.zeros(6, jnp.float32), num_examples=17)
+  est = getattr(curvopt, estimator)(op, jax.random.key(0))
+  field = "diagonal" if estimator == "hutchinson_diagonal" else "trace"
+  values = getattr(est, field)
+  assert values.dtype == est.stderr.dtype == jnp.float32
+  spent = est[2]  # num_probes (diagonal) or num_matvecs (trace): one product per probe
+  assert spent.dtype == jnp.int32 and int(spent) == 64
+  assert est.num_examples == 17
+  explicit = getattr(curvopt, estimator)(op, jax.random.key(0), num_probes=64, probes_per_step=8)
+  np.testing.assert_array_equal(values, getattr(explicit, field))
+
+
 @pytest.mark.slow  # statistical: many seeds
 def test_hutchpp_has_lower_variance_than_hutchinson_on_dominant_eigenvalues():
   value_fn, matrix = quadratic_with_spectrum([100.0, 80.0, 60.0, *np.full(37, 0.5)])
