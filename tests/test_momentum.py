@@ -52,7 +52,7 @@ def test_a_switch_that_is_not_a_bool_is_named(argument):
 
 
 def test_the_state_is_float32_for_bfloat16_updates_and_outputs_keep_their_dtype():
-  outs, state = _run(ema_momentum(0.9), dtype=jnp.bfloat16)
+  _, state = _run(ema_momentum(0.9), dtype=jnp.bfloat16)
   assert state.momentum.dtype == jnp.float32
   tx = ema_momentum(0.9)
   out, _ = tx.update(jnp.ones(2, jnp.bfloat16), tx.init(jnp.zeros(2, jnp.bfloat16)))
