@@ -53,10 +53,14 @@ EQUIVALENT: dict[str, str] = {
 }
 
 
-def _workspace(module: str, tests: list[str], select: str | None) -> pathlib.Path:
-  root = (
+def _workspace_of(module: str) -> pathlib.Path:
+  return (
     pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / "curvopt-mutation" / module.replace("/", ".")
   )
+
+
+def _workspace(module: str, tests: list[str], select: str | None) -> pathlib.Path:
+  root = _workspace_of(module)
   if root.exists():
     shutil.rmtree(root)
   root.mkdir(parents=True)
@@ -86,19 +90,8 @@ def _workspace(module: str, tests: list[str], select: str | None) -> pathlib.Pat
   return root
 
 
-def run_module(module: str, max_children: int) -> dict:
-  tests, select = MODULES[module]
-  root = _workspace(module, tests, select)
+def _status(root: pathlib.Path) -> dict[str, str]:
   mutmut = pathlib.Path(sys.executable).with_name("mutmut")
-  started = time.perf_counter()
-  subprocess.run(
-    [str(mutmut), "run", "--max-children", str(max_children)],
-    cwd=root,
-    check=False,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
-  seconds = time.perf_counter() - started
   listing = subprocess.run(
     [str(mutmut), "results", "--all", "true"],
     cwd=root,
@@ -106,7 +99,35 @@ def run_module(module: str, max_children: int) -> dict:
     capture_output=True,
     text=True,
   ).stdout
-  status = dict(re.findall(r"^\s*(\S+): (\S.*)$", listing, flags=re.MULTILINE))
+  return dict(re.findall(r"^\s*(\S+): (\S.*)$", listing, flags=re.MULTILINE))
+
+
+def run_module(module: str, max_children: int, rerun: bool = False) -> dict:
+  """Mutates `module` and runs its tests; `rerun`: only the last pass's survivors, today's tests."""
+  tests, select = MODULES[module]
+  names = []
+  if rerun:  # the tests changed since the pass: copy them in, run its survivors again
+    root = _workspace_of(module)
+    tracked = subprocess.run(
+      ["git", "ls-files", "tests"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.split()
+    for name in tracked:
+      for where in (root, root / "mutants"):
+        shutil.copy2(REPO / name, where / name)
+    names = [n for n, s in _status(root).items() if s == "survived"]
+  else:
+    root = _workspace(module, tests, select)
+  mutmut = pathlib.Path(sys.executable).with_name("mutmut")
+  started = time.perf_counter()
+  subprocess.run(
+    [str(mutmut), "run", "--max-children", str(max_children), *names],
+    cwd=root,
+    check=False,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  seconds = time.perf_counter() - started
+  status = _status(root)
   survived = sorted(n for n, s in status.items() if s == "survived" and n not in EQUIVALENT)
   counted = {n: s for n, s in status.items() if n not in EQUIVALENT}
   killed = sum(s == "killed" for s in counted.values())
@@ -130,6 +151,9 @@ def main() -> None:
   parser.add_argument("modules", nargs="*", help="modules to mutate (paths in the repository)")
   parser.add_argument("--all", action="store_true", help="every module in MODULES")
   parser.add_argument("--max-children", type=int, default=2)
+  parser.add_argument(
+    "--rerun", action="store_true", help="only the last pass's survivors, against today's tests"
+  )
   parser.add_argument("--json", default=None, help="append each module's result to this file")
   args = parser.parse_args()
   modules = list(MODULES) if args.all else args.modules
@@ -137,7 +161,7 @@ def main() -> None:
   if unknown or not modules:
     parser.error(f"modules must be among {sorted(MODULES)}; got {unknown or 'none'}")
   for module in modules:
-    result = run_module(module, args.max_children)
+    result = run_module(module, args.max_children, args.rerun)
     print(json.dumps(result, indent=1), flush=True)
     if args.json:
       with open(args.json, "a") as f:
