@@ -31,10 +31,7 @@ FOLDERS = {"gpt_lm": "gpt", "resnet_digits": "resnet"}
 LOSS_FOLDERS = {**FOLDERS, "gpt_lm, beta2 0.999": "gpt_shampoo_ema"}
 OPTIMIZERS_SIZED = ["adamw", "adahessian", "sophia_h", "soap", "shampoo", "psgd_kron", "psgd_muon"]
 # Rows whose low-precision column keeps some statistics apart: label -> (optimizer, arguments).
-VARIANTS_SIZED = {
-  "shampoo, roots float32": ("shampoo", {"root_dtype": "float32"}),
-  "shampoo, roots float16": ("shampoo", {"root_dtype": "float16"}),
-}
+VARIANTS_SIZED = {"shampoo, statistics bfloat16": ("shampoo", {"statistics_dtype": "bfloat16"})}
 
 
 def _bytes_per_parameter(opt, params) -> float:
@@ -94,9 +91,22 @@ def shape_bytes() -> list[str]:
   return lines
 
 
+def _variant(optimizer: str, dtype: str, hyperparameters: dict) -> str:
+  """What a run stored apart from `state_dtype`, against today's defaults ("": nothing)."""
+  if optimizer != "shampoo" or dtype == "float32":
+    return ""
+  # Before statistics_dtype existed (no such key in the run's spec), Shampoo's statistics
+  # followed state_dtype; since, they stay float32 unless statistics_dtype says otherwise.
+  statistics = hyperparameters.get("statistics_dtype", dtype) or "float32"
+  parts = [f"statistics {statistics}"] if statistics != "float32" else []
+  if hyperparameters.get("root_dtype"):
+    parts.append(f"roots {hyperparameters['root_dtype']}")
+  return ", ".join(parts)
+
+
 def losses(root: pathlib.Path) -> list[str]:
   # (workload, optimizer, variant, dtype) -> seed -> (final train loss, test metric). A
-  # variant is a per-statistic dtype (Shampoo's root_dtype); it is compared with the
+  # variant is a per-statistic dtype (Shampoo's statistics_dtype, root_dtype), compared with the
   # plain float32 runs. One run per seed: a rerun of a seed under a newer spec id (the
   # optimizer gained an argument) replaces the older one.
   runs = collections.defaultdict(dict)
@@ -109,15 +119,15 @@ def losses(root: pathlib.Path) -> list[str]:
       spec = records[0].get("spec", records[0])
       hyperparameters = dict(spec.get("hyperparameters", {}))
       dtype = hyperparameters.get("state_dtype") or "float32"
-      root_dtype = hyperparameters.get("root_dtype")
-      variant = f"roots {root_dtype}" if root_dtype else ""
+      variant = _variant(spec["optimizer"], dtype, hyperparameters)
       done = records[-1]
       runs[(workload, spec["optimizer"], variant, dtype)][spec["seed"]] = (
         done["final_train_loss"],
         done.get("final_test_metric"),
       )
   lines = [
-    "| workload | optimizer | seeds (both) | final train loss, float32 | bfloat16 | change "
+    "| workload | optimizer | seeds (both) | final train loss, float32 [seeds' range] "
+    "| bfloat16 [range] | change "
     "| test metric, float32 | bfloat16 |",
     "|---|---|---:|---:|---:|---:|---:|---:|",
   ]
@@ -129,11 +139,12 @@ def losses(root: pathlib.Path) -> list[str]:
       continue
     f32, bf16 = [f32_seeds[k] for k in seeds], [bf16_seeds[k] for k in seeds]
     median = lambda xs, i: statistics.median(x[i] for x in xs)
+    spread = lambda xs: f"[{min(x[0] for x in xs):.4g}, {max(x[0] for x in xs):.4g}]"
     a, b = median(f32, 0), median(bf16, 0)
     label = f"{optimizer}, {variant}" if variant else optimizer
     lines.append(
-      f"| {workload} | {label} | {len(seeds)} | {a:.4g} | {b:.4g} | "
-      f"{(b / a - 1) * 100:+.1f}% | {median(f32, 1):.4f} | {median(bf16, 1):.4f} |"
+      f"| {workload} | {label} | {len(seeds)} | {a:.4g} {spread(f32)} | {b:.4g} {spread(bf16)} "
+      f"| {(b / a - 1) * 100:+.1f}% | {median(f32, 1):.4f} | {median(bf16, 1):.4f} |"
     )
   return lines
 

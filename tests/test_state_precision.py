@@ -26,6 +26,15 @@ WITH_STATE_DTYPE = [
 ]
 
 
+# Statistics a named optimizer keeps as computed under state_dtype, by state field.
+KEPT_FLOAT32 = {"shampoo": ("statistics",)}
+
+
+def _kept_as_computed(state, fields):
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  return [x for path, x in leaves if any(getattr(entry, "name", None) in fields for entry in path)]
+
+
 def _problem():
   key_x, key_w = jax.random.split(jax.random.key(0))
   x = jax.random.normal(key_x, (64, 12), jnp.float32)
@@ -56,8 +65,10 @@ def test_bfloat16_state_halves_the_bytes_and_trains_like_float32(name):
   start = float(value_fn(params))
   f32_loss, _, _ = _train(factory(0.02))
   bf16_loss, state, updates = _train(factory(0.02, state_dtype=jnp.bfloat16))
+  kept = _kept_as_computed(state, KEPT_FLOAT32.get(name, ()))
   low = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
-  assert low and all(x.dtype == jnp.bfloat16 for x in low)
+  assert low and all(x.dtype == jnp.bfloat16 for x in low if not any(x is k for k in kept))
+  assert all(k.dtype == jnp.float32 for k in kept)
   chex.assert_trees_all_equal_dtypes(updates, params)  # updates in the parameters' dtype
   assert int(state.skipped) == 0
   # Both descend, and bfloat16 storage ends near float32 (relative to the descent).
@@ -65,7 +76,8 @@ def test_bfloat16_state_halves_the_bytes_and_trains_like_float32(name):
   assert abs(bf16_loss - f32_loss) < 0.1 * (start - f32_loss)
   f32_bytes = curvopt.state_size(factory(0.02), params).total_bytes
   bf16_bytes = curvopt.state_size(factory(0.02, state_dtype=jnp.bfloat16), params).total_bytes
-  assert bf16_bytes <= 0.55 * f32_bytes
+  kept_bytes = sum(k.nbytes for k in kept)  # the same in both precisions
+  assert bf16_bytes - kept_bytes <= 0.55 * (f32_bytes - kept_bytes)
 
 
 def test_stochastic_rounding_keeps_a_slow_ema_moving():
@@ -161,22 +173,35 @@ def _shampoo_core(state):
   return core
 
 
-def test_shampoo_stores_its_roots_and_statistics_in_their_own_dtypes():
+def _dtypes(tree):
+  return {str(x.dtype) for x in jax.tree.leaves(tree)}
+
+
+@pytest.mark.parametrize(
+  "kwargs, statistics, roots",
+  [
+    # state_dtype leaves the statistics as computed: bfloat16 ones cost 3% on a GPT.
+    ({"state_dtype": jnp.bfloat16}, "float32", "bfloat16"),
+    ({"state_dtype": jnp.bfloat16, "statistics_dtype": "bfloat16"}, "bfloat16", "bfloat16"),
+    ({"state_dtype": jnp.bfloat16, "root_dtype": jnp.float32}, "float32", "float32"),
+    ({"root_dtype": "bfloat16"}, "float32", "bfloat16"),
+    ({"statistics_dtype": "bfloat16"}, "bfloat16", "float32"),
+    ({}, "float32", "float32"),
+  ],
+)
+def test_shampoo_stores_its_statistics_and_roots_in_their_own_dtypes(kwargs, statistics, roots):
   params, value_fn = _problem()
-  halved = curvopt.shampoo(0.02, state_dtype=jnp.bfloat16, root_dtype=jnp.float32)
-  loss, state, _ = _train(halved)
+  loss, state, _ = _train(curvopt.shampoo(0.02, **kwargs), steps=12)
   core = _shampoo_core(state)
-  assert {x.dtype for x in jax.tree.leaves(core.roots)} == {jnp.dtype(jnp.float32)}
-  assert {x.dtype for x in jax.tree.leaves(core.statistics)} == {jnp.dtype(jnp.bfloat16)}
-  assert math.isfinite(loss) and loss < 0.5 * float(value_fn(params))
-  only_roots = curvopt.shampoo(0.02, root_dtype="bfloat16")
-  core = _shampoo_core(only_roots.init(params))
-  assert {x.dtype for x in jax.tree.leaves(core.roots)} == {jnp.dtype(jnp.bfloat16)}
-  assert {x.dtype for x in jax.tree.leaves(core.statistics)} == {jnp.dtype(jnp.float32)}
-  kept_statistics = curvopt.shampoo(0.02, state_dtype="bfloat16", statistics_dtype="float32")
-  core = _shampoo_core(kept_statistics.init(params))
-  assert {x.dtype for x in jax.tree.leaves(core.roots)} == {jnp.dtype(jnp.bfloat16)}
-  assert {x.dtype for x in jax.tree.leaves(core.statistics)} == {jnp.dtype(jnp.float32)}
+  assert (_dtypes(core.statistics), _dtypes(core.roots)) == ({statistics}, {roots})
+  kept = _kept_as_computed(state, ("statistics", "roots"))
+  floats = {
+    str(x.dtype)
+    for x in jax.tree.leaves(state)
+    if jnp.issubdtype(x.dtype, jnp.floating) and not any(x is k for k in kept)
+  }
+  assert floats == {"bfloat16" if "state_dtype" in kwargs else "float32"}
+  assert math.isfinite(loss) and loss < float(value_fn(params))
   assert {"root_dtype", "statistics_dtype"} <= set(curvopt.structural_args(curvopt.shampoo))
 
 
