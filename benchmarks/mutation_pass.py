@@ -102,6 +102,28 @@ def _status(root: pathlib.Path) -> dict[str, str]:
   return dict(re.findall(r"^\s*(\S+): (\S.*)$", listing, flags=re.MULTILINE))
 
 
+def report(module: str, root: pathlib.Path, seconds: float) -> dict:
+  """The pass's counts from its workspace (survivors listed, known equivalents left out)."""
+  tests, select = MODULES[module]
+  status = _status(root)
+  survived = sorted(n for n, s in status.items() if s == "survived" and n not in EQUIVALENT)
+  counted = {n: s for n, s in status.items() if n not in EQUIVALENT}
+  killed = sum(s == "killed" for s in counted.values())
+  return {
+    "module": module,
+    "tests": tests,
+    "select": select,
+    "mutants": len(status),
+    "equivalent": len(status) - len(counted),
+    "killed": killed,
+    "survived": survived,
+    "other": sorted(f"{n}: {s}" for n, s in counted.items() if s not in ("killed", "survived")),
+    "score": killed / len(counted) if counted else float("nan"),
+    "seconds": seconds,
+    "workspace": str(root),
+  }
+
+
 def run_module(module: str, max_children: int, rerun: bool = False) -> dict:
   """Mutates `module` and runs its tests; `rerun`: only the last pass's survivors, today's tests."""
   tests, select = MODULES[module]
@@ -126,24 +148,7 @@ def run_module(module: str, max_children: int, rerun: bool = False) -> dict:
     stdout=subprocess.DEVNULL,
     stderr=subprocess.DEVNULL,
   )
-  seconds = time.perf_counter() - started
-  status = _status(root)
-  survived = sorted(n for n, s in status.items() if s == "survived" and n not in EQUIVALENT)
-  counted = {n: s for n, s in status.items() if n not in EQUIVALENT}
-  killed = sum(s == "killed" for s in counted.values())
-  return {
-    "module": module,
-    "tests": tests,
-    "select": select,
-    "mutants": len(status),
-    "equivalent": len(status) - len(counted),
-    "killed": killed,
-    "survived": survived,
-    "other": sorted(f"{n}: {s}" for n, s in counted.items() if s not in ("killed", "survived")),
-    "score": killed / len(counted) if counted else float("nan"),
-    "seconds": seconds,
-    "workspace": str(root),
-  }
+  return report(module, root, time.perf_counter() - started)
 
 
 def main() -> None:
@@ -152,20 +157,45 @@ def main() -> None:
   parser.add_argument("--all", action="store_true", help="every module in MODULES")
   parser.add_argument("--max-children", type=int, default=2)
   parser.add_argument(
+    "--report", action="store_true", help="only read each module's last pass from its workspace"
+  )
+  parser.add_argument(
     "--rerun", action="store_true", help="only the last pass's survivors, against today's tests"
   )
   parser.add_argument("--json", default=None, help="append each module's result to this file")
+  parser.add_argument("--table", default=None, help="write the modules' results as markdown here")
   args = parser.parse_args()
   modules = list(MODULES) if args.all else args.modules
   unknown = [m for m in modules if m not in MODULES]
   if unknown or not modules:
     parser.error(f"modules must be among {sorted(MODULES)}; got {unknown or 'none'}")
+  rows = []
   for module in modules:
-    result = run_module(module, args.max_children, args.rerun)
+    if args.report:
+      result = report(module, _workspace_of(module), float("nan"))
+    else:
+      result = run_module(module, args.max_children, args.rerun)
+    rows.append(result)
     print(json.dumps(result, indent=1), flush=True)
     if args.json:
       with open(args.json, "a") as f:
         f.write(json.dumps(result) + "\n")
+  if args.table:
+    pathlib.Path(args.table).write_text(_table(rows))
+
+
+def _table(rows: list[dict]) -> str:
+  lines = [
+    "| module | tests | mutants | equivalent | killed | survived | score |",
+    "|---|---|---:|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    tests = ", ".join(f"`{t}`" for t in r["tests"]) + (f" (`-k {r['select']}`)" if r["select"] else "")
+    lines.append(
+      f"| `{r['module']}` | {tests} | {r['mutants']} | {r['equivalent']} | {r['killed']} "
+      f"| {len(r['survived']) + len(r['other'])} | {100 * r['score']:.1f}% |"
+    )
+  return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
