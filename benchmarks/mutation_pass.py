@@ -190,7 +190,9 @@ def _table(rows: list[dict]) -> str:
     "|---|---|---:|---:|---:|---:|---:|",
   ]
   for r in rows:
-    tests = ", ".join(f"`{t}`" for t in r["tests"]) + (f" (`-k {r['select']}`)" if r["select"] else "")
+    tests = ", ".join(f"`{t}`" for t in r["tests"])
+    if r["select"]:
+      tests += f" (`-k {r['select']}`)"
     lines.append(
       f"| `{r['module']}` | {tests} | {r['mutants']} | {r['equivalent']} | {r['killed']} "
       f"| {len(r['survived']) + len(r['other'])} | {100 * r['score']:.1f}% |"
