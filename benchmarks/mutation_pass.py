@@ -30,7 +30,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # through it (every optimizer test builds the guard and the momentum).
 MODULES = {
   "curvopt/transforms/_momentum.py": (["tests/test_momentum.py"], None),
-  "curvopt/estimators/_hutchinson.py": (["tests/test_estimators.py"], "hutch or stderr"),
+  "curvopt/estimators/_hutchinson.py": (
+    ["tests/test_estimators.py"],
+    "hutch or stderr or bad_arguments",
+  ),
   "curvopt/transforms/_precision.py": (
     ["tests/test_state_precision.py"],
     "not halves_the_bytes and not checkpoints",

@@ -167,6 +167,28 @@ def test_hutchinson_stops_early_at_tolerance():
 
 
 @pytest.mark.parametrize("estimator", ["hutchinson_diagonal", "hutchinson_trace"])
+def test_hutchinson_stderr_needs_two_probes_and_is_exact_with_two(estimator):
+  a = _symmetric_indefinite(d=4, seed=5)
+  op = curvopt.linear_operator(lambda v: jnp.asarray(a) @ v, jnp.zeros(4))
+  one = getattr(curvopt, estimator)(op, jax.random.key(0), num_probes=1, probes_per_step=1)
+  assert np.all(np.isinf(np.asarray(one.stderr)))
+  two = getattr(curvopt, estimator)(op, jax.random.key(0), num_probes=2, probes_per_step=2)
+  probes = np.stack(
+    [
+      np.asarray(curvopt.random_vector(k, jnp.zeros(4), "rademacher", jnp.float64))
+      for k in jax.random.split(jax.random.fold_in(jax.random.key(0), 0), 2)
+    ]
+  )
+  samples = (
+    probes * (probes @ a.T)
+    if estimator == "hutchinson_diagonal"
+    else np.einsum("pi,ij,pj->p", probes, a, probes)
+  )
+  # With two samples the standard error is |x1 - x2| / 2.
+  np.testing.assert_allclose(two.stderr, np.abs(samples[0] - samples[1]) / 2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["hutchinson_diagonal", "hutchinson_trace"])
 def test_hutchinson_defaults_dtypes_and_metadata(estimator):
   # Defaults: 64 probes (8 a step); a float32 operator gives float32 estimates; the
   # operator's example count and the products spent come back with them.
@@ -411,8 +433,20 @@ def small_op():
     (
       lambda op, k: curvopt.hutchinson_trace(op, k, num_probes=10, probes_per_step=4),
       ValueError,
-      "multiple of probes_per_step",
+      r"num_probes \(10\) must be a multiple of probes_per_step \(4\)",
     ),
+    (
+      lambda op, k: curvopt.hutchinson_diagonal(op, k, probes_per_step=0),
+      ValueError,
+      "probes_per_step must be a positive integer",
+    ),
+    (
+      lambda op, k: curvopt.hutchinson_diagonal(op, k, tol=-0.5),
+      ValueError,
+      "tol must be a finite number >= 0",
+    ),
+    (lambda op, k: curvopt.hutchinson_diagonal(op, None), TypeError, "key is required"),
+    (lambda op, k: curvopt.hutchinson_trace(op, 0), TypeError, "key must be a single PRNG key"),
     (
       lambda op, k: curvopt.lanczos_eigenpairs(op, k, k=5),
       ValueError,

@@ -91,7 +91,12 @@ def _sample_probes(
   """Running mean and variance of `statistic(z, A z)` over random probes `z`."""
   _checks.prng_key("key", key)
   num_probes = _checks.positive_int("num_probes", num_probes)
-  per_step = _checks.positive_int("probes_per_step", probes_per_step or num_probes)
+  # None means all at once; 0 is refused, not read as None.
+  per_step = (
+    num_probes
+    if probes_per_step is None
+    else _checks.positive_int("probes_per_step", probes_per_step)
+  )
   if num_probes % per_step:
     raise ValueError(
       f"num_probes ({num_probes}) must be a multiple of probes_per_step ({per_step})."
