@@ -173,6 +173,11 @@ def test_stacked_gradients_must_share_a_leading_axis():
     curvopt.estimators.inverse_fisher_diagonal({"a": jnp.ones((3, 2))}, damping=-1.0)
   with pytest.raises((ValueError, TypeError), match="params"):
     curvopt.estimators.obs_scores({"a": jnp.ones((3, 2))}, {"b": jnp.ones(2)}, damping=0.1)
+  with pytest.raises(ValueError, match="grads must hold at least one array, got an empty"):
+    curvopt.estimators.inverse_fisher_diagonal({}, damping=0.1)
+  # A scalar leaf has no axis to stack on.
+  with pytest.raises(ValueError, match=r"leading axis of every leaf .*got leading sizes \[3\]"):
+    curvopt.estimators.inverse_fisher_diagonal({"a": jnp.ones((3, 2)), "s": jnp.ones(())}, 0.1)
 
 
 @pytest.mark.parametrize("refresh_every", ["8", float("nan"), float("inf"), 2.5])
