@@ -175,6 +175,11 @@ def test_stacked_gradients_must_share_a_leading_axis():
     curvopt.estimators.obs_scores({"a": jnp.ones((3, 2))}, {"b": jnp.ones(2)}, damping=0.1)
   with pytest.raises(ValueError, match="grads must hold at least one array, got an empty"):
     curvopt.estimators.inverse_fisher_diagonal({}, damping=0.1)
+  # bfloat16 gradients are solved in float32, and float32 comes back.
+  low = curvopt.estimators.inverse_fisher_diagonal(jnp.ones((3, 2), jnp.bfloat16), damping=0.5)
+  assert low.dtype == jnp.float32
+  # F = 0.5 I + [[1, 1], [1, 1]]: its inverse's diagonal is 1.5 / 1.25.
+  np.testing.assert_allclose(low, [1.2, 1.2], rtol=1e-6)
   # A scalar leaf has no axis to stack on.
   with pytest.raises(ValueError, match=r"leading axis of every leaf .*got leading sizes \[3\]"):
     curvopt.estimators.inverse_fisher_diagonal({"a": jnp.ones((3, 2)), "s": jnp.ones(())}, 0.1)
