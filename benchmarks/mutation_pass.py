@@ -53,6 +53,13 @@ EQUIVALENT: dict[str, str] = {
     "Nesterov's term with the update cast to the default float instead of the state's "
     "dtype: the same values, in float64 under jax_enable_x64, cast back to the update's dtype"
   ),
+  "curvopt.estimators._fisher_inverse.x_shifted_inverse__mutmut_6": (
+    "the identity sized by the kernel's second axis: the kernel is square"
+  ),
+  "curvopt.estimators._fisher_inverse.x__flat_rows__mutmut_32": (
+    "the unravel function read from the second stacked gradient instead of the first: "
+    "every one has the same structure, and out-of-range indexing clamps in JAX"
+  ),
 }
 
 

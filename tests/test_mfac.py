@@ -171,8 +171,18 @@ def test_stacked_gradients_must_share_a_leading_axis():
     curvopt.estimators.inverse_fisher_diagonal(grads, damping=0.1)
   with pytest.raises(ValueError, match="damping must be a finite number > 0"):
     curvopt.estimators.inverse_fisher_diagonal({"a": jnp.ones((3, 2))}, damping=-1.0)
-  with pytest.raises((ValueError, TypeError), match="params"):
+  with pytest.raises(ValueError, match=r"^params must have the same pytree structure as one grad"):
     curvopt.estimators.obs_scores({"a": jnp.ones((3, 2))}, {"b": jnp.ones(2)}, damping=0.1)
+  # float32 in, float32 out (the suite runs with float64 enabled).
+  scores = curvopt.estimators.obs_scores(
+    jnp.ones((3, 2), jnp.float32), jnp.ones(2, jnp.float32), damping=0.5
+  )
+  assert scores.dtype == jnp.float32
+  np.testing.assert_allclose(scores, [1 / 2.4, 1 / 2.4], rtol=1e-6)  # w^2 / (2 * 1.2)
+  kernel = jnp.asarray([[2.0, 1.0], [1.0, 2.0]], jnp.float32)
+  inverse = curvopt.estimators._fisher_inverse.shifted_inverse(kernel, 1.0)
+  assert inverse.dtype == jnp.float32
+  np.testing.assert_allclose(inverse, np.linalg.inv(np.array([[3.0, 1.0], [1.0, 3.0]])), rtol=1e-6)
   with pytest.raises(ValueError, match="grads must hold at least one array, got an empty"):
     curvopt.estimators.inverse_fisher_diagonal({}, damping=0.1)
   # bfloat16 gradients are solved in float32, and float32 comes back.
