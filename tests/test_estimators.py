@@ -166,6 +166,23 @@ def test_hutchinson_stops_early_at_tolerance():
   assert float(est.trace) == pytest.approx(55.0)
 
 
+def test_hutchinson_stops_by_its_tolerance_only_and_uses_every_probe_without_one():
+  exact = curvopt.diagonal_operator(jnp.arange(1.0, 11.0))  # zero variance
+  full = curvopt.hutchinson_trace(exact, jax.random.key(0), num_probes=12, probes_per_step=4)
+  assert int(full.num_matvecs) == 12  # tol = 0: no early stop, even at zero error
+  zero = curvopt.linear_operator(lambda v: 0.0 * v, jnp.zeros(3))
+  est = curvopt.hutchinson_trace(zero, jax.random.key(0), num_probes=8, probes_per_step=2, tol=0.1)
+  assert bool(est.converged) and int(est.num_matvecs) == 2  # 0 <= 0.1 * 0 after one step
+  a = np.diag(np.arange(1.0, 11.0)) + 0.3 * _symmetric_indefinite(d=10, seed=6)
+  noisy = curvopt.linear_operator(lambda v: jnp.asarray(a) @ v, jnp.zeros(10))
+  # Relative: stderr <= tol * |trace| (trace ~ 55), which tol / |trace| would miss.
+  est = curvopt.hutchinson_trace(noisy, jax.random.key(1), num_probes=8, probes_per_step=2, tol=0.5)
+  assert 0 < float(est.stderr) <= 0.5 * abs(float(est.trace)) and bool(est.converged)
+  assert int(est.num_matvecs) == 2
+  diagonal = curvopt.hutchinson_diagonal(noisy, jax.random.key(1), num_probes=4, probes_per_step=2)
+  assert diagonal.converged.dtype == jnp.bool_ and not bool(diagonal.converged)
+
+
 @pytest.mark.parametrize("estimator", ["hutchinson_diagonal", "hutchinson_trace"])
 def test_hutchinson_stderr_needs_two_probes_and_is_exact_with_two(estimator):
   a = _symmetric_indefinite(d=4, seed=5)
