@@ -69,21 +69,20 @@ def _workspace_of(module: str) -> pathlib.Path:
   )
 
 
-def _workspace(module: str, tests: list[str], select: str | None) -> pathlib.Path:
-  root = _workspace_of(module)
-  if root.exists():
-    shutil.rmtree(root)
-  root.mkdir(parents=True)
+def _copy_tracked(paths: list[str], *destinations: pathlib.Path) -> None:
+  """The repository's tracked files under `paths`, copied into each destination."""
   tracked = subprocess.run(
-    ["git", "ls-files", "curvopt", "tests", "pyproject.toml", "README.md"],
-    cwd=REPO,
-    check=True,
-    capture_output=True,
-    text=True,
+    ["git", "ls-files", *paths], cwd=REPO, check=True, capture_output=True, text=True
   ).stdout.split()
-  for name in tracked:
-    (root / name).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(REPO / name, root / name)
+  for root in destinations:
+    for name in tracked:
+      (root / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(REPO / name, root / name)
+
+
+def _configure(module: str, *roots: pathlib.Path) -> None:
+  """Each root's pyproject.toml: the repository's, plus today's mutmut section for `module`."""
+  tests, select = MODULES[module]
   settings = {
     "source_paths": ["curvopt"],
     "only_mutate": [module],
@@ -94,9 +93,19 @@ def _workspace(module: str, tests: list[str], select: str | None) -> pathlib.Pat
     "forkserver_warmup": "none",
     "pytest_add_cli_args": ["-p", "no:cacheprovider", "-q", *(["-k", select] if select else [])],
   }
-  lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-  with open(root / "pyproject.toml", "a") as f:
-    f.write("\n".join(lines) + "\n")
+  section = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+  text = (REPO / "pyproject.toml").read_text() + "\n".join(section) + "\n"
+  for root in roots:
+    (root / "pyproject.toml").write_text(text)
+
+
+def _workspace(module: str) -> pathlib.Path:
+  root = _workspace_of(module)
+  if root.exists():
+    shutil.rmtree(root)
+  root.mkdir(parents=True)
+  _copy_tracked(["curvopt", "tests", "README.md"], root)
+  _configure(module, root)
   return root
 
 
@@ -136,19 +145,14 @@ def report(module: str, root: pathlib.Path, seconds: float) -> dict:
 
 def run_module(module: str, max_children: int, rerun: bool = False) -> dict:
   """Mutates `module` and runs its tests; `rerun`: only the last pass's survivors, today's tests."""
-  tests, select = MODULES[module]
   names = []
-  if rerun:  # the tests changed since the pass: copy them in, run its survivors again
+  if rerun:  # tests or selections changed since the pass: bring both in, rerun its survivors
     root = _workspace_of(module)
-    tracked = subprocess.run(
-      ["git", "ls-files", "tests"], cwd=REPO, check=True, capture_output=True, text=True
-    ).stdout.split()
-    for name in tracked:
-      for where in (root, root / "mutants"):
-        shutil.copy2(REPO / name, where / name)
+    _copy_tracked(["tests"], root, root / "mutants")
+    _configure(module, root, root / "mutants")
     names = [n for n, s in _status(root).items() if s == "survived"]
   else:
-    root = _workspace(module, tests, select)
+    root = _workspace(module)
   mutmut = pathlib.Path(sys.executable).with_name("mutmut")
   started = time.perf_counter()
   subprocess.run(
