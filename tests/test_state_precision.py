@@ -206,7 +206,7 @@ def test_shampoo_stores_its_statistics_and_roots_in_their_own_dtypes(kwargs, sta
 
 
 @pytest.mark.parametrize("argument", ["root_dtype", "statistics_dtype"])
-@pytest.mark.parametrize("bad", ["int8", "flaot32", 3])
+@pytest.mark.parametrize("bad", ["int8", "flaot32", 3, math.nan, math.inf])
 def test_a_per_statistic_dtype_that_is_not_floating_is_named(argument, bad):
   with pytest.raises(TypeError, match=f"{argument} must be a floating-point dtype"):
     curvopt.shampoo(0.1, state_dtype=jnp.bfloat16, **{argument: bad})
@@ -216,3 +216,9 @@ def test_a_per_statistic_dtype_that_is_not_floating_is_named(argument, bad):
 def test_field_dtypes_that_are_not_a_mapping_of_names_are_named(bad):
   with pytest.raises(TypeError, match="field_dtypes must map state field names"):
     with_state_dtype(optax.scale_by_adam(), jnp.bfloat16, field_dtypes=bad)
+
+
+@pytest.mark.parametrize("bad", ["int8", "flaot32", math.nan])
+def test_a_field_dtype_that_is_not_floating_is_named_with_its_field(bad):
+  with pytest.raises(TypeError, match=r"field_dtypes\['nu'\] must be a floating-point dtype"):
+    with_state_dtype(optax.scale_by_adam(), None, field_dtypes={"nu": bad})
