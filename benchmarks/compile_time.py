@@ -93,14 +93,18 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
   return label, name, keywords
 
 
+def _inputs(workload):
+  """The first step's parameters and batch, as every measured program gets them."""
+  return workload.init_params(jax.random.key(0)), jax.tree.map(jnp.asarray, workload.batch(0, 0))
+
+
 def measure_once(workload, name: str, keywords: dict | None = None) -> dict:
   spec = OPTIMIZERS[name]
   if keywords:
     spec = dataclasses.replace(spec, factory=functools.partial(spec.factory, **keywords))
   optimizer = build_optimizer(spec, workload, 1e-3, {})
-  params = workload.init_params(jax.random.key(0))
+  params, batch = _inputs(workload)
   state = optimizer.init(params)
-  batch = jax.tree.map(jnp.asarray, workload.batch(0, 0))
   return _measure(jax.jit(make_step(workload, spec, optimizer)), params, state, batch)
 
 
@@ -155,15 +159,13 @@ def floor_step(workload, kind: str):
 
 def measure_floor_once(workload, kind: str) -> dict:
   step, adam = floor_step(workload, kind)
-  params = workload.init_params(jax.random.key(0))
-  batch = jax.tree.map(jnp.asarray, workload.batch(0, 0))
+  params, batch = _inputs(workload)
   return _measure(jax.jit(step), params, adam.init(params), batch)
 
 
 def model_kernels(workload) -> dict:
   """Kernels of the workload's own programs: what any optimizer's step holds at least."""
-  params = workload.init_params(jax.random.key(0))
-  batch = jax.tree.map(jnp.asarray, workload.batch(0, 0))
+  params, batch = _inputs(workload)
   loss = lambda p: workload.value_fn(p, batch)
   hvp = lambda p, v: jax.jvp(jax.grad(loss), (p,), (v,))
   programs = {
