@@ -45,6 +45,9 @@ MODULES = {
   "curvopt/transforms/kronecker/_factors.py": (["tests/test_shampoo.py"], None),
   "curvopt/estimators/_fisher_inverse.py": (["tests/test_mfac.py"], None),
   "curvopt/transforms/_mfac.py": (["tests/test_mfac.py"], None),
+  "curvopt/_matrix_roots.py": (["tests/test_shampoo.py"], "root"),
+  "curvopt/estimators/_power.py": (["tests/test_estimators.py"], "power or sharpness"),
+  "curvopt/oracles/_hessian.py": (["tests/test_oracles.py"], None),
 }
 
 # Mutants that cannot change a result, by mutmut's name, with the reason.
@@ -52,6 +55,9 @@ EQUIVALENT: dict[str, str] = {
   "curvopt.transforms._momentum.x_ema_momentum__mutmut_62": (
     "Nesterov's term with the update cast to the default float instead of the state's "
     "dtype: the same values, in float64 under jax_enable_x64, cast back to the update's dtype"
+  ),
+  "curvopt.estimators._fisher_inverse.x_factor__mutmut_2": (
+    "the identity sized by the kernel's second axis: the kernel is square"
   ),
   "curvopt.estimators._fisher_inverse.x_shifted_inverse__mutmut_6": (
     "the identity sized by the kernel's second axis: the kernel is square"

@@ -57,6 +57,43 @@ def test_the_kept_inverse_gives_the_dense_product_over_several_windows(d, m, ref
       np.testing.assert_allclose(state.inverse, exact, rtol=1e-7, atol=1e-9)
 
 
+def test_rank_two_update_inverse_is_the_dense_inverse_and_symmetric():
+  """Woodbury for A + U C U^T against numpy's inverse, for both couplings M-FAC uses."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    root = rng.normal(size=(6, 6))
+    a = root @ root.T + 6 * np.eye(6)
+    basis = rng.normal(size=(6, 2))
+    for coupling in ([[0.0, 1.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, -1.0]]):
+      c = np.asarray(coupling)
+      updated = curvopt.estimators._fisher_inverse.rank_two_update_inverse(
+        jnp.asarray(np.linalg.inv(a)), jnp.asarray(basis), jnp.asarray(c)
+      )
+      np.testing.assert_allclose(updated, np.linalg.inv(a + basis @ c @ basis.T), rtol=1e-10)
+      np.testing.assert_array_equal(updated, np.asarray(updated).T)
+
+
+@pytest.mark.parametrize("d, m", [(D, M), (3, 8)], ids=["window_space", "parameter_space"])
+def test_between_refreshes_the_inverse_is_kept_not_recomputed(d, m, monkeypatch):
+  """The residual guard rescues a wrong update by recomputing: count the recomputations."""
+  recomputed = []
+  exact_inverse = curvopt.transforms._mfac.shifted_inverse
+
+  def counted(kernel, shift):
+    jax.debug.callback(lambda: recomputed.append(1))
+    return exact_inverse(kernel, shift)
+
+  monkeypatch.setattr(curvopt.transforms._mfac, "shifted_inverse", counted)
+  with jax.enable_x64(True):
+    tx = curvopt.transforms.scale_by_mfac(m, DAMPING, refresh_every=3 * m)
+    state = tx.init(jnp.zeros(d))
+    step = jax.jit(tx.update)
+    for g in _gradients(5 * m, d):
+      _, state = step(jnp.asarray(g), state)
+    jax.effects_barrier()
+  assert len(recomputed) == 2  # at steps 0 and 3m: the periodic refreshes only
+
+
 def _has_unconditional(jaxpr, name):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == name:
