@@ -178,13 +178,52 @@ def test_all_finite_reads_every_float_leaf_and_nothing_else(large, monkeypatch):
     big["z"] = jnp.full(2, 1e300 + 1e300j, jnp.complex128)
     assert bool(all_finite(big))
     bad_entries = [("w", jnp.inf), ("w", -jnp.inf), ("w", jnp.nan), ("h", jnp.nan)]
-    bad_entries += [("z", 1.0 + 1j * jnp.inf), ("z", jnp.nan + 0j)]
+    big["c"] = jnp.ones(2, jnp.complex64)  # float32's width: read as is, imaginary part too
+    assert bool(all_finite(big))
+    infinite_imaginary = complex(1.0, float("inf"))  # 1 + 1j * inf would be nan + inf j
+    bad_entries += [("z", infinite_imaginary), ("z", jnp.nan + 0j), ("c", infinite_imaginary)]
     for leaf, value in bad_entries:
       bad = dict(big, **{leaf: big[leaf].at[-1].set(value)})
       assert not bool(all_finite(bad)), (leaf, value)
   others = {"n": jnp.int32(7), "k": jax.random.key(0), "empty": jnp.zeros(0), "x": jnp.ones(5)}
   assert bool(all_finite(others))
   assert bool(all_finite({}))
+
+
+def _key_and_count_transform(impl):
+  """A PRNG key advanced and a count whose dtype changes (int32 at init, float32 after)."""
+
+  def init(params):
+    del params
+    return {"key": jax.random.key(0, impl=impl), "count": jnp.zeros((), jnp.int32)}
+
+  def update(updates, state, params=None):
+    del params
+    state = {"key": jax.random.split(state["key"])[0], "count": state["count"] + 1.0}
+    return updates, state
+
+  return optax.GradientTransformation(init, update)
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_the_guard_keeps_the_key_of_a_skipped_step_and_advances_an_applied_one(impl):
+  opt = curvopt.transforms.skip_nonfinite(_key_and_count_transform(impl))
+  params = jnp.ones(2)
+  state = opt.init(params)
+  step = jax.jit(opt.update)
+  _, skipped = step(jnp.array([1.0, jnp.nan]), state, params)
+  assert skipped.inner_state["key"].dtype == state.inner_state["key"].dtype
+  np.testing.assert_array_equal(
+    jax.random.key_data(skipped.inner_state["key"]), jax.random.key_data(state.inner_state["key"])
+  )
+  _, applied = step(jnp.ones(2), state, params)
+  advanced = jax.random.split(state.inner_state["key"])[0]
+  np.testing.assert_array_equal(
+    jax.random.key_data(applied.inner_state["key"]), jax.random.key_data(advanced)
+  )
+  # The count changed dtype in the step: selected all the same (promoted), not an error.
+  assert (float(skipped.inner_state["count"]), float(applied.inner_state["count"])) == (0.0, 1.0)
+  assert (int(skipped.skipped), int(applied.skipped)) == (1, 0)
 
 
 def test_a_corrupted_incoming_state_skips_the_step_and_restarts_keeping_the_key():

@@ -78,10 +78,7 @@ def _select(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
   def pick(a, b):
     if a is b:
       return a
-    if _tree.is_key(a):
-      data = jax.lax.select_n(condition, jax.random.key_data(b), jax.random.key_data(a))
-      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
-    a, b = jnp.asarray(a), jnp.asarray(b)
+    a, b = jnp.asarray(a), jnp.asarray(b)  # typed PRNG keys included
     if a.dtype != b.dtype or a.shape != b.shape:
       return jnp.where(condition, a, b)
     return jax.lax.select_n(condition, b, a)  # a scalar predicate: one operation per leaf
