@@ -195,12 +195,16 @@ def _key_and_count_transform(impl):
 
   def init(params):
     del params
-    return {"key": jax.random.key(0, impl=impl), "count": jnp.zeros((), jnp.int32)}
+    return {
+      "key": jax.random.key(0, impl=impl),
+      "count": jnp.zeros((), jnp.int32),
+      "total": jnp.zeros(1),
+    }
 
   def update(updates, state, params=None):
     del params
-    state = {"key": jax.random.split(state["key"])[0], "count": state["count"] + 1.0}
-    return updates, state
+    key = jax.random.split(state["key"])[0]
+    return updates, {"key": key, "count": state["count"] + 1.0, "total": jnp.sum(updates)}
 
   return optax.GradientTransformation(init, update)
 
@@ -221,9 +225,23 @@ def test_the_guard_keeps_the_key_of_a_skipped_step_and_advances_an_applied_one(i
   np.testing.assert_array_equal(
     jax.random.key_data(applied.inner_state["key"]), jax.random.key_data(advanced)
   )
-  # The count changed dtype in the step: selected all the same (promoted), not an error.
+  # The count changed dtype and the total shape in the step: selected all the same
+  # (promoted, broadcast), not an error.
   assert (float(skipped.inner_state["count"]), float(applied.inner_state["count"])) == (0.0, 1.0)
+  assert (skipped.inner_state["total"].tolist(), applied.inner_state["total"].tolist()) == (
+    [0.0],
+    [2.0],
+  )
   assert (int(skipped.skipped), int(applied.skipped)) == (1, 0)
+
+
+def test_the_guard_names_integer_parameters_and_passes_leaves_without_a_dtype():
+  opt = curvopt.transforms.skip_nonfinite(optax.sgd(0.1))
+  with pytest.raises(TypeError, match=r"params\['n'\] must have a floating-point dtype .*int"):
+    opt.init({"w": jnp.ones(2), "n": jnp.arange(3)})
+  opt.init({"w": jnp.ones(2), "python_float": 1.0})  # no dtype attribute: left to optax
+  # optax's map_params hands init a placeholder standing for the parameters.
+  optax.tree.map_params(opt, lambda x: x, opt.init({"w": jnp.ones(2)}))
 
 
 def test_a_corrupted_incoming_state_skips_the_step_and_restarts_keeping_the_key():
