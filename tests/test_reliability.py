@@ -244,6 +244,21 @@ def test_the_guard_names_integer_parameters_and_passes_leaves_without_a_dtype():
   optax.tree.map_params(opt, lambda x: x, opt.init({"w": jnp.ones(2)}))
 
 
+def test_the_guard_on_empty_params_a_stateless_inner_and_no_params():
+  opt = curvopt.transforms.skip_nonfinite(optax.scale(-0.1))  # EmptyState inner state
+  empty = opt.init({})
+  assert empty == curvopt.transforms.SkipNonFiniteState(optax.EmptyState(), 0, 0)
+  assert opt.update({}, empty, {}) == ({}, empty)
+  state = opt.init({"w": jnp.ones(2)})
+  bad = {"w": jnp.array([1.0, jnp.nan])}
+  for params in ({"w": jnp.ones(2)}, None):  # the updates checked when params are not given
+    updates, after = opt.update(bad, state, params)
+    chex.assert_trees_all_equal(updates, {"w": jnp.zeros(2)})
+    assert int(after.skipped) == 1
+  with pytest.raises(ValueError, match=r"^updates must have the same pytree structure as params"):
+    opt.update({"v": jnp.ones(2)}, state, {"w": jnp.ones(2)})
+
+
 def test_a_corrupted_incoming_state_skips_the_step_and_restarts_keeping_the_key():
   params = {"w": jnp.ones(3)}
   opt = curvopt.transforms.skip_nonfinite(curvopt.transforms.scale_by_sophia_h())
