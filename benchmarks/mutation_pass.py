@@ -57,6 +57,10 @@ EQUIVALENT: dict[str, str] = {
     "Nesterov's term with the update cast to the default float instead of the state's "
     "dtype: the same values, in float64 under jax_enable_x64, cast back to the update's dtype"
   ),
+  "curvopt.transforms._safety.x_all_finite__mutmut_17": (
+    "the one vector left in its leaves' promoted dtype instead of float32: each entry is "
+    "finite exactly where it was"
+  ),
   "curvopt.transforms._safety.x__exactly_castable__mutmut_5": (
     "real - imag of x * 0 instead of real + imag: each part is 0 or NaN, so is the sum, "
     "so is the difference"
@@ -90,7 +94,7 @@ EQUIVALENT: dict[str, str] = {
 EQUIVALENT.update(
   {
     f"curvopt.transforms._safety.x__restarted__mutmut_{n}": "zip's strict check dropped"
-    for n in (8, 11, 12, 16, 19)
+    for n in (8, 11, 12, 16, 19, 21, 52, 55, 56)
   }
 )
 

@@ -63,8 +63,8 @@ def _exactly_castable(x: jax.Array) -> jax.Array:
 
 
 def _float_leaves(tree: PyTree) -> list[jax.Array]:
-  leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree) if not _tree.is_key(x)]
-  return [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+  return [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]  # PRNG keys are not
 
 
 def _select(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
