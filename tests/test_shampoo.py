@@ -63,6 +63,68 @@ def test_absolute_epsilon_and_the_pseudo_inverse_root():
   np.testing.assert_allclose(pseudo.matrix, expected, atol=1e-10)
 
 
+def _power_iteration_reference(a, iterations):
+  v = np.ones(len(a)) / np.sqrt(len(a))
+  for _ in range(iterations):
+    w = a @ v
+    v = w / np.linalg.norm(w)
+  return v @ a @ v
+
+
+def _coupled_newton_reference(a, p, iterations):
+  """Higham 2008 eq. 7.18 from M = zA, H = z^(1/p) I, z = (1 + p) / (2 ||A||_F)."""
+  identity = np.eye(len(a))
+  z = (1 + p) / (2 * np.linalg.norm(a))
+  m, h = z * a, z ** (1 / p) * identity
+  for _ in range(iterations):
+    t = (1 + 1 / p) * identity - m / p
+    m, h = np.linalg.matrix_power(t, p) @ m, h @ t
+  return (h + h.T) / 2, np.max(np.abs(m - identity))
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 2, 32])
+def test_newton_roots_power_iteration_is_32_steps_from_the_normalized_ones(iterations):
+  from curvopt._matrix_roots import _largest_eigenvalue
+
+  a = _spd(5, 1.05, seed=4)  # eigenvalues within 5%: each step still moves the estimate
+  expected = _power_iteration_reference(a, iterations)
+  np.testing.assert_allclose(_largest_eigenvalue(jnp.asarray(a), iterations), expected, rtol=1e-13)
+  if iterations == 32:  # the default
+    np.testing.assert_allclose(_largest_eigenvalue(jnp.asarray(a)), expected, rtol=1e-13)
+    assert abs(_power_iteration_reference(a, 33) - expected) > 1e-12 * expected
+
+
+@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("iterations", [0, 1, 2, 3])
+def test_newton_root_is_the_coupled_iteration_step_by_step(p, iterations):
+  a = _spd(6, 10.0, seed=5)
+  root = curvopt.matrix_inverse_root(
+    jnp.asarray(a),
+    p,
+    method="newton",
+    epsilon=1e-3,
+    relative_epsilon=False,
+    max_iterations=iterations,
+    tolerance=0.0,
+  )
+  matrix, residual = _coupled_newton_reference(a + 1e-3 * np.eye(6), p, iterations)
+  np.testing.assert_allclose(root.matrix, matrix, rtol=1e-12)
+  np.testing.assert_allclose(root.residual, residual, rtol=1e-12)
+
+
+def test_newton_root_stops_at_its_tolerance_with_float32_and_float64_defaults():
+  a = _spd(8, 1e2, seed=6)
+  loose = curvopt.matrix_inverse_root(jnp.asarray(a), 2, method="newton", tolerance=1e-2)
+  assert 1e-10 < loose.residual <= 1e-2  # stopped there, not run to convergence
+  for dtype, tolerance in ((jnp.float32, 1e-6), (jnp.float64, 1e-12)):
+    a_typed = jnp.asarray(a, dtype)
+    default = curvopt.matrix_inverse_root(a_typed, 4, method="newton")
+    explicit = curvopt.matrix_inverse_root(a_typed, 4, method="newton", tolerance=tolerance)
+    assert default.matrix.dtype == dtype and default.residual.dtype == dtype
+    np.testing.assert_array_equal(default.matrix, explicit.matrix)
+    assert 0 < default.residual <= tolerance
+
+
 def test_a_zero_matrix_has_a_finite_root():
   for method in ("eigh", "newton"):
     root = curvopt.matrix_inverse_root(jnp.zeros((3, 3)), 4, method=method)
