@@ -89,6 +89,25 @@ EQUIVALENT: dict[str, str] = {
     "every one has the same structure, and out-of-range indexing clamps in JAX"
   ),
 }
+# Boundary mutants of a comparison between two rounded floats: they differ only on an
+# exact tie, which no input can be made to hit on purpose.
+EQUIVALENT.update(
+  {
+    f"curvopt._matrix_roots.x__newton_root__mutmut_{n}": "tie-only: > vs >= or < vs <="
+    for n in (42, 43)
+  }
+)
+# The other axis of a square matrix (matrix_inverse_root refuses any other).
+EQUIVALENT.update(
+  {
+    f"curvopt._matrix_roots.x_{name}": "shape[1] of a square matrix"
+    for name in (
+      "_largest_eigenvalue__mutmut_25",
+      "_largest_eigenvalue__mutmut_27",
+      "_newton_root__mutmut_2",
+    )
+  }
+)
 # zip(..., strict=True) loosened in the guard's restart: the state's leaves, their key
 # flags and init's leaves come from one tree, so the lengths agree.
 EQUIVALENT.update(

@@ -55,8 +55,8 @@ def matrix_inverse_root(
       does not change when the statistics are rescaled and directions below
       float32 round-off (about `1e-7 lambda_max`) are not amplified; if
       False, `eps = epsilon`.
-    rank_rtol: "eigh" only: a truncated pseudo-inverse root. Eigenvalues
-      below `rank_rtol * lambda_max` get a zero inverse root instead of a huge
+    rank_rtol: "eigh" only: a truncated pseudo-inverse root. Eigenvalues at
+      or below `rank_rtol * lambda_max` get a zero inverse root instead of a huge
       one (rank-deficient statistics, as Meta's Shampoo offers).
     max_iterations: "newton" only.
     tolerance: "newton" only: the target `max |M - I|`; defaults to 1e-6 in

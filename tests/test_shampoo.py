@@ -89,6 +89,9 @@ def test_newton_roots_power_iteration_is_32_steps_from_the_normalized_ones(itera
   a = _spd(5, 1.05, seed=4)  # eigenvalues within 5%: each step still moves the estimate
   expected = _power_iteration_reference(a, iterations)
   np.testing.assert_allclose(_largest_eigenvalue(jnp.asarray(a), iterations), expected, rtol=1e-13)
+  low = _largest_eigenvalue(jnp.asarray(a, jnp.float32), iterations)
+  assert low.dtype == jnp.float32  # iterated in the matrix's precision
+  np.testing.assert_allclose(low, expected, rtol=1e-5)
   if iterations == 32:  # the default
     np.testing.assert_allclose(_largest_eigenvalue(jnp.asarray(a)), expected, rtol=1e-13)
     assert abs(_power_iteration_reference(a, 33) - expected) > 1e-12 * expected
@@ -128,7 +131,32 @@ def test_newton_root_stops_at_its_tolerance_with_float32_and_float64_defaults():
 def test_a_zero_matrix_has_a_finite_root():
   for method in ("eigh", "newton"):
     root = curvopt.matrix_inverse_root(jnp.zeros((3, 3)), 4, method=method)
-    assert np.all(np.isfinite(root.matrix))
+    np.testing.assert_allclose(root.matrix, 1e-6**-0.25 * np.eye(3), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+@pytest.mark.parametrize("scale", [0.5, 1e4])
+def test_relative_epsilon_root_follows_the_statistics_scale(method, scale):
+  """The default epsilon is 1e-6 lambda_max: (cA)^(-1/p) = c^(-1/p) A^(-1/p) exactly."""
+  a = scale * _spd(12, 1e2, seed=7)
+  root = curvopt.matrix_inverse_root(jnp.asarray(a), 4, method=method)
+  expected = _reference_root(a, 4, 1e-6 * np.linalg.eigvalsh(a)[-1])
+  assert _relative_error(root.matrix, expected) < 1e-8
+
+
+def test_root_dtypes_follow_a_float32_matrix():
+  a = jnp.asarray(_spd(6, 1e2, seed=8), jnp.float32)
+  for method in ("eigh", "newton"):
+    root = curvopt.matrix_inverse_root(a, 2, method=method)
+    assert (root.matrix.dtype, root.residual.dtype) == (jnp.float32, jnp.float32), method
+
+
+def test_pseudo_inverse_root_drops_eigenvalues_at_or_below_rank_rtol_times_the_largest():
+  a = np.diag([100.0, 1.0, 25.0, 1e-3])
+  root = curvopt.matrix_inverse_root(jnp.asarray(a), 2, epsilon=0.0, rank_rtol=0.25)
+  np.testing.assert_allclose(np.diag(root.matrix), [0.1, 0.0, 0.0, 0.0], rtol=1e-12)  # 25: at
+  root = curvopt.matrix_inverse_root(jnp.asarray(a), 2, epsilon=0.0, rank_rtol=1e-4)
+  np.testing.assert_allclose(np.diag(root.matrix), [0.1, 1.0, 0.2, 0.0], rtol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -138,6 +166,8 @@ def test_a_zero_matrix_has_a_finite_root():
     ({"a": jnp.eye(2), "p": 0}, "p must be a positive integer"),
     ({"a": jnp.eye(2), "p": 2, "method": "cholesky"}, "method must be one of"),
     ({"a": jnp.eye(2), "p": 2, "method": "newton", "rank_rtol": 1e-6}, "rank_rtol"),
+    ({"a": jnp.eye(2), "p": 2, "epsilon": -1e-6}, "epsilon must be in"),
+    ({"a": jnp.eye(2, dtype=jnp.int32), "p": 2}, "a must be a floating-point matrix, got int32"),
   ],
 )
 def test_bad_root_arguments_fail_clearly(kwargs, message):
