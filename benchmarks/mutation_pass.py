@@ -57,6 +57,16 @@ EQUIVALENT: dict[str, str] = {
     "Nesterov's term with the update cast to the default float instead of the state's "
     "dtype: the same values, in float64 under jax_enable_x64, cast back to the update's dtype"
   ),
+  "curvopt._matrix_roots.x_matrix_inverse_root__mutmut_33": (
+    'float("INF") is float("inf"): Python reads the name case-insensitively'
+  ),
+  "curvopt._matrix_roots.x__newton_root__mutmut_77": (
+    "the loop's first 'previous residual' (inf) in the default float type: inf in any "
+    "type, and the body's residuals replace it from the first step"
+  ),
+  "curvopt._matrix_roots.x__newton_root__mutmut_79": (
+    "the loop's first 'previous residual' (inf) in the default float type, as mutant 77"
+  ),
   "curvopt.transforms._safety.x_all_finite__mutmut_17": (
     "the one vector left in its leaves' promoted dtype instead of float32: each entry is "
     "finite exactly where it was"
@@ -94,7 +104,7 @@ EQUIVALENT: dict[str, str] = {
 EQUIVALENT.update(
   {
     f"curvopt._matrix_roots.x__newton_root__mutmut_{n}": "tie-only: > vs >= or < vs <="
-    for n in (42, 43)
+    for n in (42, 43, 88)
   }
 )
 # The other axis of a square matrix (matrix_inverse_root refuses any other).

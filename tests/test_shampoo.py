@@ -115,6 +115,28 @@ def test_newton_root_is_the_coupled_iteration_step_by_step(p, iterations):
   np.testing.assert_allclose(root.residual, residual, rtol=1e-12)
 
 
+def test_newton_root_undoes_the_step_whose_residual_grew_by_1_2x():
+  """An indefinite matrix (not a statistic) makes the iteration diverge: residuals 1.149,
+  1.369 (x1.19, kept), 2.047 (x1.50: undone, the iterate before it returned)."""
+  a = np.diag([1.0, -0.1])
+  root = curvopt.matrix_inverse_root(
+    jnp.asarray(a), 2, method="newton", epsilon=0.0, relative_epsilon=False
+  )
+  residuals = [_coupled_newton_reference(a, 2, k)[1] for k in range(3)]
+  assert 1.0 < residuals[1] / residuals[0] < 1.2 < residuals[2] / residuals[1] < 2.2
+  matrix, residual = _coupled_newton_reference(a, 2, 1)
+  np.testing.assert_allclose(root.matrix, matrix, rtol=1e-12)
+  np.testing.assert_allclose(root.residual, residual, rtol=1e-12)
+
+
+def test_newton_root_runs_in_highest_matmul_precision():
+  """On accelerators the default would multiply float32 in bfloat16 passes."""
+  lowered = jax.jit(lambda a: curvopt.matrix_inverse_root(a, 4, method="newton")).lower(
+    jnp.eye(3, dtype=jnp.float32)
+  )
+  assert "HIGHEST" in lowered.as_text()
+
+
 def test_newton_root_stops_at_its_tolerance_with_float32_and_float64_defaults():
   a = _spd(8, 1e2, seed=6)
   loose = curvopt.matrix_inverse_root(jnp.asarray(a), 2, method="newton", tolerance=1e-2)
@@ -165,7 +187,10 @@ def test_pseudo_inverse_root_drops_eigenvalues_at_or_below_rank_rtol_times_the_l
     ({"a": jnp.zeros((2, 3)), "p": 2}, "square matrix"),
     ({"a": jnp.eye(2), "p": 0}, "p must be a positive integer"),
     ({"a": jnp.eye(2), "p": 2, "method": "cholesky"}, "method must be one of"),
-    ({"a": jnp.eye(2), "p": 2, "method": "newton", "rank_rtol": 1e-6}, "rank_rtol"),
+    (
+      {"a": jnp.eye(2), "p": 2, "method": "newton", "rank_rtol": 1e-6},
+      r'^rank_rtol \(a pseudo-inverse root\) needs method="eigh"',
+    ),
     ({"a": jnp.eye(2), "p": 2, "epsilon": -1e-6}, "epsilon must be in"),
     ({"a": jnp.eye(2, dtype=jnp.int32), "p": 2}, "a must be a floating-point matrix, got int32"),
   ],
