@@ -192,7 +192,8 @@ def report(module: str, root: pathlib.Path, seconds: float) -> dict:
   status = _status(root)
   survived = sorted(n for n, s in status.items() if s == "survived" and n not in EQUIVALENT)
   counted = {n: s for n, s in status.items() if n not in EQUIVALENT}
-  killed = sum(s == "killed" for s in counted.values())
+  # A mutant on which the tests hang (mutmut's timeout) does not pass them: caught.
+  killed = sum(s in ("killed", "timeout") for s in counted.values())
   return {
     "module": module,
     "tests": tests,
@@ -201,7 +202,9 @@ def report(module: str, root: pathlib.Path, seconds: float) -> dict:
     "equivalent": len(status) - len(counted),
     "killed": killed,
     "survived": survived,
-    "other": sorted(f"{n}: {s}" for n, s in counted.items() if s not in ("killed", "survived")),
+    "other": sorted(
+      f"{n}: {s}" for n, s in counted.items() if s not in ("killed", "timeout", "survived")
+    ),
     "score": killed / len(counted) if counted else float("nan"),
     "seconds": seconds,
     "workspace": str(root),

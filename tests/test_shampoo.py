@@ -129,6 +129,18 @@ def test_newton_root_undoes_the_step_whose_residual_grew_by_1_2x():
   np.testing.assert_allclose(root.residual, residual, rtol=1e-12)
 
 
+def test_newton_root_stops_at_max_iterations_100_by_default():
+  """Condition 1e40: the small eigenvalue's iterate grows 2.25x a step, for about 113 steps."""
+  a = np.diag([1.0, 1e-40])
+  root = curvopt.matrix_inverse_root(
+    jnp.asarray(a), 2, method="newton", epsilon=0.0, relative_epsilon=False, tolerance=0.0
+  )
+  matrix, residual = _coupled_newton_reference(a, 2, 100)
+  assert residual > 0.9  # still far from converged: the cap stopped it
+  np.testing.assert_allclose(root.residual, residual, rtol=1e-12)
+  np.testing.assert_allclose(root.matrix, matrix, rtol=1e-10)
+
+
 def test_newton_root_runs_in_highest_matmul_precision():
   """On accelerators the default would multiply float32 in bfloat16 passes."""
   lowered = jax.jit(lambda a: curvopt.matrix_inverse_root(a, 4, method="newton")).lower(
