@@ -67,6 +67,9 @@ EQUIVALENT: dict[str, str] = {
   "curvopt._matrix_roots.x__newton_root__mutmut_79": (
     "the loop's first 'previous residual' (inf) in the default float type, as mutant 77"
   ),
+  "curvopt.estimators._power.x__normalized__mutmut_10": (
+    "a zero norm divided by itself: the NaN sits in the branch the outer where discards"
+  ),
   "curvopt.transforms._safety.x_all_finite__mutmut_17": (
     "the one vector left in its leaves' promoted dtype instead of float32: each entry is "
     "finite exactly where it was"

@@ -82,6 +82,18 @@ def test_power_iteration_top_eigenvalue():
   assert float(result.residual) < 1e-5
 
 
+def test_power_iteration_normalizes_short_vectors_and_falls_back_from_a_zero_start():
+  """Eigenvalues below 1 shrink every product: each is still scaled to unit length."""
+  op = curvopt.diagonal_operator(jnp.array([0.5, 0.1, -0.2]))
+  for start in (jnp.full(3, 1e-3), jnp.zeros(3)):  # zero: the random start instead
+    result = curvopt.power_iteration(
+      op, jax.random.key(0), initial_vector=start, num_iterations=200, tol=1e-12
+    )
+    assert float(result.eigenvalue) == pytest.approx(0.5, rel=1e-9)
+    assert float(jnp.linalg.norm(result.eigenvector)) == pytest.approx(1.0, rel=1e-12)
+    np.testing.assert_allclose(jnp.abs(result.eigenvector), [1.0, 0.0, 0.0], atol=1e-6)
+
+
 def test_power_iteration_on_the_mlp(mlp_hessian):
   problem, _, (eigenvalues, _) = mlp_hessian
   top = eigenvalues[np.argmax(np.abs(eigenvalues))]
