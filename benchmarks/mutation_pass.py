@@ -47,7 +47,10 @@ MODULES = {
   "curvopt/estimators/_fisher_inverse.py": (["tests/test_mfac.py"], None),
   "curvopt/transforms/_mfac.py": (["tests/test_mfac.py"], None),
   "curvopt/_matrix_roots.py": (["tests/test_shampoo.py"], "root"),
-  "curvopt/estimators/_power.py": (["tests/test_estimators.py"], "power or sharpness"),
+  "curvopt/estimators/_power.py": (
+    ["tests/test_estimators.py"],
+    "power or sharpness or bad_arguments",
+  ),
   "curvopt/oracles/_hessian.py": (["tests/test_oracles.py"], None),
 }
 
@@ -66,6 +69,9 @@ EQUIVALENT: dict[str, str] = {
   ),
   "curvopt._matrix_roots.x__newton_root__mutmut_79": (
     "the loop's first 'previous residual' (inf) in the default float type, as mutant 77"
+  ),
+  "curvopt.estimators._power.x__normalized__mutmut_12": (
+    "a zero vector divided by 2 instead of 1: zero either way, and replaced by the fallback"
   ),
   "curvopt.estimators._power.x__normalized__mutmut_10": (
     "a zero norm divided by itself: the NaN sits in the branch the outer where discards"

@@ -94,6 +94,13 @@ def test_power_iteration_normalizes_short_vectors_and_falls_back_from_a_zero_sta
     np.testing.assert_allclose(jnp.abs(result.eigenvector), [1.0, 0.0, 0.0], atol=1e-6)
 
 
+def test_power_iteration_keeps_float32_and_spends_at_most_100_products_by_default():
+  op = curvopt.diagonal_operator(jnp.array([1.0, 0.99, 0.5], jnp.float32))  # slow: 0.99
+  result = curvopt.power_iteration(op, jax.random.key(0), tol=0.0)
+  assert int(result.num_iterations) == 100
+  assert result.eigenvalue.dtype == result.eigenvector.dtype == jnp.float32
+
+
 def test_power_iteration_on_the_mlp(mlp_hessian):
   problem, _, (eigenvalues, _) = mlp_hessian
   top = eigenvalues[np.argmax(np.abs(eigenvalues))]
