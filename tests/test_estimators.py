@@ -92,6 +92,12 @@ def test_power_iteration_normalizes_short_vectors_and_falls_back_from_a_zero_sta
     assert float(result.eigenvalue) == pytest.approx(0.5, rel=1e-9)
     assert float(jnp.linalg.norm(result.eigenvector)) == pytest.approx(1.0, rel=1e-12)
     np.testing.assert_allclose(jnp.abs(result.eigenvector), [1.0, 0.0, 0.0], atol=1e-6)
+    assert bool(result.converged) and int(result.num_iterations) < 200  # stopped early
+  # An exact eigenvector: the second product changes nothing, and tol = 0 accepts that.
+  exact = curvopt.power_iteration(
+    op, jax.random.key(0), initial_vector=jnp.array([1.0, 0.0, 0.0]), tol=0.0
+  )
+  assert (float(exact.eigenvalue), int(exact.num_iterations)) == (0.5, 2)
 
 
 def test_power_iteration_keeps_float32_and_spends_at_most_100_products_by_default():
