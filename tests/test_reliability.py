@@ -191,7 +191,7 @@ def test_all_finite_reads_every_float_leaf_and_nothing_else(large, monkeypatch):
 
 
 def _key_and_count_transform(impl):
-  """A PRNG key advanced and a count whose dtype changes (int32 at init, float32 after)."""
+  """A PRNG key advanced, a count changing dtype (int32 -> float32), a total changing shape."""
 
   def init(params):
     del params
