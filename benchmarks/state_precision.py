@@ -31,7 +31,10 @@ FOLDERS = {"gpt_lm": "gpt", "resnet_digits": "resnet"}
 LOSS_FOLDERS = {**FOLDERS, "gpt_lm, beta2 0.999": "gpt_shampoo_ema"}
 OPTIMIZERS_SIZED = ["adamw", "adahessian", "sophia_h", "soap", "shampoo", "psgd_kron", "psgd_muon"]
 # Rows whose low-precision column keeps some statistics apart: label -> (optimizer, arguments).
-VARIANTS_SIZED = {"shampoo, statistics bfloat16": ("shampoo", {"statistics_dtype": "bfloat16"})}
+VARIANTS_SIZED = {
+  "shampoo, statistics bfloat16": ("shampoo", {"statistics_dtype": "bfloat16"}),
+  "shampoo, statistics unpacked": ("shampoo", {"packed_statistics": False}),
+}
 
 
 def _bytes_per_parameter(opt, params) -> float:

@@ -12,6 +12,7 @@ import pytest
 
 import curvopt
 from curvopt.transforms import scale_by_shampoo, scale_by_soap
+from curvopt.transforms.kronecker._factors import pack_symmetric, unpack_symmetric
 
 
 def _spd(d, condition, seed=0):
@@ -420,6 +421,89 @@ def test_poisoned_statistics_keep_the_previous_roots_and_count_the_failure():
   np.testing.assert_allclose(state.statistics[0][0][0], g @ g.T, rtol=1e-12)
 
 
+@pytest.mark.parametrize("d", [1, 2, 3, 5])
+def test_packed_statistics_are_the_upper_triangle_by_rows_and_unpack_exactly(d):
+  a = np.random.default_rng(d).normal(size=(3, d, d))
+  symmetric = jnp.asarray(a + np.swapaxes(a, 1, 2))
+  packed = pack_symmetric(symmetric)
+  rows = [symmetric[:, i, j] for i in range(d) for j in range(i, d)]  # LAPACK's "U" by rows
+  chex.assert_trees_all_equal(packed, jnp.stack(rows, axis=-1))
+  chex.assert_trees_all_equal(unpack_symmetric(packed), symmetric)
+  assert unpack_symmetric(packed.astype(jnp.float32)).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("size", [2, 4, 5])
+def test_unpacking_a_length_that_is_no_triangle_is_refused(size):
+  with pytest.raises(ValueError, match=f"{size} entries are not the upper triangle"):
+    unpack_symmetric(jnp.zeros((1, size)))
+
+
+@pytest.mark.parametrize("beta2", [1.0, 0.9])
+def test_packed_statistics_give_the_unpacked_updates(beta2):
+  # Matrices, a 4-d tensor (four factors, exponent 8), two blocks of one shape, a vector.
+  params = {
+    "w": jnp.zeros((6, 5)),
+    "k": jnp.zeros((3, 2, 4, 2)),
+    "b": jnp.zeros((10, 3)),
+    "v": jnp.zeros(4),
+  }
+  grads = _random_grads(params, steps=5)
+  make = lambda packed: scale_by_shampoo(
+    block_size=5,
+    beta2=beta2,
+    precondition_frequency=2,
+    start_preconditioning_step=0,
+    one_sided=False,
+    packed_statistics=packed,
+  )
+  full_updates, full = _run(make(False), params, grads)
+  packed_updates, packed = _run(make(True), params, grads)
+  # The products' two triangles differ in the last bit, and packing keeps the upper one.
+  chex.assert_trees_all_equal(packed.statistics, jax.tree.map(pack_symmetric, full.statistics))
+  chex.assert_trees_all_close(packed.roots, full.roots, rtol=1e-12, atol=1e-14)
+  chex.assert_trees_all_close(packed_updates, full_updates, rtol=1e-12, atol=1e-14)
+  for p, f in zip(
+    jax.tree.leaves(packed.statistics), jax.tree.leaves(full.statistics), strict=True
+  ):
+    n, d, _ = f.shape
+    assert p.shape == (n, d * (d + 1) // 2)
+
+
+def test_a_poisoned_packed_statistic_restarts_from_zero_alone():
+  params = {"w": jnp.zeros((4, 3))}
+  grads = _random_grads(params, steps=3)
+  tx = scale_by_shampoo(
+    precondition_frequency=1, start_preconditioning_step=0, one_sided=False, packed_statistics=True
+  )
+  _, state = _run(tx, params, grads[:2])
+  ((left, right),) = state.statistics
+  poisoned = state._replace(statistics=((left.at[0, 1].set(jnp.inf), right),))
+  updates, state = tx.update(grads[2], poisoned)
+  assert int(state.failures) == 1 and np.all(np.isfinite(updates["w"]))
+  chex.assert_trees_all_equal(state.statistics[0][0], jnp.zeros_like(left))
+  g = np.asarray(grads[2]["w"])
+  np.testing.assert_allclose(
+    unpack_symmetric(state.statistics[0][1])[0], unpack_symmetric(right)[0] + g.T @ g, rtol=1e-12
+  )
+
+
+def test_shampoo_packs_its_statistics_exactly_when_a_state_dtype_is_given():
+  params = {"w": jax.ShapeDtypeStruct((128, 512), jnp.float32)}
+
+  def statistics_entries(**kwargs):
+    leaves = curvopt.state_size(curvopt.shampoo(0.1, **kwargs), params).leaves
+    return [b for name, b in leaves.items() if ".statistics" in name]
+
+  assert statistics_entries() == [128 * 128 * 4]
+  assert statistics_entries(state_dtype=jnp.bfloat16) == [128 * 129 // 2 * 4]  # float32, packed
+  assert statistics_entries(state_dtype=jnp.float32) == [128 * 129 // 2 * 4]
+  assert statistics_entries(state_dtype=jnp.bfloat16, packed_statistics=False) == [128 * 128 * 4]
+  assert statistics_entries(packed_statistics=True) == [128 * 129 // 2 * 4]
+  bf16 = curvopt.state_size(curvopt.shampoo(0.1, state_dtype=jnp.bfloat16), params).total_bytes
+  f32 = curvopt.state_size(curvopt.shampoo(0.1), params).total_bytes
+  assert bf16 / f32 < 0.51  # the rest of the state halves; the statistics take bfloat16's bytes
+
+
 def test_newton_and_eigh_roots_give_the_same_updates():
   params = {"w": jnp.zeros((6, 5))}
   grads = _random_grads(params, steps=5)
@@ -442,6 +526,7 @@ def test_newton_and_eigh_roots_give_the_same_updates():
     ({"start_preconditioning_step": -1}, "start_preconditioning_step must be"),
     ({"grafting_b2": 1.0}, r"grafting_b2 must be in"),
     ({"rank_rtol": -1e-3}, r"rank_rtol must be in"),
+    ({"packed_statistics": "yes"}, "packed_statistics must be"),
   ],
 )
 def test_bad_shampoo_arguments_fail_clearly(kwargs, message):

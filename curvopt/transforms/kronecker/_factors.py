@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from curvopt import _xla_cpu
 
@@ -26,6 +27,35 @@ def factor_statistics(blocks: jax.Array, axes: tuple[int, ...]) -> list[jax.Arra
     unfolded = jnp.moveaxis(blocks, axis + 1, 1).reshape(n, blocks.shape[axis + 1], -1)
     out.append(jnp.einsum("nij,nkj->nik", unfolded, unfolded, precision=_HIGHEST))
   return out
+
+
+def pack_symmetric(stacked: jax.Array) -> jax.Array:
+  """The upper triangles of symmetric `(n, d, d)` factors, row by row: `(n, d (d + 1) / 2)`.
+
+  Factor statistics are symmetric, so half of their entries carry the whole
+  factor: stored this way, float32 statistics take the bytes of bfloat16 ones
+  and keep their precision (LAPACK's packed storage, by rows of the upper
+  triangle). A product's two triangles can differ in the last bit; the upper
+  one is kept, so the unpacked factor is exactly symmetric.
+  """
+  rows, cols = np.triu_indices(stacked.shape[-1])
+  return stacked[..., rows, cols]
+
+
+def unpack_symmetric(packed: jax.Array) -> jax.Array:
+  """The symmetric `(n, d, d)` factors whose upper triangles `pack_symmetric` kept.
+
+  One gather (entry `(i, j)` reads the packed position of `(min(i, j), max(i, j))`),
+  no scatter: gathers are the cheaper of the two on accelerators.
+  """
+  size = packed.shape[-1]
+  d = (math.isqrt(8 * size + 1) - 1) // 2
+  if d * (d + 1) // 2 != size:
+    raise ValueError(f"{size} entries are not the upper triangle of a square matrix.")
+  position = np.zeros((d, d), np.int32)
+  position[np.triu_indices(d)] = np.arange(size)
+  position = np.maximum(np.triu(position), np.triu(position, 1).T)
+  return jnp.take(packed, jnp.asarray(position), axis=-1)
 
 
 def mode_product(

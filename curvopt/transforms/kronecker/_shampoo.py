@@ -19,7 +19,13 @@ from curvopt.transforms.kronecker._blocks import (
   stacked_identities,
   to_blocks,
 )
-from curvopt.transforms.kronecker._factors import factor_statistics, map_factors, mode_product
+from curvopt.transforms.kronecker._factors import (
+  factor_statistics,
+  map_factors,
+  mode_product,
+  pack_symmetric,
+  unpack_symmetric,
+)
 from curvopt.transforms.kronecker._grafting import Grafting, grafting_transform
 
 PyTree = Any
@@ -32,7 +38,8 @@ class ScaleByShampooState(NamedTuple):
   Attributes:
     count: steps taken (int32).
     statistics: per block shape (sorted), per block axis, the stacked factor
-      statistics `(n, d, d)` of the `n` blocks of that shape.
+      statistics `(n, d, d)` of the `n` blocks of that shape; with
+      `packed_statistics`, their upper triangles by rows, `(n, d (d + 1) / 2)`.
     roots: their inverse roots, same structure, refreshed every
       `precondition_frequency` steps.
     failures: root computations rejected so far (non-finite or inaccurate:
@@ -67,6 +74,7 @@ def scale_by_shampoo(
   matrix_axes: MatrixAxes | None = None,
   one_sided: bool = True,
   block_sharding: jax.sharding.NamedSharding | None = None,
+  packed_statistics: bool = False,
 ) -> optax.GradientTransformation:
   """Preconditions each block by its Kronecker factors' inverse roots, grafted.
 
@@ -98,6 +106,7 @@ def scale_by_shampoo(
     raise ValueError(f"start_preconditioning_step must be an integer >= 0, got {start!r}.")
   _checks.one_of("root_method", root_method, ROOT_METHODS)
   _checks.flag("relative_epsilon", relative_epsilon)
+  _checks.flag("packed_statistics", packed_statistics)
   if exponent_override is not None:
     _checks.positive_int("exponent_override", exponent_override)
   _checks.in_range("beta2", beta2, 0.0, 1.0, high_inclusive=True)
@@ -120,6 +129,8 @@ def scale_by_shampoo(
   def init(params: PyTree) -> ScaleByShampooState:
     layout, dtype = layout_of(params), _tree.working_dtype(_tree.structure_of(params))
     zeros = stacked_identities(layout, params, dtype, 0.0)
+    if packed_statistics:  # optax's leafless placeholder keeps its one empty leaf
+      zeros = jax.tree.map(lambda z: pack_symmetric(z) if z.ndim == 3 else z, zeros)
     identities = stacked_identities(layout, params, dtype)
     graft_state = graft.init(_tree.cast(params, dtype)) if graft is not None else optax.EmptyState()
     return ScaleByShampooState(
@@ -170,16 +181,23 @@ def scale_by_shampoo(
     grads = _tree.cast(updates, dtype)
     blocks = to_blocks(layout, grads)
     weight = jnp.where(beta2 == 1, 1.0, 1 - jnp.asarray(beta2, dtype)).astype(dtype)
+    stored = pack_symmetric if packed_statistics else lambda f: f
     statistics = tuple(
-      tuple(beta2 * s + weight * f for s, f in zip(old, factor_statistics(b, axes), strict=True))
+      tuple(
+        beta2 * s + weight * stored(f) for s, f in zip(old, factor_statistics(b, axes), strict=True)
+      )
       for old, b, axes in zip(state.statistics, blocks, layout.factor_axes, strict=True)
     )
 
     def refresh():
-      roots, failed = inverse_roots(layout, statistics, state.roots, state.count)
+      full = jax.tree.map(unpack_symmetric, statistics) if packed_statistics else statistics
+      roots, failed = inverse_roots(layout, full, state.roots, state.count)
       # A non-finite factor cannot recover by accumulation: restart it from zero.
       clean = jax.tree.map(
-        lambda s: jnp.where(jnp.all(jnp.isfinite(s), axis=(1, 2), keepdims=True), s, 0), statistics
+        lambda s: jnp.where(
+          jnp.all(jnp.isfinite(s), axis=tuple(range(1, s.ndim)), keepdims=True), s, 0
+        ),
+        statistics,
       )
       return roots, state.failures + failed, clean
 
