@@ -73,6 +73,21 @@ EQUIVALENT: dict[str, str] = {
   "curvopt.estimators._power.x__normalized__mutmut_12": (
     "a zero vector divided by 2 instead of 1: zero either way, and replaced by the fallback"
   ),
+  "curvopt.estimators._power.x_power_iteration__mutmut_32": (
+    "the random start drawn in each leaf's dtype instead of the working one: it differs only "
+    "in leaves narrower than the working dtype, by one rounding to the leaf's dtype, which "
+    "the operator's product applies to every input anyway (mv casts each leaf to the "
+    "parameters' dtype); on float32 and float64 leaves the first iterate moved by 1e-8, "
+    "inside the float32 product's own error"
+  ),
+  "curvopt.estimators._power.x_power_iteration__mutmut_36": (
+    "the random start's dtype argument dropped: the same draw as mutant 32 (None)"
+  ),
+  "curvopt.estimators._power.x_power_iteration__mutmut_69": (
+    "the product cast to dtype None, which optax.tree.cast reads as no cast: the bfloat16 "
+    "leaves a product may hold promote exactly to the working dtype in every use (the dot, "
+    "the normalization)"
+  ),
   "curvopt.estimators._power.x__normalized__mutmut_10": (
     "a zero norm divided by itself: the NaN sits in the branch the outer where discards"
   ),
