@@ -52,6 +52,8 @@ MODULES = {
     "power or sharpness or bad_arguments",
   ),
   "curvopt/oracles/_hessian.py": (["tests/test_oracles.py"], None),
+  "curvopt/transforms/_cadence.py": (["tests/test_cadence.py"], None),
+  "curvopt/transforms/kronecker/_grafting.py": (["tests/test_grafting.py"], None),
 }
 
 # Mutants that cannot change a result, by mutmut's name, with the reason.
