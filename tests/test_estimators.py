@@ -105,6 +105,9 @@ def test_power_iteration_keeps_float32_and_spends_at_most_100_products_by_defaul
   result = curvopt.power_iteration(op, jax.random.key(0), tol=0.0)
   assert int(result.num_iterations) == 100
   assert result.eigenvalue.dtype == result.eigenvector.dtype == jnp.float32
+  for start in (jnp.ones(3, jnp.float64), jnp.ones(3, jnp.bfloat16)):  # cast to the operator's
+    warm = curvopt.power_iteration(op, jax.random.key(0), initial_vector=start, loop="unroll")
+    assert warm.eigenvalue.dtype == warm.eigenvector.dtype == jnp.float32
 
 
 def test_power_iteration_on_the_mlp(mlp_hessian):
