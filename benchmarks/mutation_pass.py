@@ -59,6 +59,9 @@ MODULES = {
   "curvopt/estimators/_sharpness.py": (["tests/test_estimators.py"], None),
   "curvopt/estimators/_lanczos.py": (["tests/test_estimators.py"], None),
   "curvopt/_cubic_subproblem.py": (["tests/test_lazy_newton.py"], None),
+  "curvopt/oracles/_fisher.py": (["tests/test_oracles.py"], None),
+  "curvopt/oracles/_gauss_newton.py": (["tests/test_oracles.py"], None),
+  "curvopt/oracles/_lineax.py": (["tests/test_oracles.py"], None),
 }
 
 # Mutants that cannot change a result, by mutmut's name, with the reason.
