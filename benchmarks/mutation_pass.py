@@ -99,6 +99,19 @@ EQUIVALENT: dict[str, str] = {
   "curvopt.estimators._power.x_power_iteration__mutmut_64": (
     "the zero start's random fallback with its dtype argument dropped: as mutant 32"
   ),
+  "curvopt.estimators._power.x_power_iteration__mutmut_105": (
+    "the loop's first 'change' (inf) in the default float type: jnp.asarray of a Python "
+    "float is weakly typed, and lax loops give a weak carry the body's dtype; inf in any type"
+  ),
+  "curvopt.estimators._power.x_power_iteration__mutmut_107": (
+    "the loop's first 'change' with its dtype argument dropped: as mutant 105"
+  ),
+  "curvopt.estimators._power.x_power_iteration__mutmut_125": (
+    "the final product cast to dtype None (no cast): as mutant 69"
+  ),
+  "curvopt.transforms.kronecker._grafting.x_grafting_transform__mutmut_24": (
+    "eps_in_sqrt=None instead of False: optax reads it as a truth value"
+  ),
   "curvopt.estimators._power.x_power_iteration__mutmut_69": (
     "the product cast to dtype None, which optax.tree.cast reads as no cast: the bfloat16 "
     "leaves a product may hold promote exactly to the working dtype in every use (the dot, "

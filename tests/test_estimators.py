@@ -108,6 +108,18 @@ def test_power_iteration_keeps_float32_and_spends_at_most_100_products_by_defaul
   for start in (jnp.ones(3, jnp.float64), jnp.ones(3, jnp.bfloat16)):  # cast to the operator's
     warm = curvopt.power_iteration(op, jax.random.key(0), initial_vector=start, loop="unroll")
     assert warm.eigenvalue.dtype == warm.eigenvector.dtype == jnp.float32
+  looped = curvopt.power_iteration(op, jax.random.key(0), loop="lax")  # a typed loop carry
+  assert looped.eigenvalue.dtype == looped.residual.dtype == jnp.float32
+
+
+def test_power_iteration_reports_the_operators_batch_size():
+  value_fn, _ = quadratic_with_spectrum([2.0, 1.0])
+  op = curvopt.hessian(value_fn, jnp.zeros(2), num_examples=7)
+  assert curvopt.power_iteration(op, jax.random.key(0)).num_examples == 7
+  assert (
+    curvopt.power_iteration(curvopt.hessian(value_fn, jnp.zeros(2)), jax.random.key(0)).num_examples
+    is None
+  )
 
 
 def test_power_iteration_on_the_mlp(mlp_hessian):

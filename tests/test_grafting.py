@@ -37,7 +37,7 @@ def _reference(name, grads, b2, eps):
 @pytest.mark.parametrize("name", GRAFTINGS)
 def test_each_grafting_is_its_formula(name):
   grads = [np.asarray(jax.random.normal(jax.random.key(t), (5,))) for t in range(4)]
-  b2, eps = 0.9, 1e-3  # large enough that eps's placement (outside the root) shows
+  b2, eps = 0.8, 1e-3  # not optax's 0.9; eps large enough that its placement shows
   got = _directions(grafting_transform(name, b2, eps), [jnp.asarray(g) for g in grads])
   for a, b in zip(got, _reference(name, grads, b2, eps), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-12)
