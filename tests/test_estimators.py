@@ -322,6 +322,42 @@ def test_slq_moments_estimate_the_spectral_moments():
   assert float(sd.trace()) == pytest.approx(np.trace(matrix), rel=0.05)
 
 
+def test_spectral_density_methods_are_their_formulas():
+  nodes = np.array([[-1.0, 0.5, 2.0], [0.0, 1.0, 3.0]])
+  weights = np.array([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+  sd = curvopt.SpectralDensity(jnp.asarray(nodes), jnp.asarray(weights), 10, num_examples=4)
+  for power in (0, 1, 2, 3):
+    expected = np.mean(np.sum(weights * nodes**power, axis=1))
+    assert float(sd.moment(power)) == pytest.approx(expected, rel=1e-14)
+  assert float(sd.trace()) == pytest.approx(10 * np.mean(np.sum(weights * nodes, axis=1)))
+  assert float(sd.trace(jnp.exp)) == pytest.approx(
+    10 * np.mean(np.sum(weights * np.exp(nodes), axis=1)), rel=1e-14
+  )
+  grid, sigma = np.linspace(-2.0, 4.0, 7), 0.7
+  kernel = np.exp(-0.5 * ((grid[:, None, None] - nodes[None]) / sigma) ** 2)
+  expected = np.mean(np.sum(weights * kernel, axis=-1), axis=-1) / (sigma * np.sqrt(2 * np.pi))
+  np.testing.assert_allclose(sd.density(grid, sigma), expected, rtol=1e-13)
+
+
+def test_spectral_density_of_repeated_eigenvalues_restarts_and_weighs_each_eigenspace():
+  """Three distinct eigenvalues in six dimensions: the probe's Krylov space ends after three
+  steps, the restarted ones find the rest of the spectrum with weight zero (the probe has no
+  component there), and each eigenspace's weight is the probe's mass on it."""
+  diagonal = jnp.array([2.0, -1.0, 2.0, 0.5, -1.0, 2.0])
+  op = curvopt.hessian(lambda w: 0.5 * jnp.sum(diagonal * w**2), jnp.zeros(6), num_examples=5)
+  sd = curvopt.spectral_density(op, jax.random.key(2), num_iterations=50, num_probes=3)
+  assert sd.nodes.shape == sd.weights.shape == (3, 6)  # clipped to d
+  assert (sd.dimension, sd.num_examples) == (6, 5)
+  for i, probe_key in enumerate(jax.random.split(jax.random.key(2), 3)):
+    start_key, _ = jax.random.split(probe_key)
+    v = np.asarray(curvopt.random_vector(start_key, op.in_structure, "rademacher", jnp.float64))
+    mass = (v / np.linalg.norm(v)) ** 2
+    np.testing.assert_allclose(sd.nodes[i], [-1.0, -1.0, 0.5, 2.0, 2.0, 2.0], atol=1e-12)
+    per_eigenvalue = [sd.weights[i, :2].sum(), sd.weights[i, 2], sd.weights[i, 3:].sum()]
+    expected = [mass[[1, 4]].sum(), mass[3], mass[[0, 2, 5]].sum()]
+    np.testing.assert_allclose(per_eigenvalue, expected, atol=1e-12)
+
+
 ESTIMATORS = {
   "hutchinson_diagonal": lambda op, k, loop: curvopt.hutchinson_diagonal(
     op, k, num_probes=6, probes_per_step=3, loop=loop
