@@ -141,6 +141,39 @@ def test_sharpness_is_largest_algebraic_not_magnitude():
   assert float(s) == pytest.approx(3.0, rel=1e-10)
 
 
+def test_estimate_sharpness_is_lanczos_top_algebraic_pair_with_its_arguments():
+  value_fn, _ = quadratic_with_spectrum([-50.0, *np.linspace(-2.0, 9.0, 39)])
+  op = curvopt.hessian(value_fn, jnp.zeros(40), num_examples=9)
+  key, start = jax.random.key(1), jnp.ones(40)
+  for kwargs in ({}, {"num_iterations": 7, "tol": 0.0, "warm_start": start, "loop": "lax"}):
+    est = curvopt.estimate_sharpness(op, key, **kwargs)
+    pairs = curvopt.lanczos_eigenpairs(
+      op, key, k=1, which="LA", **{"num_iterations": 20, "tol": 1e-5, **kwargs}
+    )
+    assert est.num_examples == 9
+    chex.assert_trees_all_equal(
+      (est.sharpness, est.residual, est.converged, est.eigenvector, est.num_iterations),
+      (
+        pairs.eigenvalues[0],
+        pairs.residuals[0],
+        pairs.converged[0],
+        pairs.eigenvectors[0],
+        pairs.num_iterations,
+      ),
+    )
+  assert int(curvopt.estimate_sharpness(op, key, tol=0.0).num_iterations) == 20  # the default
+
+
+def test_sharpness_passes_its_arguments_to_estimate_sharpness():
+  value_fn, _ = quadratic_with_spectrum(np.linspace(-2.0, 9.0, 30))
+  params, key = jnp.zeros(30), jax.random.key(5)
+  for kwargs in ({}, {"num_iterations": 4, "tol": 0.0, "loop": "unroll"}, {"tol": 0.5}):
+    expected = curvopt.estimate_sharpness(curvopt.hessian(value_fn, params), key, **kwargs)
+    assert float(curvopt.sharpness(value_fn, params, key=key, **kwargs)) == float(
+      expected.sharpness
+    )
+
+
 def test_estimate_sharpness_reports_batch_size_and_dataset_sharpness():
   problem = mlp_problem("mse", n=30)
   x, y = problem.inputs, problem.targets
