@@ -72,6 +72,100 @@ def test_warm_start_converges_in_fewer_steps():
   np.testing.assert_allclose(warm.eigenvalues, fresh.eigenvalues, rtol=1e-6)
 
 
+def _tridiagonal(alphas, betas):
+  off = np.asarray(betas)[: len(alphas) - 1]
+  return np.diag(np.asarray(alphas)) + np.diag(off, 1) + np.diag(off, -1)
+
+
+@pytest.mark.parametrize("num_iterations", [8, 12, 40])  # 40: clipped to d = 12
+def test_lanczos_basis_is_orthonormal_and_tridiagonalizes_the_operator(num_iterations):
+  value_fn, matrix = quadratic_with_spectrum(np.linspace(-3.0, 5.0, 12), seed=2)
+  op = curvopt.hessian(value_fn, jnp.zeros(12))
+  start = jnp.arange(1.0, 13.0)
+  out = curvopt.lanczos(op, jax.random.key(0), num_iterations=num_iterations, initial_vector=start)
+  m = min(num_iterations, 12)
+  v = np.asarray(out.basis)
+  assert v.shape == (m, 12) and int(out.num_iterations) == m
+  np.testing.assert_allclose(v[0], start / np.linalg.norm(start), rtol=1e-14)
+  np.testing.assert_allclose(v @ v.T, np.eye(m), atol=1e-13)
+  np.testing.assert_allclose(v @ matrix @ v.T, _tridiagonal(out.alphas, out.betas), atol=1e-12)
+  # A V^T = V^T T + beta_m v_{m+1} e_m^T: the last column's residual has norm betas[m - 1].
+  residual = matrix @ v.T - v.T @ _tridiagonal(out.alphas, out.betas)
+  np.testing.assert_allclose(np.linalg.norm(residual, axis=0)[:-1], 0.0, atol=1e-12)
+  assert np.linalg.norm(residual[:, -1]) == pytest.approx(float(out.betas[-1]), abs=1e-12)
+
+
+def test_lanczos_restarts_with_a_zero_beta_when_the_krylov_space_is_invariant():
+  diagonal = jnp.array([2.0, -1.0, 2.0, 0.5, -1.0, 2.0])
+  op = curvopt.diagonal_operator(diagonal)
+  out = curvopt.lanczos(op, jax.random.key(1), num_iterations=6, initial_vector=jnp.ones(6))
+  betas = np.asarray(out.betas)
+  assert betas[2] == 0.0 and np.all(betas[:2] > 0.1)  # three eigenvalues: invariant at step 3
+  v = np.asarray(out.basis)
+  np.testing.assert_allclose(v @ v.T, np.eye(6), atol=1e-13)  # the restart is orthogonal
+  t = _tridiagonal(out.alphas, betas)
+  np.testing.assert_allclose(v @ np.diag(diagonal) @ v.T, t, atol=1e-12)
+  np.testing.assert_allclose(np.linalg.eigvalsh(t), np.sort(diagonal), atol=1e-12)
+
+
+def test_ritz_decomposition_reads_only_the_leading_block():
+  from curvopt.estimators._lanczos import ritz_decomposition
+
+  alphas, betas = jnp.array([1.0, 2.0, 3.0, -100.0]), jnp.array([0.5, 0.5, 7.0, 9.0])
+  theta, s, valid = ritz_decomposition(alphas, betas, jnp.int32(3))
+  block = _tridiagonal(alphas[:3], betas[:3])
+  assert int(jnp.sum(valid)) == 3
+  np.testing.assert_allclose(np.sort(theta[valid]), np.linalg.eigvalsh(block), rtol=1e-13)
+  assert float(jnp.max(theta[~valid])) < float(jnp.min(theta[valid]))  # the sentinel, below
+  for j in np.flatnonzero(valid):  # each valid column is an eigenvector of the block
+    np.testing.assert_allclose(block @ s[:3, j], theta[j] * s[:3, j], atol=1e-13)
+    assert float(s[3, j]) == 0.0
+
+
+@pytest.mark.parametrize("d, k, steps", [(40, 1, 20), (40, 8, 26), (15, 1, 15)])
+def test_lanczos_eigenpairs_default_steps_are_max_20_2k_plus_10_at_most_d(d, k, steps):
+  value_fn, _ = quadratic_with_spectrum(np.linspace(1.0, 2.0, d))
+  op = curvopt.hessian(value_fn, jnp.zeros(d))
+  assert (
+    int(curvopt.lanczos_eigenpairs(op, jax.random.key(0), k=k, tol=0.0).num_iterations) == steps
+  )
+
+
+def test_lanczos_eigenpairs_stop_no_earlier_than_k_steps():
+  """A multiple of the identity converges at once; k = 3 pairs still take three steps."""
+  op = curvopt.diagonal_operator(jnp.full(10, 2.0))
+  pairs = curvopt.lanczos_eigenpairs(op, jax.random.key(0), k=3, tol=1e-5, loop="lax")
+  assert int(pairs.num_iterations) == 3
+  np.testing.assert_allclose(pairs.eigenvalues, 2.0, rtol=1e-14)
+  assert bool(jnp.all(pairs.converged))
+
+
+def test_lanczos_eigenpairs_flags_convergence_against_the_largest_ritz_value():
+  value_fn, _ = quadratic_with_spectrum([-8.0, *np.linspace(0.0, 4.0, 29)])
+  op = curvopt.hessian(value_fn, jnp.zeros(30), num_examples=11)
+  pairs = curvopt.lanczos_eigenpairs(op, jax.random.key(0), k=4, num_iterations=6, tol=0.05)
+  assert pairs.num_examples == 11 and int(pairs.num_iterations) == 6
+  assert pairs.eigenvalues.dtype == pairs.residuals.dtype == jnp.float64
+  # ||A|| estimated by the largest Ritz value in magnitude (8 is found by step 6).
+  expected = np.asarray(pairs.residuals) <= 0.05 * 8.0
+  np.testing.assert_array_equal(pairs.converged, expected)
+  assert expected.any() and not expected.all()
+
+
+def test_a_warm_start_is_the_previous_vectors_sum_plus_a_little_noise():
+  from curvopt.estimators._lanczos import _start_vector
+
+  op = curvopt.diagonal_operator(jnp.arange(1.0, 6.0))
+  key = jax.random.key(4)
+  noise = np.asarray(curvopt.random_vector(key, op.in_structure, "gaussian", jnp.float64))
+  unit = lambda x: x / np.linalg.norm(x)
+  np.testing.assert_array_equal(_start_vector(op, key, None), noise)
+  previous = np.array([[3.0, 0.0, 0.0, 0.0, 4.0], [0.0, 1.0, 0.0, 0.0, 0.0]])
+  for warm, summed in ((previous[0], previous[0]), (previous, previous.sum(axis=0))):
+    expected = unit(summed) + 1e-3 * unit(noise)
+    np.testing.assert_allclose(_start_vector(op, key, jnp.asarray(warm)), expected, rtol=1e-14)
+
+
 def test_power_iteration_top_eigenvalue():
   value_fn, _ = quadratic_with_spectrum([-8.0, 4.0, *np.linspace(-2.0, 2.0, 48)])
   result = curvopt.power_iteration(
