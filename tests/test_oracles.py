@@ -234,9 +234,38 @@ def test_loss_fn_returning_per_example_losses_is_rejected():
     curvopt.gauss_newton(lambda w: jnp.outer(jnp.ones(4), w), lambda out: out.sum(-1), jnp.ones(2))
 
 
-def test_per_example_loss_fn_returning_a_scalar_is_rejected():
-  with pytest.raises(ValueError, match="per_example_loss_fn must return a 1-D array"):
-    curvopt.empirical_fisher(lambda w: jnp.sum(w), jnp.ones(2))
+@pytest.mark.parametrize(
+  "fn, error, message",
+  [
+    (
+      lambda w: jnp.sum(w),
+      ValueError,
+      r"must return a 1-D array of per-example losses, got shape \(\)\.$",
+    ),
+    (lambda w: jnp.outer(w, w), ValueError, r"per-example losses, got shape \(2, 2\)\.$"),
+    (lambda w: (w, w), ValueError, r"per-example losses, got shape tuple\.$"),
+    (
+      lambda w: (w > 0).astype(jnp.int32),
+      TypeError,
+      r"must return floating-point losses, got int32\.$",
+    ),
+    (None, TypeError, "per_example_loss_fn is required"),
+  ],
+)
+def test_a_bad_per_example_loss_fn_is_named_with_what_it_returned(fn, error, message):
+  with pytest.raises(error, match=message) as caught:
+    curvopt.empirical_fisher(fn, jnp.ones(2))
+  assert str(caught.value).startswith("per_example_loss_fn")
+
+
+def test_empirical_fisher_names_integer_params_and_is_tagged_psd():
+  with pytest.raises(TypeError, match=r"^params\['w'\] must have a floating-point dtype"):
+    curvopt.empirical_fisher(lambda p: p["w"] * 1.0, {"w": jnp.ones(3, jnp.int32)})
+  op = curvopt.empirical_fisher(lambda w: w * 2.0, jnp.ones(3))
+  assert curvopt.is_symmetric(op) and curvopt.is_positive_semidefinite(op)
+  assert op.num_examples == 3
+  single = curvopt.empirical_fisher(lambda w: w * 2.0, jnp.ones(3, jnp.float32))  # float32 losses
+  np.testing.assert_array_equal(single.as_matrix(), np.diag(np.full(3, 4.0 / 3, np.float32)))
 
 
 def test_empty_batches_are_rejected():
