@@ -212,6 +212,17 @@ def test_probe_with_wrong_structure_is_rejected():
     op.mv({"v": jnp.ones(3)})
 
 
+def test_value_grad_hvp_names_a_vector_of_the_wrong_structure():
+  with pytest.raises(ValueError, match=r"^vector must have the same pytree structure"):
+    curvopt.value_grad_hvp(lambda p: jnp.sum(p["w"] ** 2), {"w": jnp.ones(3)}, {"v": jnp.ones(3)})
+
+
+def test_hessian_reports_the_batch_size_it_was_given():
+  value_fn = lambda w: jnp.sum(w**2)
+  assert curvopt.hessian(value_fn, jnp.ones(2), num_examples=12).num_examples == 12
+  assert curvopt.hessian(value_fn, jnp.ones(2)).num_examples is None
+
+
 def test_probe_with_wrong_shape_is_rejected():
   op = curvopt.hessian(lambda p: jnp.sum(p["w"] ** 2), {"w": jnp.ones(3)})
   with pytest.raises(ValueError, match=r"vector\['w'\] must have shape \(3,\)"):
