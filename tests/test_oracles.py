@@ -245,6 +245,35 @@ def test_loss_fn_returning_per_example_losses_is_rejected():
     curvopt.gauss_newton(lambda w: jnp.outer(jnp.ones(4), w), lambda out: out.sum(-1), jnp.ones(2))
 
 
+@pytest.mark.parametrize("missing", ["model_fn", "loss_fn"])
+def test_gauss_newton_names_a_missing_function(missing):
+  fns = {"model_fn": lambda w: w * 2.0, "loss_fn": lambda out: jnp.sum(out**2), missing: None}
+  with pytest.raises(TypeError, match=f"^{missing} is required"):
+    curvopt.gauss_newton(fns["model_fn"], fns["loss_fn"], jnp.ones(2))
+
+
+def test_gauss_newton_names_integer_params():
+  with pytest.raises(TypeError, match=r"^params\['w'\] must have a floating-point dtype"):
+    curvopt.gauss_newton(lambda p: p["w"] * 1.0, jnp.sum, {"w": jnp.ones(3, jnp.int32)})
+
+
+def test_gauss_newton_tags_and_batch_size_follow_its_arguments_and_outputs():
+  loss = lambda out: jnp.sum(jax.tree.leaves(out)[0] ** 2)
+  op = curvopt.gauss_newton(lambda w: jnp.outer(jnp.ones(5), w), loss, jnp.ones(2))
+  assert curvopt.is_symmetric(op) and curvopt.is_positive_semidefinite(op)
+  assert op.num_examples == 5  # the first output leaf's leading dimension
+  indefinite = curvopt.gauss_newton(
+    lambda w: w, lambda out: out[0] * out[1], jnp.ones(2), positive_semidefinite=False
+  )
+  assert curvopt.is_symmetric(indefinite) and not curvopt.is_positive_semidefinite(indefinite)
+  np.testing.assert_array_equal(indefinite.as_matrix(), [[0.0, 1.0], [1.0, 0.0]])
+  tree = curvopt.gauss_newton(lambda w: {"a": jnp.ones((3, 2)) * w, "b": w[0]}, loss, jnp.ones(2))
+  assert tree.num_examples == 3
+  assert (
+    curvopt.gauss_newton(lambda w: jnp.sum(w), lambda out: out**2, jnp.ones(2)).num_examples is None
+  )
+
+
 @pytest.mark.parametrize(
   "fn, error, message",
   [
