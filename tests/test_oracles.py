@@ -1,5 +1,7 @@
 """Operators against dense float64 references (jax.hessian, Jacobians)."""
 
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -390,3 +392,32 @@ def test_to_lineax_solves_a_damped_gauss_newton_system(solver):
 def unravel(flat):
   params = _small_regression()[2]
   return jax.flatten_util.ravel_pytree(params)[1](flat)
+
+
+@pytest.mark.parametrize("symmetric, psd", [(False, False), (True, False), (True, True)])
+def test_to_lineax_translates_exactly_the_tags_it_has(symmetric, psd):
+  lx = pytest.importorskip("lineax")
+  matrix = jnp.array([[2.0, 1.0], [0.5, 3.0]])
+  op = curvopt.linear_operator(
+    lambda v: matrix @ v, jnp.zeros(2), symmetric=symmetric, positive_semidefinite=psd
+  )
+  converted = curvopt.to_lineax(op)
+  assert (lx.is_symmetric(converted), lx.is_positive_semidefinite(converted)) == (symmetric, psd)
+  np.testing.assert_array_equal(
+    converted.mv(jnp.array([1.0, -1.0])), matrix @ jnp.array([1.0, -1.0])
+  )
+
+
+def test_to_lineax_without_lineax_says_how_to_install_it(monkeypatch):
+  monkeypatch.setitem(sys.modules, "lineax", None)  # a blocked import
+  op = curvopt.linear_operator(lambda v: v, jnp.zeros(2))
+  with pytest.raises(ImportError, match=r"^curvopt.to_lineax needs lineax: pip install lineax$"):
+    curvopt.to_lineax(op)
+
+
+def test_to_lineax_names_what_it_got_instead_of_an_operator():
+  pytest.importorskip("lineax")
+  with pytest.raises(
+    TypeError, match=r"^operator must be a curvopt LinearOperator, got ndarray\.$"
+  ):
+    curvopt.to_lineax(np.eye(2))
