@@ -62,6 +62,7 @@ MODULES = {
   "curvopt/oracles/_fisher.py": (["tests/test_oracles.py"], None),
   "curvopt/oracles/_gauss_newton.py": (["tests/test_oracles.py"], None),
   "curvopt/oracles/_lineax.py": (["tests/test_oracles.py"], None),
+  "curvopt/estimators/_loops.py": (["tests/test_loops.py"], None),
 }
 
 # Mutants that cannot change a result, by mutmut's name, with the reason.
