@@ -390,6 +390,82 @@ def test_grafting_gives_each_block_the_grafts_norm():
         assert norm(out) == pytest.approx(norm(u), rel=1e-12)
 
 
+def test_one_factor_at_a_time_equals_the_batched_call():
+  from curvopt.transforms.kronecker._factors import _one_at_a_time
+
+  stacked = jnp.asarray(np.stack([_spd(4, 10.0, seed) for seed in range(3)]))
+  fn = lambda key, m: (jnp.linalg.eigvalsh(m), jnp.sum(m, axis=(1, 2)) + key)
+  one, batched = _one_at_a_time(fn)(1.0, stacked), fn(1.0, stacked)
+  chex.assert_trees_all_close(one, batched, rtol=1e-13)
+  assert "eigh[" in str(jax.make_jaxpr(_one_at_a_time(fn), static_argnums=0)(1.0, stacked))
+
+
+def test_shard_count_multiplies_the_mesh_axes_of_the_leading_dimension():
+  from types import SimpleNamespace
+
+  from jax.sharding import PartitionSpec
+
+  from curvopt.transforms.kronecker._factors import _shard_count
+
+  mesh = SimpleNamespace(shape={"data": 4, "model": 2})
+  count = lambda spec: _shard_count(SimpleNamespace(spec=spec, mesh=mesh))
+  assert count(PartitionSpec("data")) == 4
+  assert count(PartitionSpec(("data", "model"))) == 8
+  assert count(PartitionSpec(None, "data")) == 1  # the leading axis is not sharded
+  assert count(PartitionSpec()) == 1
+
+
+def test_distributed_pads_the_stack_with_identities_to_a_multiple_of_the_shards(monkeypatch):
+  from curvopt.transforms.kronecker import _factors
+
+  monkeypatch.setattr(_factors, "_shard_count", lambda sharding: 4)
+  monkeypatch.setattr(jax.lax, "with_sharding_constraint", lambda x, sharding: x)
+  seen = []
+
+  def fn(key, stacked):
+    seen.append(np.asarray(stacked))
+    return stacked * key, jnp.sum(stacked, axis=(1, 2))
+
+  stacked = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3, 3)))
+  out = _factors._distributed(fn, sharding=None)(2.0, stacked)
+  (padded,) = seen
+  assert padded.shape == (8, 3, 3)
+  np.testing.assert_array_equal(padded[:5], stacked)
+  np.testing.assert_array_equal(padded[5:], np.broadcast_to(np.eye(3), (3, 3, 3)))
+  chex.assert_trees_all_equal(out, (stacked * 2.0, jnp.sum(stacked, axis=(1, 2))))
+
+
+def test_map_factors_groups_by_key_and_cuts_the_results_back_per_factor(monkeypatch):
+  from curvopt.transforms.kronecker import _factors
+
+  rng = np.random.default_rng(1)
+  factors = [
+    [jnp.asarray(rng.normal(size=(2, 3, 3))), jnp.asarray(rng.normal(size=(1, 4, 4)))],
+    [jnp.asarray(rng.normal(size=(3, 3, 3)))],
+  ]
+  calls = []
+
+  def fn(key, stacked):
+    calls.append((key, stacked.shape[0]))
+    return stacked * 2.0 + key
+
+  for one_at_a_time in (False, True):
+    monkeypatch.setattr(_factors._xla_cpu, "lapack_one_at_a_time", lambda v=one_at_a_time: v)
+    calls.clear()
+    out = _factors.map_factors(fn, factors)
+    for group, group_out in zip(factors, out, strict=True):
+      for f, o in zip(group, group_out, strict=True):
+        chex.assert_trees_all_close(o, f * 2.0 + f.shape[-1], rtol=1e-15)
+    # One traced call per size: the whole stack, or (lax.map's body) one factor.
+    assert sorted(calls) == ([(3, 1), (4, 1)] if one_at_a_time else [(3, 5), (4, 1)])
+  monkeypatch.setattr(_factors._xla_cpu, "lapack_one_at_a_time", lambda: False)
+  keys = []
+  by_group = lambda key, stacked: (keys.append((key, stacked.shape[0])), stacked - 1.0)[1]
+  out = _factors.map_factors(by_group, factors, key=lambda g, a: (factors[g][a].shape[-1], g))
+  assert keys == [((3, 0), 2), ((4, 0), 1), ((3, 1), 3)]  # in order of first appearance
+  chex.assert_trees_all_equal(out, [[f - 1.0 for f in group] for group in factors])
+
+
 def test_same_shaped_blocks_share_one_batched_root_call():
   layers = {f"layer{i}": jnp.zeros((16, 16)) for i in range(6)}
   tx = scale_by_shampoo(precondition_frequency=1)
@@ -421,15 +497,19 @@ def test_poisoned_statistics_keep_the_previous_roots_and_count_the_failure():
   np.testing.assert_allclose(state.statistics[0][0][0], g @ g.T, rtol=1e-12)
 
 
-@pytest.mark.parametrize("d", [1, 2, 3, 5])
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 20, 128])
 def test_packed_statistics_are_the_upper_triangle_by_rows_and_unpack_exactly(d):
   a = np.random.default_rng(d).normal(size=(3, d, d))
   symmetric = jnp.asarray(a + np.swapaxes(a, 1, 2))
   packed = pack_symmetric(symmetric)
-  rows = [symmetric[:, i, j] for i in range(d) for j in range(i, d)]  # LAPACK's "U" by rows
-  chex.assert_trees_all_equal(packed, jnp.stack(rows, axis=-1))
+  dense = np.asarray(symmetric)
+  rows = [dense[:, i, j] for i in range(d) for j in range(i, d)]  # LAPACK's "U" by rows
+  np.testing.assert_array_equal(packed, np.stack(rows, axis=-1))
   chex.assert_trees_all_equal(unpack_symmetric(packed), symmetric)
   assert unpack_symmetric(packed.astype(jnp.float32)).dtype == jnp.float32
+  single = symmetric[0]  # any leading axes, none included
+  assert pack_symmetric(single).shape == (d * (d + 1) // 2,)
+  chex.assert_trees_all_equal(unpack_symmetric(pack_symmetric(single)), single)
 
 
 @pytest.mark.parametrize("size", [2, 4, 5])
