@@ -100,6 +100,13 @@ EQUIVALENT: dict[str, str] = {
   "curvopt.estimators._power.x_power_iteration__mutmut_64": (
     "the zero start's random fallback with its dtype argument dropped: as mutant 32"
   ),
+  "curvopt.transforms.kronecker._factors.x_pack_symmetric__mutmut_3": (
+    "the triangle's size read from axis 1 instead of -1: the same length on a stack of "
+    "square factors"
+  ),
+  "curvopt.transforms.kronecker._factors.x_pack_symmetric__mutmut_4": (
+    "the triangle's size read from a square factor's other axis"
+  ),
   "curvopt.estimators._power.x_power_iteration__mutmut_105": (
     "the loop's first 'change' (inf) in the default float type: jnp.asarray of a Python "
     "float is weakly typed, and lax loops give a weak carry the body's dtype; inf in any type"
