@@ -107,6 +107,11 @@ EQUIVALENT: dict[str, str] = {
   "curvopt.transforms.kronecker._factors.x_pack_symmetric__mutmut_4": (
     "the triangle's size read from a square factor's other axis"
   ),
+  "curvopt.oracles._gauss_newton.x__leading_dim__mutmut_6": (
+    "the default for a leaf without ndim: jax.linearize's outputs are arrays, all with one"
+  ),
+  "curvopt.oracles._gauss_newton.x__leading_dim__mutmut_9": ("as mutant 6"),
+  "curvopt.oracles._gauss_newton.x__leading_dim__mutmut_13": ("as mutant 6"),
   "curvopt.estimators._power.x_power_iteration__mutmut_105": (
     "the loop's first 'change' (inf) in the default float type: jnp.asarray of a Python "
     "float is weakly typed, and lax loops give a weak carry the body's dtype; inf in any type"

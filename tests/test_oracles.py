@@ -264,6 +264,7 @@ def test_gauss_newton_tags_and_batch_size_follow_its_arguments_and_outputs():
   op = curvopt.gauss_newton(lambda w: jnp.outer(jnp.ones(5), w), loss, jnp.ones(2))
   assert curvopt.is_symmetric(op) and curvopt.is_positive_semidefinite(op)
   assert op.num_examples == 5  # the first output leaf's leading dimension
+  assert curvopt.gauss_newton(lambda w: w * 2.0, loss, jnp.ones(4)).num_examples == 4  # (n,)
   indefinite = curvopt.gauss_newton(
     lambda w: w, lambda out: out[0] * out[1], jnp.ones(2), positive_semidefinite=False
   )
