@@ -284,7 +284,8 @@ def run_module(module: str, max_children: int, rerun: bool = False) -> dict:
     root = _workspace_of(module)
     _copy_tracked(["tests"], root, root / "mutants")
     _configure(module, root, root / "mutants")
-    names = [n for n, s in _status(root).items() if s == "survived"]
+    # "no tests": no test called the function when the stats were taken; new ones may.
+    names = [n for n, s in _status(root).items() if s in ("survived", "no tests")]
     # mutmut maps each function to the tests that called it when its stats were taken, and
     # retakes them only for new test names: a test extended since then would not be run.
     (root / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
@@ -317,7 +318,9 @@ def main() -> None:
     "--report", action="store_true", help="only read each module's last pass from its workspace"
   )
   parser.add_argument(
-    "--rerun", action="store_true", help="only the last pass's survivors, against today's tests"
+    "--rerun",
+    action="store_true",
+    help="only the last pass's survivors and untested mutants, against today's tests",
   )
   parser.add_argument("--json", default=None, help="append each module's result to this file")
   parser.add_argument("--table", default=None, help="write the modules' results as markdown here")
