@@ -112,6 +112,44 @@ EQUIVALENT: dict[str, str] = {
   ),
   "curvopt.oracles._gauss_newton.x__leading_dim__mutmut_9": ("as mutant 6"),
   "curvopt.oracles._gauss_newton.x__leading_dim__mutmut_13": ("as mutant 6"),
+  "curvopt.transforms.kronecker._factors.x__zero_depending_on__mutmut_4": (
+    "the ordering zero taken from a leaf of any dtype: 0.0 times an integer or boolean "
+    "leaf is an exact, weakly typed zero too, still computed from the previous call"
+  ),
+  "curvopt.transforms.kronecker._factors.x__zero_depending_on__mutmut_14": (
+    "the ordering zero read from entry 1 instead of 0: zero either way (a one-entry leaf's "
+    "index is clamped), and still computed from the previous call"
+  ),
+  "curvopt.transforms.kronecker._factors.x_map_factors__mutmut_34": (
+    "the ordering zero subtracted instead of added: x - 0 equals x + 0 (up to the sign of "
+    "a zero entry, which compares equal)"
+  ),
+  "curvopt.transforms.kronecker._factors.x_map_factors__mutmut_13": (
+    "the default key read from a square factor's other axis"
+  ),
+  "curvopt.transforms.kronecker._factors.x_factor_statistics__mutmut_34": (
+    "the einsum's subscripts in upper case: the same contraction"
+  ),
+  "curvopt.transforms.kronecker._factors.x_mode_product__mutmut_8": (
+    "zip's strict=None: the axes and matrices always have equal lengths"
+  ),
+  "curvopt.transforms.kronecker._factors.x_mode_product__mutmut_11": (
+    "zip's strict dropped: as mutant 8"
+  ),
+  "curvopt.transforms.kronecker._factors.x_mode_product__mutmut_12": (
+    "zip's strict=False: as mutant 8"
+  ),
+  "curvopt.transforms.kronecker._factors.x_unpack_symmetric__mutmut_11": (
+    "isqrt(8 s + 2) instead of isqrt(8 s + 1): equal for a triangle's size (8 s + 1 is an odd "
+    "square and the next square is 8 s + 2 + 2 (2 d + 1) + 1 away); other sizes fail the "
+    "check either way"
+  ),
+  "curvopt.transforms.kronecker._factors.x_unpack_symmetric__mutmut_14": (
+    "the check's true division: d (d + 1) is even, so d (d + 1) / 2 is exact"
+  ),
+  "curvopt.transforms.kronecker._factors.x_unpack_symmetric__mutmut_38": (
+    "the transposed triangle with its diagonal: the maximum of two equal diagonals"
+  ),
   "curvopt.estimators._power.x_power_iteration__mutmut_105": (
     "the loop's first 'change' (inf) in the default float type: jnp.asarray of a Python "
     "float is weakly typed, and lax loops give a weak carry the body's dtype; inf in any type"

@@ -439,10 +439,12 @@ def test_map_factors_groups_by_key_and_cuts_the_results_back_per_factor(monkeypa
   from curvopt.transforms.kronecker import _factors
 
   rng = np.random.default_rng(1)
-  factors = [
-    [jnp.asarray(rng.normal(size=(2, 3, 3))), jnp.asarray(rng.normal(size=(1, 4, 4)))],
-    [jnp.asarray(rng.normal(size=(3, 3, 3)))],
+  factors = [  # three stacks of size 3 (offsets 0, 2, 5 in their concatenation), float32
+    [jnp.asarray(rng.normal(size=(2, 3, 3)), jnp.float32)],
+    [jnp.asarray(rng.normal(size=(3, 3, 3)), jnp.float32)],
+    [jnp.asarray(rng.normal(size=(2, 3, 3)), jnp.float32)],
   ]
+  factors[0].append(jnp.asarray(rng.normal(size=(1, 4, 4)), jnp.float32))
   calls = []
 
   def fn(key, stacked):
@@ -455,15 +457,43 @@ def test_map_factors_groups_by_key_and_cuts_the_results_back_per_factor(monkeypa
     out = _factors.map_factors(fn, factors)
     for group, group_out in zip(factors, out, strict=True):
       for f, o in zip(group, group_out, strict=True):
-        chex.assert_trees_all_close(o, f * 2.0 + f.shape[-1], rtol=1e-15)
+        chex.assert_trees_all_equal(o, f * 2.0 + f.shape[-1])
     # One traced call per size: the whole stack, or (lax.map's body) one factor.
-    assert sorted(calls) == ([(3, 1), (4, 1)] if one_at_a_time else [(3, 5), (4, 1)])
+    assert sorted(calls) == ([(3, 1), (4, 1)] if one_at_a_time else [(3, 7), (4, 1)])
   monkeypatch.setattr(_factors._xla_cpu, "lapack_one_at_a_time", lambda: False)
   keys = []
   by_group = lambda key, stacked: (keys.append((key, stacked.shape[0])), stacked - 1.0)[1]
   out = _factors.map_factors(by_group, factors, key=lambda g, a: (factors[g][a].shape[-1], g))
-  assert keys == [((3, 0), 2), ((4, 0), 1), ((3, 1), 3)]  # in order of first appearance
+  assert keys == [((3, 0), 2), ((4, 0), 1), ((3, 1), 3), ((3, 2), 2)]  # first appearance
   chex.assert_trees_all_equal(out, [[f - 1.0 for f in group] for group in factors])
+
+
+def test_map_factors_spreads_each_stack_over_the_shards_it_is_given(monkeypatch):
+  from types import SimpleNamespace
+
+  from curvopt.transforms.kronecker import _factors
+
+  monkeypatch.setattr(_factors, "_shard_count", lambda sharding: sharding.count)
+  monkeypatch.setattr(jax.lax, "with_sharding_constraint", lambda x, sharding: x)
+  factors = [[jnp.ones((3, 2, 2)), jnp.ones((1, 5, 5))]]
+  seen = []
+  fn = lambda key, stacked: (seen.append(stacked.shape), stacked * 3.0)[1]
+  out = _factors.map_factors(fn, factors, sharding=SimpleNamespace(count=4))
+  assert seen == [(4, 2, 2), (4, 5, 5)]  # each padded to a multiple of four shards
+  chex.assert_trees_all_equal(out, [[jnp.full((3, 2, 2), 3.0), jnp.full((1, 5, 5), 3.0)]])
+
+
+def test_kronecker_products_run_in_highest_matmul_precision():
+  """On accelerators the default would multiply float32 in bfloat16 passes (TF32 on GPUs)."""
+  from curvopt.transforms.kronecker._factors import factor_statistics, mode_product
+
+  blocks = jnp.ones((2, 3, 4), jnp.float32)
+  for fn in (
+    lambda b: factor_statistics(b, (0, 1)),
+    lambda b: mode_product(b, [jnp.ones((2, 3, 3)), jnp.ones((2, 4, 4))], (0, 1)),
+  ):
+    text = jax.jit(fn).lower(blocks).as_text()
+    assert text.count("dot_general") == text.count("precision = [HIGHEST, HIGHEST]") == 2, text
 
 
 def test_same_shaped_blocks_share_one_batched_root_call():
