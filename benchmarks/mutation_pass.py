@@ -140,9 +140,9 @@ EQUIVALENT: dict[str, str] = {
     "zip's strict=False: as mutant 8"
   ),
   "curvopt.transforms.kronecker._factors.x_unpack_symmetric__mutmut_11": (
-    "isqrt(8 s + 2) instead of isqrt(8 s + 1): equal for a triangle's size (8 s + 1 is an odd "
-    "square and the next square is 8 s + 2 + 2 (2 d + 1) + 1 away); other sizes fail the "
-    "check either way"
+    "isqrt(8 s + 2) instead of isqrt(8 s + 1): for a triangle's size s, 8 s + 1 = (2 d + 1)^2 "
+    "and 8 s + 2 is below (2 d + 2)^2, so the root is the same; other sizes fail the check "
+    "either way"
   ),
   "curvopt.transforms.kronecker._factors.x_unpack_symmetric__mutmut_14": (
     "the check's true division: d (d + 1) is even, so d (d + 1) / 2 is exact"
