@@ -150,6 +150,12 @@ EQUIVALENT: dict[str, str] = {
   "curvopt.transforms.kronecker._factors.x_unpack_symmetric__mutmut_38": (
     "the transposed triangle with its diagonal: the maximum of two equal diagonals"
   ),
+  "curvopt.estimators._slq.x\u01c1SpectralDensity\u01c1moment__mutmut_8": (
+    "the sum over axis 1 instead of -1: the same axis of the documented (probes, m) arrays"
+  ),
+  "curvopt.estimators._slq.x\u01c1SpectralDensity\u01c1trace__mutmut_13": (
+    "the sum over axis 1 instead of -1: as moment's mutant 8"
+  ),
   "curvopt.estimators._power.x_power_iteration__mutmut_105": (
     "the loop's first 'change' (inf) in the default float type: jnp.asarray of a Python "
     "float is weakly typed, and lax loops give a weak carry the body's dtype; inf in any type"
