@@ -63,6 +63,7 @@ MODULES = {
   "curvopt/oracles/_gauss_newton.py": (["tests/test_oracles.py"], None),
   "curvopt/oracles/_lineax.py": (["tests/test_oracles.py"], None),
   "curvopt/estimators/_loops.py": (["tests/test_loops.py"], None),
+  "curvopt/estimators/_hutchpp.py": (["tests/test_estimators.py"], "hutchpp or bad_arguments"),
 }
 
 # Mutants that cannot change a result, by mutmut's name, with the reason.

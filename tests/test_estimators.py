@@ -403,6 +403,40 @@ def test_hutchpp_has_lower_variance_than_hutchinson_on_dominant_eigenvalues():
   assert float(jnp.var(hpp)) < 0.1 * float(jnp.var(hut))
 
 
+@pytest.mark.parametrize("distribution, k", [("rademacher", 4), ("gaussian", 3), ("rademacher", 1)])
+def test_hutchpp_is_its_algorithm_on_the_same_draws(distribution, k):
+  """Sketch, exact trace on its span, Hutchinson on the complement: a numpy replica."""
+  rng = np.random.default_rng(7)
+  a = rng.normal(size=(7, 7))
+  matrix = a @ a.T
+  params = {"u": jnp.zeros((2, 2)), "v": jnp.zeros(3)}  # two leaves: rows cut and rejoined
+  value_fn = lambda p: 0.5 * ravel(p) @ jnp.asarray(matrix) @ ravel(p)
+  op = curvopt.hessian(value_fn, params, num_examples=6)
+  key = jax.random.key(11)
+  est = curvopt.hutchpp_trace(op, key, num_matvecs=3 * k, distribution=distribution)
+  sketch_key, probe_key = jax.random.split(key)
+  draw = lambda keys: np.stack(
+    [ravel(curvopt.random_vector(kk, op.in_structure, distribution, jnp.float64)) for kk in keys]
+  )
+  q, _ = np.linalg.qr((draw(jax.random.split(sketch_key, k)) @ matrix).T)
+  g = draw(jax.random.split(probe_key, k))
+  g_perp = g - (g @ q) @ q.T
+  samples = np.einsum("id,de,ie->i", g_perp, matrix, g_perp)
+  expected = np.trace(q.T @ matrix @ q) + samples.mean()
+  assert float(est.trace) == pytest.approx(expected, rel=1e-12)
+  stderr = samples.std(ddof=1) / np.sqrt(k) if k > 1 else np.inf
+  assert float(est.stderr) == pytest.approx(stderr, rel=1e-12)
+  assert (int(est.num_matvecs), bool(est.converged), est.num_examples) == (3 * k, True, 6)
+
+
+def test_hutchpp_spends_99_products_by_default_and_keeps_float32():
+  op = curvopt.diagonal_operator(jnp.arange(1.0, 34.0, dtype=jnp.float32))
+  est = curvopt.hutchpp_trace(op, jax.random.key(0))
+  assert int(est.num_matvecs) == 99
+  assert est.trace.dtype == est.stderr.dtype == jnp.float32
+  assert float(est.trace) == pytest.approx(561.0, rel=1e-5)  # 33 sketches span d = 33: exact
+
+
 def test_hutchpp_is_exact_for_low_rank_psd():
   value_fn, _ = quadratic_with_spectrum([5.0, 3.0, 1.0, *np.zeros(27)])
   est = curvopt.hutchpp_trace(
