@@ -157,6 +157,26 @@ EQUIVALENT: dict[str, str] = {
   "curvopt.estimators._slq.x\u01c1SpectralDensity\u01c1trace__mutmut_13": (
     "the sum over axis 1 instead of -1: as moment's mutant 8"
   ),
+  "curvopt.transforms.kronecker._factors.x__distributed__mutmut_3": (
+    "the identities' size read from axis 1 of a stack of square factors: the same"
+  ),
+  "curvopt.transforms.kronecker._factors.x__distributed__mutmut_4": (
+    "the identities' size read from a square factor's other axis"
+  ),
+  "curvopt.transforms.kronecker._factors.x__one_at_a_time__mutmut_11": (
+    "entry 1 of a length-1 axis instead of entry 0: JAX clamps a static index, the same entry"
+  ),
+  "curvopt.estimators._slq.x_spectral_density__mutmut_40": (
+    "the Rademacher start drawn in each leaf's dtype: entries of +-1 are exact in every dtype"
+  ),
+  "curvopt.estimators._slq.x_spectral_density__mutmut_44": ("as mutant 40"),
+  "curvopt.estimators._slq.x_spectral_density__mutmut_75": (
+    "the weight of an invalid Ritz value: SLQ runs every step (no stopping rule), so every "
+    "Ritz value of its tridiagonal matrix is valid"
+  ),
+  "curvopt.estimators._slq.x\u01c1SpectralDensity\u01c1density__mutmut_29": (
+    "the mean over axis 1 instead of -1 of a (grid, probes) array: the same axis"
+  ),
   "curvopt.estimators._power.x_power_iteration__mutmut_105": (
     "the loop's first 'change' (inf) in the default float type: jnp.asarray of a Python "
     "float is weakly typed, and lax loops give a weak carry the body's dtype; inf in any type"

@@ -519,6 +519,31 @@ def test_spectral_density_of_repeated_eigenvalues_restarts_and_weighs_each_eigen
     np.testing.assert_allclose(per_eigenvalue, expected, atol=1e-12)
 
 
+def test_spectral_density_defaults_and_unrolled_probes():
+  op = curvopt.diagonal_operator(jnp.linspace(-1.0, 2.0, 95))
+  sd = curvopt.spectral_density(op, jax.random.key(0))
+  assert sd.nodes.shape == sd.weights.shape == (8, 90)  # 8 probes, 90 steps by default
+  value_fn, _ = quadratic_with_spectrum([3.0, -1.0, 0.5, 2.0, 1.0])  # a rotated basis
+  small = curvopt.hessian(value_fn, jnp.zeros(5))
+  lax = curvopt.spectral_density(small, jax.random.key(1), num_probes=3, loop="lax")
+  unrolled = curvopt.spectral_density(small, jax.random.key(1), num_probes=3, loop="unroll")
+  chex.assert_trees_all_close(unrolled, lax, rtol=1e-12, atol=1e-14)
+  assert not np.allclose(lax.weights[0], lax.weights[1])  # each probe its own key
+
+
+@pytest.mark.parametrize(
+  "kwargs, error, message",
+  [
+    ({"key": 3}, TypeError, r"^key must be a single PRNG key"),
+    ({"num_iterations": 0}, ValueError, r"^num_iterations must be a positive integer"),
+  ],
+)
+def test_spectral_density_names_a_bad_argument(kwargs, error, message):
+  op = curvopt.diagonal_operator(jnp.ones(3))
+  with pytest.raises(error, match=message):
+    curvopt.spectral_density(op, **{"key": jax.random.key(0), **kwargs})
+
+
 ESTIMATORS = {
   "hutchinson_diagonal": lambda op, k, loop: curvopt.hutchinson_diagonal(
     op, k, num_probes=6, probes_per_step=3, loop=loop

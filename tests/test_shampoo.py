@@ -419,17 +419,21 @@ def test_distributed_pads_the_stack_with_identities_to_a_multiple_of_the_shards(
   from curvopt.transforms.kronecker import _factors
 
   monkeypatch.setattr(_factors, "_shard_count", lambda sharding: 4)
-  monkeypatch.setattr(jax.lax, "with_sharding_constraint", lambda x, sharding: x)
+  constrained = []
+  monkeypatch.setattr(
+    jax.lax, "with_sharding_constraint", lambda x, s: (constrained.append(s), x)[1]
+  )
   seen = []
 
   def fn(key, stacked):
     seen.append(np.asarray(stacked))
     return stacked * key, jnp.sum(stacked, axis=(1, 2))
 
-  stacked = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3, 3)))
-  out = _factors._distributed(fn, sharding=None)(2.0, stacked)
+  stacked = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3, 3)), jnp.float32)
+  out = _factors._distributed(fn, sharding="the sharding")(2.0, stacked)
+  assert constrained == ["the sharding"]
   (padded,) = seen
-  assert padded.shape == (8, 3, 3)
+  assert padded.shape == (8, 3, 3) and padded.dtype == np.float32  # identities in its dtype
   np.testing.assert_array_equal(padded[:5], stacked)
   np.testing.assert_array_equal(padded[5:], np.broadcast_to(np.eye(3), (3, 3, 3)))
   chex.assert_trees_all_equal(out, (stacked * 2.0, jnp.sum(stacked, axis=(1, 2))))
