@@ -30,7 +30,7 @@ def factor_statistics(blocks: jax.Array, axes: tuple[int, ...]) -> list[jax.Arra
 
 
 def pack_symmetric(stacked: jax.Array) -> jax.Array:
-  """The upper triangles of symmetric `(n, d, d)` factors, row by row: `(n, d (d + 1) / 2)`.
+  """The upper triangles of symmetric `(..., d, d)` factors, row by row: `(..., d (d + 1) / 2)`.
 
   Factor statistics are symmetric, so half of their entries carry the whole
   factor: stored this way, float32 statistics take the bytes of bfloat16 ones
@@ -43,7 +43,7 @@ def pack_symmetric(stacked: jax.Array) -> jax.Array:
 
 
 def unpack_symmetric(packed: jax.Array) -> jax.Array:
-  """The symmetric `(n, d, d)` factors whose upper triangles `pack_symmetric` kept.
+  """The symmetric `(..., d, d)` factors whose upper triangles `pack_symmetric` kept.
 
   One gather (entry `(i, j)` reads the packed position of `(min(i, j), max(i, j))`),
   no scatter: gathers are the cheaper of the two on accelerators.
