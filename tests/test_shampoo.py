@@ -616,6 +616,13 @@ def test_shampoo_packs_its_statistics_exactly_when_a_state_dtype_is_given():
   bf16 = curvopt.state_size(curvopt.shampoo(0.1, state_dtype=jnp.bfloat16), params).total_bytes
   f32 = curvopt.state_size(curvopt.shampoo(0.1), params).total_bytes
   assert bf16 / f32 < 0.51  # the rest of the state halves; the statistics take bfloat16's bytes
+  # optax's map_params hands init a leafless placeholder: the packed state keeps its structure.
+  opt, real = curvopt.shampoo(0.1, state_dtype=jnp.bfloat16), {"w": jnp.ones((4, 3))}
+  state = opt.init(real)
+  mapped = optax.tree.map_params(
+    opt.init, lambda v: v + 1.0, state, transform_non_params=lambda v: v
+  )
+  assert jax.tree.structure(mapped) == jax.tree.structure(state)
 
 
 def test_newton_and_eigh_roots_give_the_same_updates():
@@ -641,6 +648,7 @@ def test_newton_and_eigh_roots_give_the_same_updates():
     ({"grafting_b2": 1.0}, r"grafting_b2 must be in"),
     ({"rank_rtol": -1e-3}, r"rank_rtol must be in"),
     ({"packed_statistics": "yes"}, "packed_statistics must be"),
+    ({"packed_statistics": float("nan")}, "packed_statistics must be True or False"),
   ],
 )
 def test_bad_shampoo_arguments_fail_clearly(kwargs, message):

@@ -42,6 +42,14 @@ def pack_symmetric(stacked: jax.Array) -> jax.Array:
   return stacked[..., rows, cols]
 
 
+def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape `pack_symmetric` gives a `(n, d, d)` stack; any other shape (optax's
+  leafless placeholder, one empty leaf) is kept as it is."""
+  if len(shape) != 3:
+    return shape
+  return (*shape[:-2], shape[-1] * (shape[-1] + 1) // 2)
+
+
 def unpack_symmetric(packed: jax.Array) -> jax.Array:
   """The symmetric `(..., d, d)` factors whose upper triangles `pack_symmetric` kept.
 

@@ -24,6 +24,7 @@ from curvopt.transforms.kronecker._factors import (
   map_factors,
   mode_product,
   pack_symmetric,
+  packed_shape,
   unpack_symmetric,
 )
 from curvopt.transforms.kronecker._grafting import Grafting, grafting_transform
@@ -128,9 +129,11 @@ def scale_by_shampoo(
 
   def init(params: PyTree) -> ScaleByShampooState:
     layout, dtype = layout_of(params), _tree.working_dtype(_tree.structure_of(params))
-    zeros = stacked_identities(layout, params, dtype, 0.0)
-    if packed_statistics:  # optax's leafless placeholder keeps its one empty leaf
-      zeros = jax.tree.map(lambda z: pack_symmetric(z) if z.ndim == 3 else z, zeros)
+    if packed_statistics:  # packed zeros from the full factors' shapes, never the factors
+      full = jax.eval_shape(lambda: stacked_identities(layout, params, dtype, 0.0))
+      zeros = jax.tree.map(lambda s: jnp.zeros(packed_shape(s.shape), s.dtype), full)
+    else:
+      zeros = stacked_identities(layout, params, dtype, 0.0)
     identities = stacked_identities(layout, params, dtype)
     graft_state = graft.init(_tree.cast(params, dtype)) if graft is not None else optax.EmptyState()
     return ScaleByShampooState(
