@@ -64,6 +64,10 @@ MODULES = {
   "curvopt/oracles/_lineax.py": (["tests/test_oracles.py"], None),
   "curvopt/estimators/_loops.py": (["tests/test_loops.py"], None),
   "curvopt/estimators/_hutchpp.py": (["tests/test_estimators.py"], "hutchpp or bad_arguments"),
+  "curvopt/oracles/_probes.py": (["tests/test_probes.py"], None),
+  "curvopt/_tree.py": (["tests/test_tree.py"], None),
+  "curvopt/transforms/_orthogonalize.py": (["tests/test_psgd_muon.py"], "orthogonalize"),
+  "curvopt/transforms/_state_size.py": (["tests/test_state_size.py"], None),
 }
 
 # Mutants that cannot change a result, by mutmut's name, with the reason.

@@ -148,3 +148,64 @@ def test_psgd_muon_trains_a_small_network_and_refuses_bad_hyperparameters():
   for bad in ({"learning_rate": -0.1}, {"b1": 1.5}, {"weight_decay": float("nan")}):
     with pytest.raises(ValueError, match=next(iter(bad))):
       curvopt.psgd_muon(**{"learning_rate": 0.1, **bad})
+
+
+def _newton_schulz_replica(x, steps, coeffs, eps):
+  a, b, c = coeffs
+  x = x / (np.linalg.norm(x) + eps)
+  for _ in range(steps):
+    gram = x @ x.T
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  return x
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (2, 3, 5)])
+def test_orthogonalize_defaults_are_five_quintic_steps_at_rms_point_two(shape):
+  u = np.asarray(jax.random.normal(jax.random.key(3), shape, jnp.float64))
+  out, _ = orthogonalize().update({"u": jnp.asarray(u)}, optax.EmptyState())
+  matrix = u.reshape(-1, shape[-1])
+  wide = matrix.shape[0] <= matrix.shape[1]
+  polar = _newton_schulz_replica(matrix if wide else matrix.T, 5, (3.4445, -4.775, 2.0315), 1e-8)
+  expected = 0.2 * max(matrix.shape) ** 0.5 * (polar if wide else polar.T)
+  np.testing.assert_allclose(np.asarray(out["u"]).reshape(matrix.shape), expected, rtol=1e-12)
+
+
+def test_orthogonalize_eps_guards_the_normalization_of_a_tiny_matrix():
+  u = np.array([[1e-8, 0.0], [0.0, 2e-8]])
+  for eps in (1e-8, 0.0, 1e-6):
+    tx = orthogonalize(ns_steps=1, update_rms=1.0, ns_coeffs=(1.0, 0.0, 0.0), eps=eps)
+    out, _ = tx.update(jnp.asarray(u), optax.EmptyState())
+    # One step of the identity iteration: the normalized input, times sqrt(2).
+    expected = 2**0.5 * u / (np.linalg.norm(u) + eps)
+    np.testing.assert_allclose(out, expected, rtol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float64])
+def test_orthogonalize_works_in_float32_at_least_and_returns_the_leaf_dtype(dtype):
+  u = jax.random.normal(jax.random.key(4), (5, 3), jnp.float64)
+  tx = orthogonalize(ns_steps=30, update_rms=1.0, ns_coeffs=CUBIC)
+  out, _ = tx.update(u.astype(dtype), optax.EmptyState())
+  assert out.dtype == dtype
+  exact = 5**0.5 * _polar(np.asarray(u.astype(dtype), np.float64))
+  # bfloat16 input, float32 work: the output is the polar factor rounded to bfloat16 once.
+  tolerance = {jnp.bfloat16: 1e-2, jnp.float32: 1e-5, jnp.float64: 1e-12}[dtype]
+  np.testing.assert_allclose(np.asarray(out, np.float64), exact, atol=tolerance)
+  if dtype == jnp.bfloat16:
+    in_float32, _ = tx.update(u.astype(dtype).astype(jnp.float32), optax.EmptyState())
+    np.testing.assert_array_equal(out, in_float32.astype(jnp.bfloat16))
+
+
+def test_orthogonalize_refuses_bad_coefficients_and_eps():
+  with pytest.raises(
+    ValueError, match=r"ns_coeffs must be three numbers \(a, b, c\), got \(1\.5, -0\.5\)"
+  ):
+    orthogonalize(ns_coeffs=(1.5, -0.5))
+  with pytest.raises(ValueError, match="eps"):
+    orthogonalize(eps=-1e-8)
+  assert curvopt.transforms.matrix_leaves(
+    {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2), "s": 1.0}
+  ) == {
+    "w": True,
+    "b": False,
+    "s": False,
+  }

@@ -30,7 +30,7 @@ def matrix_leaves(params: PyTree) -> PyTree:
     Jordan et al., "Muon: an optimizer for hidden layers in neural networks",
     2024 (Muon on matrices, Adam on the rest).
   """
-  return jax.tree.map(lambda x: len(x.shape) >= 2, params)
+  return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
 
 
 def orthogonalize(
