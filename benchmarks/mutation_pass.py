@@ -68,6 +68,8 @@ MODULES = {
   "curvopt/_tree.py": (["tests/test_tree.py"], None),
   "curvopt/transforms/_orthogonalize.py": (["tests/test_psgd_muon.py"], "orthogonalize"),
   "curvopt/transforms/_state_size.py": (["tests/test_state_size.py"], None),
+  "curvopt/oracles/_output_loss.py": (["tests/test_output_loss.py"], None),
+  "curvopt/transforms/_masking.py": (["tests/test_masking.py"], None),
 }
 
 # Mutants that cannot change a result, by mutmut's name, with the reason.
