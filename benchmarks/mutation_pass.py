@@ -70,6 +70,15 @@ MODULES = {
   "curvopt/transforms/_state_size.py": (["tests/test_state_size.py"], None),
   "curvopt/oracles/_output_loss.py": (["tests/test_output_loss.py"], None),
   "curvopt/transforms/_masking.py": (["tests/test_masking.py"], None),
+  "curvopt/transforms/hessian_diagonal/_hutchinson.py": (
+    ["tests/test_hessian_optimizers.py"],
+    None,
+  ),
+  "curvopt/transforms/hessian_diagonal/_adahessian.py": (
+    ["tests/test_hessian_optimizers.py"],
+    None,
+  ),
+  "curvopt/transforms/hessian_diagonal/_sophia.py": (["tests/test_hessian_optimizers.py"], None),
 }
 
 # Mutants that cannot change a result, by mutmut's name, with the reason.

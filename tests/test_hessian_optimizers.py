@@ -235,3 +235,56 @@ def test_schedules_and_injected_hyperparameters_are_not_checked_eagerly():
   optax.inject_hyperparams(curvopt.sophia_h, static_args=("refresh_every", "seed"))(
     learning_rate=1e-3
   )
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_hutchinson_diagonal_is_probe_times_hessian_probe_for_counter_t(distribution):
+  h = _indefinite(d=6, seed=2)
+  params = {"a": jnp.zeros((2, 2), jnp.float32), "b": jnp.zeros(2, jnp.bfloat16)}
+  flat = lambda p: jnp.concatenate([p["a"].reshape(-1), p["b"]]).astype(jnp.float64)
+  value_fn = lambda p: 0.5 * flat(p) @ h @ flat(p)
+  est = hutchinson_diagonal_estimator(seed=7, distribution=distribution)
+  state = est.init(params)
+  assert int(state.count) == 0 and state.count.dtype == jnp.int32
+  for t in range(3):
+    diagonal, state = est.update(None, state, params, value_fn=value_fn)
+    assert int(state.count) == t + 1
+    z = curvopt.random_vector(jax.random.key(7), params, distribution, counter=t)
+    z_flat = np.asarray(flat(z))
+    expected = z_flat * (np.asarray(h) @ z_flat)
+    # float32 and bfloat16 leaves: the estimate is float32 (no float64 leaf).
+    assert diagonal["a"].dtype == jnp.float32 and diagonal["b"].dtype == jnp.float32
+    np.testing.assert_allclose(diagonal["a"].reshape(-1), expected[:4], rtol=1e-6)
+    # The bfloat16 leaf's product H z comes back in bfloat16.
+    np.testing.assert_allclose(diagonal["b"], expected[4:], rtol=1e-2)
+
+
+def test_hutchinson_diagonal_needs_params_and_a_value_fn_and_a_known_distribution():
+  est = hutchinson_diagonal_estimator(name="probe")
+  w = jnp.ones(2)
+  with pytest.raises(ValueError, match=r"probe needs params in update\(updates, state, params"):
+    est.update(w, est.init(w), None, value_fn=jnp.sum)
+  with pytest.raises(TypeError, match="value_fn"):
+    est.update(w, est.init(w), w)
+  with pytest.raises(ValueError, match="distribution must be one of"):
+    hutchinson_diagonal_estimator(distribution="normal")
+  with pytest.raises(ValueError, match="seed"):
+    hutchinson_diagonal_estimator(seed=-1)
+
+
+def test_spatial_average_takes_flax_none_a_function_or_a_tree_and_refuses_other_strings():
+  tree = {"k": jnp.arange(12.0).reshape(2, 3, 2), "b": jnp.arange(2.0)}
+  assert spatial_average(tree, None) is tree
+  flax = spatial_average(tree, "flax")
+  np.testing.assert_array_equal(
+    flax["k"], np.broadcast_to(np.arange(12.0).reshape(2, 3, 2).mean(0), (2, 3, 2))
+  )
+  np.testing.assert_array_equal(flax["b"], tree["b"])
+  assert flax_averaging_axes(jnp.zeros((2, 2, 2, 2, 3))) == (0, 1, 2)
+  assert flax_averaging_axes(jnp.zeros(())) == ()
+  by_function = spatial_average(tree, lambda leaf: (leaf.ndim - 1,))
+  np.testing.assert_array_equal(by_function["b"], [0.5, 0.5])
+  with pytest.raises(
+    ValueError, match=r'averaging_axes must be "flax", None, a function or a pytree; got \'linen\''
+  ):
+    spatial_average(tree, "linen")
