@@ -70,6 +70,7 @@ MODULES = {
   "curvopt/transforms/_state_size.py": (["tests/test_state_size.py"], None),
   "curvopt/oracles/_output_loss.py": (["tests/test_output_loss.py"], None),
   "curvopt/transforms/_masking.py": (["tests/test_masking.py"], None),
+  "curvopt/_checks.py": (["tests/test_checks.py"], None),
   "curvopt/transforms/hessian_diagonal/_hutchinson.py": (
     ["tests/test_hessian_optimizers.py"],
     None,
