@@ -71,6 +71,8 @@ MODULES = {
   "curvopt/oracles/_output_loss.py": (["tests/test_output_loss.py"], None),
   "curvopt/transforms/_masking.py": (["tests/test_masking.py"], None),
   "curvopt/_checks.py": (["tests/test_checks.py"], None),
+  "curvopt/transforms/_extra_args.py": (["tests/test_extra_args_and_grouping.py"], None),
+  "curvopt/transforms/psgd/_grouping.py": (["tests/test_extra_args_and_grouping.py"], None),
   "curvopt/transforms/hessian_diagonal/_hutchinson.py": (
     ["tests/test_hessian_optimizers.py"],
     None,
