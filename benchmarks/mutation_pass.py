@@ -73,6 +73,8 @@ MODULES = {
   "curvopt/_checks.py": (["tests/test_checks.py"], None),
   "curvopt/transforms/_extra_args.py": (["tests/test_extra_args_and_grouping.py"], None),
   "curvopt/transforms/psgd/_grouping.py": (["tests/test_extra_args_and_grouping.py"], None),
+  "curvopt/_jaxpr.py": (["tests/test_jaxpr_and_dataset.py"], None),
+  "curvopt/oracles/_dataset.py": (["tests/test_jaxpr_and_dataset.py"], None),
   "curvopt/transforms/hessian_diagonal/_hutchinson.py": (
     ["tests/test_hessian_optimizers.py"],
     None,
