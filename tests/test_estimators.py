@@ -8,7 +8,7 @@ import pytest
 from helpers import count_compilations, dense_hessian, mlp_problem, quadratic_with_spectrum, ravel
 
 import curvopt
-from curvopt import _xla_cpu
+from curvopt import _jaxpr, _xla_cpu
 from curvopt.estimators._loops import Loop, resolve_loop
 
 
@@ -817,3 +817,14 @@ def test_hutchinson_stderr_is_the_bessel_corrected_sample_error_over_merged_chun
   trace = curvopt.hutchinson_trace(op, key, num_probes=n, probes_per_step=per_step)
   np.testing.assert_allclose(trace.trace, trace_samples.mean(), rtol=1e-12)
   np.testing.assert_allclose(trace.stderr, trace_samples.std(ddof=1) / np.sqrt(n), rtol=1e-10)
+
+
+def test_sharpness_passes_its_loop_choice_on():
+  f = lambda w: 0.5 * (3 * w[0] ** 2 - 5 * w[1] ** 2)
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="loop must be one of"):
+    curvopt.sharpness(f, jnp.zeros(2), key=key, loop="python")
+  unrolled = jax.make_jaxpr(lambda p: curvopt.sharpness(f, p, key=key, loop="unroll"))(jnp.zeros(2))
+  looped = jax.make_jaxpr(lambda p: curvopt.sharpness(f, p, key=key, loop="lax"))(jnp.zeros(2))
+  assert not _jaxpr.contains_primitive(unrolled.jaxpr, "while")
+  assert _jaxpr.contains_primitive(looped.jaxpr, "while")
