@@ -270,16 +270,15 @@ EQUIVALENT.update(
     )
   }
 )
-# estimate_sharpness passes lanczos_eigenpairs' own defaults explicitly (k=1, which="LA",
-# tol): dropping one changes nothing; and it reads entry 0 of length-1 arrays, where JAX
-# clamps an index of 1 back to entry 0.
+# estimate_sharpness passes lanczos_eigenpairs' own defaults explicitly (k=1 and
+# which="LA"): dropping one changes nothing; and it reads entry 0 of length-1 arrays,
+# where JAX clamps an index of 1 back to entry 0.
 EQUIVALENT.update(
   {
     f"curvopt.estimators._sharpness.x_estimate_sharpness__mutmut_{n}": reason
     for n, reason in (
       (16, "k=1 dropped: lanczos_eigenpairs' default"),
       (17, 'which="LA" dropped: lanczos_eigenpairs\' default'),
-      (19, "tol=tol dropped: lanczos_eigenpairs' default equals estimate_sharpness' (1e-5)"),
       (37, "eigenvalues[1] of a length-1 array: JAX clamps the index to 0"),
       (38, "residuals[1] of a length-1 array: JAX clamps the index to 0"),
       (39, "converged[1] of a length-1 array: JAX clamps the index to 0"),

@@ -828,3 +828,10 @@ def test_sharpness_passes_its_loop_choice_on():
   looped = jax.make_jaxpr(lambda p: curvopt.sharpness(f, p, key=key, loop="lax"))(jnp.zeros(2))
   assert not _jaxpr.contains_primitive(unrolled.jaxpr, "while")
   assert _jaxpr.contains_primitive(looped.jaxpr, "while")
+
+
+def test_estimate_sharpness_passes_tol_on():
+  value_fn, _ = quadratic_with_spectrum([50.0] + [1.0] * 29)  # two distinct eigenvalues
+  op, key = curvopt.hessian(value_fn, jnp.zeros(30)), jax.random.key(2)
+  assert int(curvopt.estimate_sharpness(op, key).num_iterations) < 20  # converged early
+  assert int(curvopt.estimate_sharpness(op, key, tol=0.0).num_iterations) == 20
