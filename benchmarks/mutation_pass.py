@@ -77,6 +77,10 @@ MODULES = {
   "curvopt/oracles/_dataset.py": (["tests/test_jaxpr_and_dataset.py"], None),
   "curvopt/transforms/gauss_newton/_model.py": (["tests/test_gauss_newton_model.py"], None),
   "curvopt/transforms/gauss_newton/_line_search.py": (["tests/test_line_search.py"], None),
+  "curvopt/transforms/gauss_newton/_levenberg_marquardt.py": (
+    ["tests/test_levenberg_marquardt.py"],
+    None,
+  ),
   "curvopt/transforms/hessian_diagonal/_hutchinson.py": (
     ["tests/test_hessian_optimizers.py"],
     None,
