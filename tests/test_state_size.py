@@ -84,7 +84,7 @@ def test_a_state_over_a_gibibyte_and_64_times_the_parameters_is_refused_with_its
   [
     (2**28, 1, False),  # exactly 1 GiB: not over it
     (2**28 + 1, 1, True),
-    (2**28 + 1, 0, True),  # no parameters at all: the ratio is taken over one byte
+    (2**28 + 1, 0, True),  # no parameters at all: any state over 1 GiB
     (2**31, 2**25, False),  # 8 GiB, exactly 64 times the parameters
     (2**31 + 1, 2**25, True),
   ],

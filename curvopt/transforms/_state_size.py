@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -50,8 +51,8 @@ def _nbytes(x: Any) -> int:
   if dtype is None:
     return 0
   if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-    return int(np.prod(x.shape, dtype=np.int64)) * 8  # two uint32 words per threefry key
-  return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return math.prod(x.shape) * 8  # two uint32 words per threefry key
+  return math.prod(x.shape) * np.dtype(dtype).itemsize
 
 
 def state_size(optimizer: optax.GradientTransformation, params: PyTree) -> StateSize:
@@ -81,7 +82,7 @@ def state_size(optimizer: optax.GradientTransformation, params: PyTree) -> State
   return StateSize(
     total_bytes=sum(leaves.values()),
     parameter_bytes=sum(_nbytes(p) for p in param_leaves),
-    num_parameters=sum(int(np.prod(np.shape(p), dtype=np.int64)) for p in param_leaves),
+    num_parameters=sum(math.prod(np.shape(p)) for p in param_leaves),
     leaves=leaves,
   )
 
@@ -110,8 +111,8 @@ def refuse_unaffordable_state(
 
   def init(params: PyTree) -> Any:
     size = state_size(inner, params)
-    if size.total_bytes > _REFUSED_BYTES and size.total_bytes > _REFUSED_RATIO * max(
-      size.parameter_bytes, 1
+    if (
+      size.total_bytes > _REFUSED_BYTES and size.total_bytes > _REFUSED_RATIO * size.parameter_bytes
     ):
       path, largest = max(size.leaves.items(), key=lambda item: item[1])
       raise ValueError(
