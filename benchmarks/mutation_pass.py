@@ -81,6 +81,10 @@ MODULES = {
     ["tests/test_levenberg_marquardt.py"],
     None,
   ),
+  "curvopt/transforms/gauss_newton/_newton_cg.py": (
+    ["tests/test_truncated_cg.py", "tests/test_newton_cg.py"],
+    None,
+  ),
   "curvopt/transforms/hessian_diagonal/_hutchinson.py": (
     ["tests/test_hessian_optimizers.py"],
     None,
