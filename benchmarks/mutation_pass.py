@@ -85,6 +85,10 @@ MODULES = {
     ["tests/test_truncated_cg.py", "tests/test_newton_cg.py"],
     None,
   ),
+  "curvopt/transforms/gauss_newton/_egn.py": (
+    ["tests/test_egn_solver_choice.py", "tests/test_egn.py"],
+    None,
+  ),
   "curvopt/transforms/hessian_diagonal/_hutchinson.py": (
     ["tests/test_hessian_optimizers.py"],
     None,
