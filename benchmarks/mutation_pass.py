@@ -15,6 +15,7 @@ Run (needs `pip install mutmut`; a module takes minutes, run it in the backgroun
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import pathlib
@@ -315,11 +316,40 @@ def _workspace_of(module: str) -> pathlib.Path:
   )
 
 
-def _copy_tracked(paths: list[str], *destinations: pathlib.Path) -> None:
-  """The repository's tracked files under `paths`, copied into each destination."""
-  tracked = subprocess.run(
+def _tracked(paths: list[str]) -> list[str]:
+  """The repository's tracked files under `paths`."""
+  return subprocess.run(
     ["git", "ls-files", *paths], cwd=REPO, check=True, capture_output=True, text=True
   ).stdout.split()
+
+
+def _code(source: str) -> str:
+  """The program in `source` without its comments and docstrings (what mutmut mutates)."""
+  tree = ast.parse(source)
+  for node in ast.walk(tree):
+    body = getattr(node, "body", None)
+    if (
+      isinstance(body, list)
+      and body
+      and isinstance(body[0], ast.Expr)
+      and isinstance(body[0].value, ast.Constant)
+      and isinstance(body[0].value.value, str)
+    ):
+      node.body = body[1:] or [ast.Pass()]
+  return ast.dump(tree)
+
+
+def _stale(module: str, root: pathlib.Path) -> bool:
+  """Whether `module`'s code changed since the pass in `root` (which keeps an unmutated copy)."""
+  copy = root / module
+  if not copy.exists():
+    return True
+  return _code(copy.read_text()) != _code((REPO / module).read_text())
+
+
+def _copy_tracked(paths: list[str], *destinations: pathlib.Path) -> None:
+  """The repository's tracked files under `paths`, copied into each destination."""
+  tracked = _tracked(paths)
   for root in destinations:
     for name in tracked:
       (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -389,6 +419,8 @@ def report(module: str, root: pathlib.Path, seconds: float) -> dict:
     "score": killed / len(counted) if counted else float("nan"),
     "seconds": seconds,
     "workspace": str(root),
+    # The module changed since this pass: its score is for the old code.
+    "stale": _stale(module, root),
   }
 
 
@@ -397,6 +429,15 @@ def run_module(module: str, max_children: int, rerun: bool = False) -> dict:
   names = []
   if rerun:  # tests or selections changed since the pass: bring both in, rerun its survivors
     root = _workspace_of(module)
+    if _stale(module, root):
+      raise SystemExit(
+        f"{module} changed since its pass in {root}: its mutants are numbered from the old "
+        "code, so only a full pass (without --rerun) measures it."
+      )
+    # The other modules may have changed (a fix the tests now expect): bring them in too,
+    # leaving the mutated copy of `module` in place.
+    _copy_tracked(["curvopt"], root)
+    _copy_tracked([p for p in _tracked(["curvopt"]) if p != module], root / "mutants")
     _copy_tracked(["tests"], root, root / "mutants")
     _configure(module, root, root / "mutants")
     # "no tests": no test called the function when the stats were taken; new ones may.
@@ -413,14 +454,24 @@ def run_module(module: str, max_children: int, rerun: bool = False) -> dict:
   # once (tests/test_mfac.py: 110 s cold, 35 s warm on a loaded machine).
   cache = root / "jax-cache"
   cache.mkdir(exist_ok=True)
-  subprocess.run(
-    [str(mutmut), "run", "--max-children", str(max_children), *names],
-    cwd=root,
-    env={**os.environ, "CURVOPT_TEST_COMPILATION_CACHE": str(cache)},
-    check=False,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
+  log = root / "mutmut.log"
+  with log.open("w") as output:
+    finished = subprocess.run(
+      [str(mutmut), "run", "--max-children", str(max_children), *names],
+      cwd=root,
+      env={**os.environ, "CURVOPT_TEST_COMPILATION_CACHE": str(cache)},
+      check=False,
+      stdout=output,
+      stderr=subprocess.STDOUT,
+    )
+  if finished.returncode != 0:
+    # E.g. "failed to collect stats": a test fails on the unmutated code, and mutmut leaves
+    # the last pass's statuses in place. Reporting them would be a stale score.
+    tail = log.read_text(errors="replace").replace("\r", "\n").strip().splitlines()[-5:]
+    raise SystemExit(
+      f"mutmut failed on {module} (exit {finished.returncode}); its statuses in {root} are "
+      "not from this run. Last lines of " + str(log) + ":\n  " + "\n  ".join(tail)
+    )
   return report(module, root, time.perf_counter() - started)
 
 
@@ -470,7 +521,8 @@ def _table(rows: list[dict]) -> str:
       tests += f" (`-k {r['select']}`)"
     lines.append(
       f"| `{r['module']}` | {tests} | {r['mutants']} | {r['equivalent']} | {r['killed']} "
-      f"| {len(r['survived']) + len(r['other'])} | {100 * r['score']:.1f}% |"
+      f"| {len(r['survived']) + len(r['other'])} | {100 * r['score']:.1f}%"
+      f"{' (stale: the module changed since)' if r.get('stale') else ''} |"
     )
   return "\n".join(lines) + "\n"
 
