@@ -260,6 +260,9 @@ EQUIVALENT: dict[str, str] = {
   "curvopt.estimators._fisher_inverse.x_shifted_inverse__mutmut_6": (
     "the identity sized by the kernel's second axis: the kernel is square"
   ),
+  "curvopt.transforms._masking.x_refuse_masked_view__mutmut_5": (
+    "getattr's default None instead of False: both read as false"
+  ),
   "curvopt.estimators._fisher_inverse.x__flat_rows__mutmut_32": (
     "the unravel function read from the second stacked gradient instead of the first: "
     "every one has the same structure, and out-of-range indexing clamps in JAX"

@@ -68,8 +68,19 @@ def test_no_params_or_no_callable_closure_is_passed_through_untouched():
 
 def test_mask_compatible_extra_args_is_passed_to_optax():
   seen = []
-  tx = curvopt.masked(_recording(seen), {"w": True, "b": False}, mask_compatible_extra_args=True)
   per_leaf = {"w": jnp.full(2, 7.0), "b": jnp.asarray(8.0)}
+  for default in (
+    curvopt.masked(_recording(seen), {"w": True, "b": False}),
+    curvopt.multi_transform(
+      {"in": _recording(seen), "out": optax.sgd(1.0)}, {"w": "in", "b": "out"}
+    ),
+  ):
+    default.update(
+      {"w": jnp.ones(2), "b": jnp.ones(())}, default.init(PARAMS), PARAMS, weights=per_leaf
+    )
+    assert seen[-1][1]["weights"] is per_leaf  # by default, extra arguments pass unmasked
+  seen.clear()
+  tx = curvopt.masked(_recording(seen), {"w": True, "b": False}, mask_compatible_extra_args=True)
   tx.update({"w": jnp.ones(2), "b": jnp.ones(())}, tx.init(PARAMS), PARAMS, weights=per_leaf)
   _, extra = seen[-1]
   assert isinstance(extra["weights"]["b"], optax.MaskedNode)  # masked like the params

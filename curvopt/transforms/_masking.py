@@ -65,7 +65,8 @@ def _completing(inner: optax.GradientTransformation) -> optax.GradientTransforma
   inner = optax.with_extra_args_support(inner)
 
   def update(updates, state, params=None, *, _curvopt_full_params=None, **extra_args):
-    if _curvopt_full_params is not None and params is not None:
+    # Given only with params (see `_passing_full_params`).
+    if _curvopt_full_params is not None:
       for key in _PARAMS_FIRST:
         if callable(extra_args.get(key)):
           extra_args[key] = _on_full_params(extra_args[key], _curvopt_full_params.params)
