@@ -83,9 +83,9 @@ def _hard_case(eigenvalues, g, r_low):
 def regularized_newton_step(eigenvalues: jax.Array, g: jax.Array, damping: jax.Array) -> jax.Array:
   """`-(Lambda + damping)^{-1} g` in the eigenbasis (the quadratic-regularization variant).
 
-  Needs `lambda_min + damping > 0` (a convex objective); a denominator at or
-  below zero is raised to the smallest positive normal number times the
-  largest eigenvalue, so the step stays finite.
+  Needs `lambda_min + damping > 0` (a convex objective); a smaller
+  denominator (one at or below zero included) is raised to machine epsilon
+  times the largest `|eigenvalue|` (at least epsilon), so the step stays finite.
 
   Examples:
     >>> import jax.numpy as jnp, curvopt

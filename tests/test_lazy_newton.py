@@ -278,3 +278,36 @@ def test_missing_value_fn_fails_clearly():
   w = jnp.ones(2)
   with pytest.raises(TypeError, match="lazy_newton needs the loss as an extra argument"):
     opt.update(w, opt.init(w), w)
+
+
+@pytest.mark.parametrize(
+  ("eigenvalue_dtype", "gradient_dtype", "expected"),
+  [
+    (jnp.float64, jnp.float32, jnp.float64),
+    (jnp.float32, jnp.float64, jnp.float64),
+    (jnp.bfloat16, jnp.bfloat16, jnp.float32),  # never below float32
+    (jnp.float32, jnp.float32, jnp.float32),  # a Python float M or damping does not widen
+  ],
+)
+def test_subproblems_work_in_the_wider_input_dtype_and_at_least_float32(
+  eigenvalue_dtype, gradient_dtype, expected
+):
+  eigenvalues = jnp.asarray([-0.5, 1.0, 3.0], eigenvalue_dtype)
+  g = jnp.asarray([0.25, -1.0, 2.0], gradient_dtype)
+  cubic = curvopt.cubic_subproblem(eigenvalues, g, 1.5)
+  newton = curvopt.regularized_newton_step(eigenvalues, g, 1.0)
+  assert cubic.dtype == expected and newton.dtype == expected
+  exact = lambda x: np.asarray(x, np.float64)
+  reference = curvopt.cubic_subproblem(jnp.asarray(exact(eigenvalues)), jnp.asarray(exact(g)), 1.5)
+  tolerance = 1e-12 if expected == jnp.float64 else 1e-5
+  np.testing.assert_allclose(exact(cubic), reference, rtol=tolerance)
+  np.testing.assert_allclose(exact(newton), -exact(g) / (exact(eigenvalues) + 1.0), rtol=tolerance)
+
+
+def test_regularized_newton_step_floors_a_non_positive_denominator():
+  eigenvalues = jnp.asarray([-2.0, 0.5, 4.0])
+  step = curvopt.regularized_newton_step(eigenvalues, jnp.asarray([1.0, 1.0, 1.0]), 1.0)
+  floor = np.finfo(np.float64).eps * 4.0  # eps times the largest |eigenvalue| (at least 1)
+  np.testing.assert_allclose(step, [-1.0 / floor, -1.0 / 1.5, -1.0 / 5.0], rtol=1e-15)
+  small = curvopt.regularized_newton_step(jnp.asarray([-0.5, 0.1]), jnp.asarray([1.0, 1.0]), 0.5)
+  np.testing.assert_allclose(small, [-1.0 / np.finfo(np.float64).eps, -1.0 / 0.6], rtol=1e-15)
