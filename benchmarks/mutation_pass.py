@@ -86,6 +86,10 @@ MODULES = {
     ["tests/test_truncated_cg.py", "tests/test_newton_cg.py"],
     None,
   ),
+  "curvopt/transforms/kronecker/_soap.py": (
+    ["tests/test_soap_replica.py", "tests/test_shampoo.py"],
+    "soap",
+  ),
   "curvopt/transforms/gauss_newton/_egn.py": (
     ["tests/test_egn_solver_choice.py", "tests/test_egn.py"],
     None,
