@@ -55,7 +55,10 @@ MODULES = {
   "curvopt/oracles/_hessian.py": (["tests/test_oracles.py"], None),
   "curvopt/transforms/_cadence.py": (["tests/test_cadence.py"], None),
   "curvopt/transforms/kronecker/_grafting.py": (["tests/test_grafting.py"], None),
-  "curvopt/transforms/kronecker/_shampoo.py": (["tests/test_shampoo.py"], "not root"),
+  "curvopt/transforms/kronecker/_shampoo.py": (
+    ["tests/test_shampoo_replica.py", "tests/test_shampoo.py"],
+    "not root",
+  ),
   "curvopt/estimators/_slq.py": (["tests/test_estimators.py"], None),
   "curvopt/estimators/_sharpness.py": (["tests/test_estimators.py"], None),
   "curvopt/estimators/_lanczos.py": (["tests/test_estimators.py"], None),
