@@ -93,6 +93,8 @@ MODULES = {
     ["tests/test_soap_replica.py", "tests/test_shampoo.py"],
     "soap",
   ),
+  "curvopt/oracles/_gauss_newton_factor.py": (["tests/test_gauss_newton_factor.py"], None),
+  "curvopt/oracles/_operator.py": (["tests/test_oracles.py"], None),
   "curvopt/transforms/gauss_newton/_egn.py": (
     ["tests/test_egn_solver_choice.py", "tests/test_egn.py"],
     None,
