@@ -365,6 +365,28 @@ EQUIVALENT.update(
     ),
   }
 )
+# Probes: +-1 is exact in every dtype, so where a sign's dtype is dropped the values are
+# the same; the Gaussian draw is computed in float32 whatever the cast; the counter hash is
+# elementwise in the word index, so asking for more words keeps the first ones.
+EQUIVALENT.update(
+  {
+    f"curvopt.oracles._probes.x_{name}": reason
+    for name, reason in (
+      ("random_vector__mutmut_50", "counter draw with dtype None: exact signs, float32 normals"),
+      ("random_vector__mutmut_59", "zip's strict loosened: sizes come from the same leaves"),
+      ("random_vector__mutmut_62", "zip's strict dropped: sizes come from the same leaves"),
+      ("random_vector__mutmut_63", "zip's strict off: sizes come from the same leaves"),
+      ("_rademacher__mutmut_4", "signs drawn in the default dtype: +-1 exactly, cast later"),
+      ("_signs__mutmut_10", "bit positions as default integers: the same bits"),
+      ("_signs__mutmut_12", "bit positions as default integers: the same bits"),
+      ("_signs__mutmut_15", "+-1 in the default dtype: exact, cast per leaf later"),
+      ("_signs__mutmut_19", "bits in the default dtype: 2 b - 1 is exact"),
+      ("_box_muller__mutmut_31", "the float32 normals cast to the default dtype, then per leaf"),
+      ("counter_uniform__mutmut_8", "two words instead of one: the first is the same"),
+      ("counter_uniform__mutmut_9", "index 1 of one word: JAX clamps it to 0"),
+    )
+  }
+)
 # zip(..., strict=True) loosened in the guard's restart: the state's leaves, their key
 # flags and init's leaves come from one tree, so the lengths agree.
 EQUIVALENT.update(

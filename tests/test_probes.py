@@ -100,14 +100,16 @@ def test_counter_signs_equal_an_independent_replica_of_the_hash(counter):
   np.testing.assert_array_equal(z, _replica_signs(_replica_words(key, counter, 4), n))
 
 
-def test_counter_gaussians_equal_box_muller_on_the_replica_words():
-  key, counter, n = jax.random.key(3), 5, 4097  # odd: the last sine is cut off
+@pytest.mark.parametrize("n", [4097, 4096])  # odd: the last sine is cut off
+def test_counter_gaussians_equal_box_muller_on_the_replica_words(n):
+  key, counter = jax.random.key(3), 5
   z = np.asarray(curvopt.random_vector(key, jnp.zeros(n, jnp.float32), "gaussian", counter=counter))
   assert z.dtype == np.float32
   half = (n + 1) // 2
   words = _replica_words(key, counter, 2 * half)
   u1, u2 = _replica_uniforms(words[:half]), _replica_uniforms(words[half:])
-  cosines, sines = z[:half].astype(np.float64), np.append(z[half:], 0.0).astype(np.float64)
+  sines = z[half:] if n % 2 == 0 else np.append(z[half:], 0.0)  # pad the cut-off sine
+  cosines, sines = z[:half].astype(np.float64), sines.astype(np.float64)
   radius = np.sqrt(-2.0 * np.log(u1.astype(np.float64)))
   # The radius, from both halves; near u1 = 1 it is small and sensitive to u1's last bit.
   np.testing.assert_allclose(np.hypot(cosines[:-1], sines[:-1]), radius[:-1], rtol=2e-6)
@@ -171,3 +173,13 @@ def test_unknown_distribution_is_refused_by_name():
     ValueError, match="distribution must be one of 'rademacher', 'gaussian'; got 'normal'"
   ):
     curvopt.random_vector(jax.random.key(0), jnp.zeros(3), "normal")
+
+
+@pytest.mark.parametrize("d", [64, 65])
+def test_threefry_draws_of_float32_leaves_are_float32_draws(d):
+  key = jax.random.key(30)
+  normals = curvopt.random_vector(key, jnp.zeros(d, jnp.float32), "gaussian")
+  np.testing.assert_array_equal(normals, jax.random.normal(key, (d,), jnp.float32))
+  signs = curvopt.random_vector(key, jnp.zeros(d, jnp.float32))
+  words = np.asarray(jax.random.bits(key, ((d + 31) // 32,), jnp.uint32)).astype(np.uint64)
+  np.testing.assert_array_equal(signs, _replica_signs(words, d))  # a whole number of words
