@@ -377,6 +377,11 @@ EQUIVALENT.update(
       ("random_vector__mutmut_62", "zip's strict dropped: sizes come from the same leaves"),
       ("random_vector__mutmut_63", "zip's strict off: sizes come from the same leaves"),
       ("_rademacher__mutmut_4", "signs drawn in the default dtype: +-1 exactly, cast later"),
+      (
+        "_signs__mutmut_7",
+        "one word more when n is a multiple of 32: the counter hash and JAX's partitionable "
+        "threefry (the default) give the same first words for any length",
+      ),
       ("_signs__mutmut_10", "bit positions as default integers: the same bits"),
       ("_signs__mutmut_12", "bit positions as default integers: the same bits"),
       ("_signs__mutmut_15", "+-1 in the default dtype: exact, cast per leaf later"),
