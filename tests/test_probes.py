@@ -183,3 +183,11 @@ def test_threefry_draws_of_float32_leaves_are_float32_draws(d):
   signs = curvopt.random_vector(key, jnp.zeros(d, jnp.float32))
   words = np.asarray(jax.random.bits(key, ((d + 31) // 32,), jnp.uint32)).astype(np.uint64)
   np.testing.assert_array_equal(signs, _replica_signs(words, d))  # a whole number of words
+
+
+def test_three_leaves_are_three_consecutive_pieces():
+  key = jax.random.key(6)
+  structure = {"a": jnp.zeros(3), "b": jnp.zeros(5), "c": jnp.zeros((2, 2))}
+  flat = curvopt.random_vector(key, jnp.zeros(12), "gaussian", counter=2)
+  tree = curvopt.random_vector(key, structure, "gaussian", counter=2)
+  np.testing.assert_array_equal(jnp.concatenate([tree["a"], tree["b"], tree["c"].ravel()]), flat)
