@@ -108,6 +108,24 @@ MODULES = {
     None,
   ),
   "curvopt/transforms/hessian_diagonal/_sophia.py": (["tests/test_hessian_optimizers.py"], None),
+  # The named optimizers: their defaults (tests/test_defaults.py) and their own tests.
+  **{
+    f"curvopt/alias/_{name}.py": (["tests/test_defaults.py", f"tests/test_{tests}.py"], None)
+    for name, tests in (
+      ("adahessian", "hessian_optimizers"),
+      ("sophia", "hessian_optimizers"),
+      ("shampoo", "shampoo"),
+      ("soap", "shampoo"),
+      ("psgd", "psgd"),
+      ("psgd_muon", "psgd_muon"),
+      ("egn", "egn"),
+      ("newton_cg", "newton_cg"),
+      ("lazy_newton", "lazy_newton"),
+      ("mfac", "mfac"),
+      ("sam", "sam"),
+    )
+  },
+  "curvopt/alias/_inject_hyperparams.py": (["tests/test_first_hour.py"], "inject"),
 }
 
 # Mutants that cannot change a result, by mutmut's name, with the reason.
