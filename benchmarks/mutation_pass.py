@@ -108,6 +108,20 @@ MODULES = {
     None,
   ),
   "curvopt/transforms/hessian_diagonal/_sophia.py": (["tests/test_hessian_optimizers.py"], None),
+  **{
+    f"curvopt/transforms/psgd/_{name}.py": (["tests/test_psgd.py"], None)
+    for name in ("kron", "driver", "lra", "dense")
+  },
+  "curvopt/transforms/_lazy_newton.py": (["tests/test_lazy_newton.py"], None),
+  "curvopt/transforms/_sam.py": (["tests/test_sam.py"], None),
+  "curvopt/transforms/kronecker/_blocks.py": (["tests/test_shampoo.py"], None),
+  "curvopt/_xla_cpu.py": (["tests/test_xla_cpu.py"], None),
+  "curvopt/checkpoint.py": (
+    ["tests/test_reliability.py", "tests/test_first_hour.py"],
+    "checkpoint",
+  ),
+  "curvopt/nnx.py": (["tests/test_reliability.py"], "nnx"),
+  "curvopt/linen.py": (["tests/test_reliability.py"], "linen"),
   # The named optimizers: their defaults (tests/test_defaults.py) and their own tests.
   **{
     f"curvopt/alias/_{name}.py": (["tests/test_defaults.py", f"tests/test_{tests}.py"], None)
