@@ -209,3 +209,23 @@ def test_orthogonalize_refuses_bad_coefficients_and_eps():
     "b": False,
     "s": False,
   }
+
+
+def test_orthogonalize_names_each_argument_and_keeps_float32_work_in_float32():
+  for kwargs, message in (
+    ({"ns_steps": 0}, r"^ns_steps must be a positive integer"),
+    ({"update_rms": 0.0}, r"^update_rms must be a finite number > 0"),
+    ({"eps": -1.0}, r"^eps must be a finite number >= 0"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      orthogonalize(**kwargs)
+  with pytest.raises(
+    ValueError,
+    match=r"route vectors and scalars to another transform \(curvopt\.multi_transform\)\.$",
+  ):
+    orthogonalize().update(jnp.ones(3), optax.EmptyState())
+  tx = orthogonalize()
+  assert tx.init({"w": jnp.ones((2, 2))}) == optax.EmptyState()
+  u = jnp.ones((4, 3), jnp.float32)
+  program = str(jax.make_jaxpr(lambda u: tx.update(u, optax.EmptyState())[0])(u))
+  assert "f64" not in program  # a float32 leaf is orthogonalized in float32, not float64
