@@ -424,6 +424,22 @@ EQUIVALENT.update(
     )
   }
 )
+# Output losses: a batch size made an array without a dtype is a weakly typed integer, and
+# its square root a weakly typed float that takes the outputs' dtype; the axis of a sum over
+# a 2-D array's last axis is -1 or +1 alike; a logit column index of 1 clamps to 0.
+EQUIVALENT.update(
+  {
+    f"curvopt.oracles._output_loss.x{name}": reason
+    for name, reason in (
+      ("ǁSquaredErrorǁ__call____mutmut_20", "axis=+1 of a 2-D array is axis=-1"),
+      ("ǁSquaredErrorǁoutput_curvature__mutmut_7", "sqrt of a weakly typed batch size"),
+      ("ǁSquaredErrorǁoutput_curvature__mutmut_9", "sqrt of a weakly typed batch size"),
+      ("ǁSigmoidCrossEntropyǁ__call____mutmut_3", "column 1 of one column clamps to 0"),
+      ("ǁSigmoidCrossEntropyǁoutput_curvature__mutmut_23", "sqrt of a weakly typed batch size"),
+      ("ǁSigmoidCrossEntropyǁoutput_curvature__mutmut_25", "sqrt of a weakly typed batch size"),
+    )
+  }
+)
 # zip(..., strict=True) loosened in the guard's restart: the state's leaves, their key
 # flags and init's leaves come from one tree, so the lengths agree.
 EQUIVALENT.update(

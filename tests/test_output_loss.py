@@ -168,3 +168,9 @@ def test_outputs_that_are_no_array_with_an_example_axis_are_refused():
     output_curvature(None, jnp.ones(3))
   with pytest.raises(ValueError, match="loss_fn must return a scalar"):
     output_curvature(lambda f: f, jnp.ones(3))
+
+
+def test_sigmoid_cross_entropy_keeps_float32_logits_in_float32():
+  logits = jnp.asarray([0.5, -1.0, 2.0], jnp.float32)
+  curvature = SigmoidCrossEntropy(jnp.asarray([1.0, 0.0, 1.0])).output_curvature(logits)
+  assert curvature.root.dtype == jnp.float32 and curvature.coefficients.dtype == jnp.float32
