@@ -435,6 +435,10 @@ EQUIVALENT.update(
       ("ǁSquaredErrorǁoutput_curvature__mutmut_7", "sqrt of a weakly typed batch size"),
       ("ǁSquaredErrorǁoutput_curvature__mutmut_9", "sqrt of a weakly typed batch size"),
       ("ǁSigmoidCrossEntropyǁ__call____mutmut_3", "column 1 of one column clamps to 0"),
+      ("ǁSoftmaxCrossEntropyǁ_targets__mutmut_14", "shape[+1] of 2-D logits is shape[-1]"),
+      ("ǁSoftmaxCrossEntropyǁ__call____mutmut_12", "axis=+1 of a 2-D array is axis=-1"),
+      ("ǁSoftmaxCrossEntropyǁoutput_curvature__mutmut_15", "sqrt of a weakly typed batch size"),
+      ("ǁSoftmaxCrossEntropyǁoutput_curvature__mutmut_17", "sqrt of a weakly typed batch size"),
       ("ǁSigmoidCrossEntropyǁoutput_curvature__mutmut_23", "sqrt of a weakly typed batch size"),
       ("ǁSigmoidCrossEntropyǁoutput_curvature__mutmut_25", "sqrt of a weakly typed batch size"),
     )

@@ -174,3 +174,22 @@ def test_sigmoid_cross_entropy_keeps_float32_logits_in_float32():
   logits = jnp.asarray([0.5, -1.0, 2.0], jnp.float32)
   curvature = SigmoidCrossEntropy(jnp.asarray([1.0, 0.0, 1.0])).output_curvature(logits)
   assert curvature.root.dtype == jnp.float32 and curvature.coefficients.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("labels", ["integers", "probabilities"])
+def test_softmax_cross_entropy_keeps_float32_logits_in_float32(labels):
+  logits = jnp.asarray([[0.5, -1.0, 2.0], [0.0, 1.0, -1.0]], jnp.float32)
+  y = (
+    jnp.asarray([2, 0]) if labels == "integers" else jnp.asarray([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])
+  )
+  loss = SoftmaxCrossEntropy(y)
+  assert loss(logits).dtype == jnp.float32
+  curvature = loss.output_curvature(logits)
+  assert curvature.root.dtype == jnp.float32 and curvature.coefficients.dtype == jnp.float32
+
+
+def test_autodiff_curvature_of_float32_outputs_is_float32():
+  outputs = jnp.asarray([[0.5, -1.0], [2.0, 0.25]], jnp.float32)
+  curvature = output_curvature(lambda f: jnp.sum(f**2) + jnp.sum(f[:, 0] * f[:, 1]), outputs)
+  assert curvature.root.dtype == jnp.float32 and curvature.coefficients.dtype == jnp.float32
+  assert curvature.null_gradient.dtype == jnp.float32
