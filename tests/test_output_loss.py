@@ -143,6 +143,9 @@ def test_autodiff_puts_negative_and_zero_curvature_in_the_null_gradient():
   kept = jnp.einsum("bck,bk->bc", curvature.root, curvature.coefficients)
   np.testing.assert_allclose(kept[:, 0], gradient[:, 0], rtol=1e-14)
   np.testing.assert_allclose(kept[:, 1:], 0.0, atol=1e-15)
+  # eigh orders the eigenvalues -1/4, 0, 1/2: the first two directions have no
+  # coefficient (their gradient is all in the null part).
+  np.testing.assert_array_equal(curvature.coefficients[:, :2], 0.0)
 
 
 def test_round_off_curvature_counts_as_none_relative_to_the_largest():
@@ -193,3 +196,23 @@ def test_autodiff_curvature_of_float32_outputs_is_float32():
   curvature = output_curvature(lambda f: jnp.sum(f**2) + jnp.sum(f[:, 0] * f[:, 1]), outputs)
   assert curvature.root.dtype == jnp.float32 and curvature.coefficients.dtype == jnp.float32
   assert curvature.null_gradient.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+  ("dtype", "curvature", "kept"),
+  [
+    # The cut is 10 c eps max|lambda|: 40 eps = 8.9e-15 in float64 (c = 2, max 2).
+    (jnp.float64, 8.0e-15, False),
+    (jnp.float64, 9.3e-15, True),
+    # float32: 40 eps = 4.8e-6.
+    (jnp.float32, 2.0e-6, False),
+    (jnp.float32, 6.0e-6, True),
+  ],
+)
+def test_the_round_off_cut_is_ten_c_eps_times_the_largest_eigenvalue(dtype, curvature, kept):
+  outputs = jnp.asarray([[0.3, -0.2], [0.1, 0.4]], dtype)
+  s = jnp.asarray(curvature / 2, dtype)
+  result = output_curvature(lambda f: jnp.sum(f[:, 0] ** 2 + s * f[:, 1] ** 2), outputs)
+  gram = jnp.einsum("bik,bjk->bij", result.root, result.root)
+  expected = curvature if kept else 0.0
+  np.testing.assert_allclose(gram[:, 1, 1], expected, rtol=1e-5, atol=0)
