@@ -462,6 +462,18 @@ EQUIVALENT.update(
     )
   }
 )
+EQUIVALENT.update(
+  {
+    f"curvopt.transforms.hessian_diagonal._hutchinson.x_{name}": reason
+    for name, reason in (
+      ("flax_averaging_axes__mutmut_2", "range(ndim - 2) is empty below three axes anyway"),
+      ("spatial_average__mutmut_19", "a mean over no axes is the leaf itself"),
+      ("spatial_average__mutmut_34", "zip's strict loosened: the axes come from the same tree"),
+      ("spatial_average__mutmut_37", "zip's strict dropped: the axes come from the same tree"),
+      ("spatial_average__mutmut_38", "zip's strict off: the axes come from the same tree"),
+    )
+  }
+)
 # zip(..., strict=True) loosened in the guard's restart: the state's leaves, their key
 # flags and init's leaves come from one tree, so the lengths agree.
 EQUIVALENT.update(

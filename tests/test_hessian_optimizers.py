@@ -288,3 +288,22 @@ def test_spatial_average_takes_flax_none_a_function_or_a_tree_and_refuses_other_
     ValueError, match=r'averaging_axes must be "flax", None, a function or a pytree; got \'linen\''
   ):
     spatial_average(tree, "linen")
+
+
+def test_hutchinson_diagonal_defaults_and_messages():
+  h = _indefinite(d=5, seed=4)
+  value_fn = lambda w: 0.5 * w @ h @ w
+  w = jnp.ones(5)
+  default, seeded = hutchinson_diagonal_estimator(), hutchinson_diagonal_estimator(seed=0)
+  a, _ = default.update(w, default.init(w), w, value_fn=value_fn)
+  b, _ = seeded.update(w, seeded.init(w), w, value_fn=value_fn)
+  np.testing.assert_array_equal(a, b)  # seed 0 by default
+  with pytest.raises(ValueError, match=r"^hutchinson needs params in update"):
+    default.update(w, default.init(w), None, value_fn=value_fn)
+  named = hutchinson_diagonal_estimator(name="probe")
+  with pytest.raises(TypeError, match=r"^probe needs the loss as an extra argument"):
+    named.update(w, named.init(w), w)
+  with pytest.raises(ValueError, match=r"^probe's value_fn must return a scalar"):
+    named.update(w, named.init(w), w, value_fn=lambda v: v)
+  with pytest.raises(ValueError, match=r"^seed must be an integer in \[0, 2\*\*63\)"):
+    hutchinson_diagonal_estimator(seed=-1)
