@@ -100,14 +100,17 @@ MODULES = {
     None,
   ),
   "curvopt/transforms/hessian_diagonal/_hutchinson.py": (
-    ["tests/test_hessian_optimizers.py"],
+    ["tests/test_hessian_optimizers.py", "tests/test_defaults.py"],
     None,
   ),
   "curvopt/transforms/hessian_diagonal/_adahessian.py": (
-    ["tests/test_hessian_optimizers.py"],
+    ["tests/test_hessian_optimizers.py", "tests/test_defaults.py"],
     None,
   ),
-  "curvopt/transforms/hessian_diagonal/_sophia.py": (["tests/test_hessian_optimizers.py"], None),
+  "curvopt/transforms/hessian_diagonal/_sophia.py": (
+    ["tests/test_hessian_optimizers.py", "tests/test_defaults.py"],
+    None,
+  ),
   **{
     f"curvopt/transforms/psgd/_{name}.py": (["tests/test_psgd.py"], None)
     for name in ("kron", "driver", "lra", "dense")
@@ -471,6 +474,15 @@ EQUIVALENT.update(
       ("spatial_average__mutmut_34", "zip's strict loosened: the axes come from the same tree"),
       ("spatial_average__mutmut_37", "zip's strict dropped: the axes come from the same tree"),
       ("spatial_average__mutmut_38", "zip's strict off: the axes come from the same tree"),
+    )
+  }
+)
+EQUIVALENT.update(
+  {
+    f"curvopt.transforms.hessian_diagonal._sophia.x_scale_by_sophia_h__mutmut_{n}": reason
+    for n, reason in (
+      (33, "the default estimator's init ignores the parameters (a key and a count)"),
+      (87, "the default estimator ignores the incoming updates (it probes value_fn)"),
     )
   }
 )

@@ -422,7 +422,7 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_defaults_are_the_documented_values(name):
   default, spelled_out = CASES[name]
-  steps = 11  # past the first refresh of every cadence of 10
+  steps = 12  # past the first refresh of every cadence of 10, and one step using it
   a, b = _trajectory(default(), steps), _trajectory(spelled_out(), steps)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)

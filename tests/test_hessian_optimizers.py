@@ -307,3 +307,38 @@ def test_hutchinson_diagonal_defaults_and_messages():
     named.update(w, named.init(w), w, value_fn=lambda v: v)
   with pytest.raises(ValueError, match=r"^seed must be an integer in \[0, 2\*\*63\)"):
     hutchinson_diagonal_estimator(seed=-1)
+
+
+@pytest.mark.parametrize("name", ["sophia_h", "adahessian"])
+def test_diagonal_transforms_keep_dtypes_and_name_themselves(name):
+  make = {"sophia_h": curvopt.transforms.scale_by_sophia_h, "adahessian": scale_by_adahessian}[name]
+  tx = make()
+  params = {"w": jnp.ones(3, jnp.bfloat16), "v": jnp.ones(2, jnp.float32)}
+  value_fn = lambda p: jnp.sum(p["w"].astype(jnp.float32) ** 2) + jnp.sum(p["v"] ** 4)
+  state = tx.init(params)
+  assert state.count.dtype == jnp.int32
+  grads = jax.grad(value_fn)(params)
+  updates, state = tx.update(grads, state, params, value_fn=value_fn)
+  assert updates["w"].dtype == jnp.bfloat16 and updates["v"].dtype == jnp.float32
+  assert state.mu["w"].dtype == jnp.float32 and state.nu["w"].dtype == jnp.float32
+  assert state.count.dtype == jnp.int32 and int(state.count) == 1
+  with pytest.raises(TypeError, match=rf"^{name} needs the loss as an extra argument"):
+    tx.update(grads, tx.init(params), params)  # a refresh step
+
+
+def test_sophia_h_refreshes_every_ten_steps_by_default():
+  calls = []
+  ours = hutchinson_diagonal_estimator()
+
+  def update(updates, state, params=None, **extra):
+    calls.append(1)
+    return ours.update(updates, state, params, **extra)
+
+  counting = optax.GradientTransformationExtraArgs(ours.init, update)
+  tx = curvopt.transforms.scale_by_sophia_h(hessian_diagonal_fn=counting)
+  value_fn = lambda w: jnp.sum(w**2)
+  w = jnp.ones(2)
+  state = tx.init(w)
+  for _ in range(21):  # eager: the refresh is a Python branch, taken on steps 0, 10, 20
+    _, state = tx.update(jax.grad(value_fn)(w), state, w, value_fn=value_fn)
+  assert len(calls) == 3
