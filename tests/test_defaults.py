@@ -57,6 +57,14 @@ PSGD_COMMON = {
   "damping": 1e-9,
   "seed": 0,
 }
+# What the named PSGD optimizers add to their transforms' defaults.
+PSGD_NAMED = {
+  "weight_decay": 0.0,
+  "max_update_rms": 1.1,
+  "weight_decay_mask": None,
+  "state_dtype": None,
+  **PSGD_COMMON,
+}
 SHAMPOO = {
   "block_size": 1024,
   "beta2": 1.0,
@@ -173,16 +181,12 @@ CASES = {
     lambda: curvopt.psgd_kron(
       LR,
       b1=0.9,
-      weight_decay=0.0,
       fit="whitening",
       update_probability=None,
       max_size=None,
       max_skew=1.0,
       geometry="Q0.5EQ1.5",
-      max_update_rms=1.1,
-      weight_decay_mask=None,
-      state_dtype=None,
-      **PSGD_COMMON,
+      **PSGD_NAMED,
     ),
   ),
   "psgd_lra": (
@@ -190,14 +194,10 @@ CASES = {
     lambda: curvopt.psgd_lra(
       LR,
       b1=0.9,
-      weight_decay=0.0,
       fit="whitening",
       rank=10,
       update_probability=None,
-      max_update_rms=1.1,
-      weight_decay_mask=None,
-      state_dtype=None,
-      **PSGD_COMMON,
+      **PSGD_NAMED,
     ),
   ),
   "psgd_dense": (
@@ -205,15 +205,11 @@ CASES = {
     lambda: curvopt.psgd_dense(
       LR,
       b1=0.0,
-      weight_decay=0.0,
       fit="newton",
       update_probability=1.0,
       geometry="Q0.5EQ1.5",
       max_dimension=16384,
-      max_update_rms=1.1,
-      weight_decay_mask=None,
-      state_dtype=None,
-      **PSGD_COMMON,
+      **PSGD_NAMED,
     ),
   ),
   "psgd_muon": (
