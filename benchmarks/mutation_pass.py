@@ -486,6 +486,12 @@ EQUIVALENT.update(
     )
   }
 )
+EQUIVALENT.update(
+  {
+    f"curvopt._checks.x_{name}": 'float("INF") is float("inf")'
+    for name in ("non_negative_float__mutmut_11", "positive__mutmut_15")
+  }
+)
 # zip(..., strict=True) loosened in the guard's restart: the state's leaves, their key
 # flags and init's leaves come from one tree, so the lengths agree.
 EQUIVALENT.update(

@@ -400,3 +400,9 @@ def test_shared_hyperparameters_ranges(name, inside, outside):
     ValueError, match=re.escape(f"{name} must be in [{low}, {high}), got {outside}.")
   ):
     _checks.shared_hyperparameters(**{name: outside})
+
+
+def test_range_checks_name_the_argument_of_a_non_number():
+  for check, args in ((_checks.positive, ()), (_checks.in_range, (0.0, 1.0))):
+    with pytest.raises(TypeError, match=r"^rate must be a number \(or, where documented"):
+      check("rate", "0.1", *args)
