@@ -406,3 +406,8 @@ def test_range_checks_name_the_argument_of_a_non_number():
   for check, args in ((_checks.positive, ()), (_checks.in_range, (0.0, 1.0))):
     with pytest.raises(TypeError, match=r"^rate must be a number \(or, where documented"):
       check("rate", "0.1", *args)
+
+
+def test_scalar_function_accepts_every_floating_scalar():
+  for dtype in (jnp.float32, jnp.bfloat16, jnp.float64):
+    _checks.scalar_function("f", lambda x, dtype=dtype: jnp.sum(x).astype(dtype), jnp.ones(2))
