@@ -492,6 +492,17 @@ EQUIVALENT.update(
     for name in ("non_negative_float__mutmut_11", "positive__mutmut_15")
   }
 )
+EQUIVALENT.update(
+  {
+    f"curvopt._checks.x_matches_structure__mutmut_{n}": (
+      "zip's strict loosened: the tree structures were compared equal first"
+    )
+    for n in (14, 17, 19)
+  }
+)
+EQUIVALENT["curvopt._checks.x__concrete_real__mutmut_26"] = (
+  "a real array read through complex(): its imaginary part is 0 and the real part returned"
+)
 EQUIVALENT["curvopt._checks.x__concrete_real__mutmut_6"] = (
   "a schedule let past the callable test still returns None: it is no Real number"
 )

@@ -411,3 +411,12 @@ def test_range_checks_name_the_argument_of_a_non_number():
 def test_scalar_function_accepts_every_floating_scalar():
   for dtype in (jnp.float32, jnp.bfloat16, jnp.float64):
     _checks.scalar_function("f", lambda x, dtype=dtype: jnp.sum(x).astype(dtype), jnp.ones(2))
+
+
+def test_numpy_seeds_and_unknown_objects():
+  data = lambda key: np.asarray(jax.random.key_data(key))
+  expected = data(jax.random.key(5))
+  np.testing.assert_array_equal(data(_checks.seed("seed", np.array(5))()), expected)  # 0-d
+  raw = np.asarray(jax.random.key_data(jax.random.key(5)))  # a raw key as a NumPy array
+  np.testing.assert_array_equal(data(_checks.seed("seed", raw)()), expected)
+  assert _checks._concrete_real("lr", object()) is None  # cannot be checked: passed on
