@@ -75,3 +75,13 @@ def test_map_grouped_equals_the_plain_loop_with_one_trace_per_group():
   # One trace for the group of four (batched: a leading axis is invisible inside vmap),
   # one for the single entry.
   assert traces == [(2, 3), (2,)]
+
+
+def test_a_completed_value_fn_is_accepted_on_the_masked_view():
+  view = {"w": jnp.ones(3), "b": optax.MaskedNode()}
+
+  def completed(p):  # as curvopt.masked hands it over: it puts the masked leaves back
+    return jnp.sum(p["w"])
+
+  completed.takes_masked_view = True
+  assert require_value_fn("sam", completed, view) is completed
