@@ -85,3 +85,12 @@ def test_a_completed_value_fn_is_accepted_on_the_masked_view():
 
   completed.takes_masked_view = True
   assert require_value_fn("sam", completed, view) is completed
+
+
+def test_map_grouped_handles_a_single_entry_before_a_pair():
+  xs = [jnp.arange(3.0), jnp.ones((2, 2)), 2 * jnp.ones((2, 2))]
+  groups = group_indices([x.shape for x in xs])
+  assert groups == [[0], [1, 2]]
+  out = map_grouped(lambda i: lambda x: x + 1.0, groups, xs)
+  for x, y in zip(xs, out, strict=True):
+    np.testing.assert_array_equal(y, x + 1.0)
