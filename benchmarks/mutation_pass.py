@@ -506,6 +506,14 @@ EQUIVALENT["curvopt._checks.x__concrete_real__mutmut_26"] = (
 EQUIVALENT["curvopt._checks.x__concrete_real__mutmut_6"] = (
   "a schedule let past the callable test still returns None: it is no Real number"
 )
+EQUIVALENT.update(
+  {
+    f"curvopt._jaxpr.x__equation_flops__mutmut_{n}": (
+      "getattr's default for an output's shape: every traced output has one"
+    )
+    for n in (38, 41)
+  }
+)
 # zip(..., strict=True) loosened in the guard's restart: the state's leaves, their key
 # flags and init's leaves come from one tree, so the lengths agree.
 EQUIVALENT.update(

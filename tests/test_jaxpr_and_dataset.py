@@ -106,3 +106,9 @@ def test_dataset_operator_refusals_name_the_argument():
     curvopt.dataset_operator(None, params, [jnp.ones((2, 3))])
   with pytest.raises(TypeError, match=r"^params must have a floating-point dtype \(float32"):
     curvopt.dataset_operator(hess, jnp.zeros(3, jnp.int32), [jnp.ones((2, 3))])
+
+
+def test_uses_only_checks_every_equation_and_flops_add_up_around_calls():
+  x = jnp.ones(3)
+  assert not _jaxpr.uses_only(_jaxpr_of(lambda x: jnp.sin(x * 2.0), x), frozenset({"mul"}))
+  assert _jaxpr.forward_flops(lambda x: jax.jit(jnp.sin)(jnp.cos(x)), x) == 6  # 3 + 3
