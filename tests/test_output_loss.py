@@ -148,17 +148,6 @@ def test_autodiff_puts_negative_and_zero_curvature_in_the_null_gradient():
   np.testing.assert_array_equal(curvature.coefficients[:, :2], 0.0)
 
 
-def test_round_off_curvature_counts_as_none_relative_to_the_largest():
-  outputs = _logits((2, 2))
-  # The cut is 10 c eps times the largest eigenvalue (2): 8.9e-15. A curvature of
-  # 2e-14 is kept, one of 2e-16 counts as none.
-  for small, kept in ((1e-14, True), (1e-16, False)):
-    loss_fn = lambda f, small=small: jnp.sum(f[:, 0] ** 2 + small * f[:, 1] ** 2)
-    curvature = output_curvature(loss_fn, outputs)
-    gram = jnp.einsum("bik,bjk->bij", curvature.root, curvature.root)
-    np.testing.assert_allclose(gram[:, 1, 1], 2 * small if kept else 0.0, rtol=1e-6, atol=0)
-
-
 def test_outputs_that_are_no_array_with_an_example_axis_are_refused():
   loss = lambda f: jnp.sum(f)
   with pytest.raises(ValueError) as refused:
