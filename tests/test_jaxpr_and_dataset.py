@@ -86,6 +86,35 @@ def test_dataset_operator_works_in_float32_for_float32_params():
   assert op.mv(jnp.ones(3, jnp.float32)).dtype == jnp.float32
 
 
+def test_dataset_operator_reads_the_batch_size_from_a_one_dimensional_first_leaf():
+  batches = _quadratic_batches()
+  # The labels come first in each batch: a vector, whose only axis is the example axis.
+  labelled = [(jnp.zeros(len(x)), x) for x in batches]
+  op = curvopt.dataset_operator(lambda p, b: _batch_hessian(p, b[1]), jnp.zeros(3), labelled)
+  stacked = np.concatenate([np.asarray(x) for x in batches])
+  np.testing.assert_allclose(op.as_matrix(), stacked.T @ stacked / 7, rtol=1e-13)
+  assert op.num_examples == 7
+
+
+def test_dataset_operator_sums_bfloat16_products_in_float32():
+  batches = [x.astype(jnp.float32) for x in _quadratic_batches()]
+
+  def hessian_bf16(p, x):
+    return curvopt.hessian(
+      lambda q: (0.5 * jnp.mean((x @ q.astype(jnp.float32)) ** 2)).astype(jnp.bfloat16), p
+    )
+
+  params, vector = jnp.zeros(3, jnp.bfloat16), jnp.asarray([1.0, 2.0, 3.0], jnp.bfloat16)
+  products = [hessian_bf16(params, x).mv(vector) for x in batches]
+  assert all(p.dtype == jnp.bfloat16 for p in products)
+  in_float32 = sum(
+    (len(x) / 7) * np.asarray(p, np.float32) for x, p in zip(batches, products, strict=True)
+  )
+  got = curvopt.dataset_operator(hessian_bf16, params, batches).mv(vector)
+  # Rounded once at the end (weighting in bfloat16 moves the first entry by one ulp).
+  np.testing.assert_array_equal(got, jnp.asarray(in_float32, jnp.bfloat16))
+
+
 def test_dataset_operator_refusals_name_the_argument():
   params, hess = jnp.zeros(3), _batch_hessian
   with pytest.raises(
@@ -96,9 +125,13 @@ def test_dataset_operator_refusals_name_the_argument():
     ValueError, match=r"every batch must hold at least one example; got sizes \[1, 0\]"
   ):
     curvopt.dataset_operator(hess, params, [jnp.ones((1, 3)), jnp.ones((0, 3))])
-  with pytest.raises(ValueError, match="cannot infer the batch size: the first leaf of each batch"):
+  no_axis = (
+    "^cannot infer the batch size: the first leaf of each batch must have a leading "
+    "example axis, or pass batch_size_fn.$"
+  )
+  with pytest.raises(ValueError, match=no_axis):
     curvopt.dataset_operator(hess, params, [jnp.ones(())])
-  with pytest.raises(ValueError, match="cannot infer the batch size"):
+  with pytest.raises(ValueError, match=no_axis):
     curvopt.dataset_operator(hess, params, [{}])
   with pytest.raises(TypeError, match="operator_fn must return a LinearOperator, got ArrayImpl"):
     curvopt.dataset_operator(lambda p, b: b, params, [jnp.ones((2, 3))])

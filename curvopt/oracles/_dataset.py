@@ -78,11 +78,13 @@ def dataset_operator(
   if not isinstance(first, LinearOperator):
     raise TypeError(f"operator_fn must return a LinearOperator, got {type(first).__name__}.")
   structure = _tree.structure_of(params)
+  # bfloat16 products are summed in float32: the weights n_b / N are not bfloat16 numbers.
+  dtype = _tree.working_dtype(structure)
 
   def matvec(vector: PyTree) -> PyTree:
-    out = _tree.zeros(structure, _tree.working_dtype(structure))
+    out = _tree.zeros(structure, dtype)
     for batch, n in zip(batches, sizes, strict=True):
-      product = _tree.cast(operator_fn(params, batch).mv(vector), _tree.working_dtype(structure))
+      product = _tree.cast(operator_fn(params, batch).mv(vector), dtype)
       out = optax.tree.add_scale(out, n / total, product)
     return out
 
