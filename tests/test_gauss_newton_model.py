@@ -42,9 +42,16 @@ def test_a_missing_model_or_loss_names_what_is_missing():
     require_model_and_loss("egn", model_fn, 1.0)
   with pytest.raises(TypeError, match="egn evaluates the loss"):
     require_model_and_loss("egn", model_fn, loss_fn, {"w": PARAMS["w"], "b": optax.MaskedNode()})
+  # curvopt.masked hands over a model that takes the masked view: it is accepted.
+  on_view = lambda p: model_fn(p)
+  on_view.takes_masked_view = True
+  masked = {"w": PARAMS["w"], "b": optax.MaskedNode()}
+  assert require_model_and_loss("egn", on_view, loss_fn, masked) == (on_view, loss_fn)
 
 
-@pytest.mark.parametrize("mask", [None, {"w": True, "b": False}, lambda p: {"w": False, "b": True}])
+@pytest.mark.parametrize(
+  "mask", [None, {"w": True, "b": False}, lambda p: {k: v.ndim == 1 for k, v in p.items()}]
+)
 def test_value_gradient_and_predicted_decrease_equal_the_dense_gauss_newton_model(mask):
   l2 = 0.7
   model = GaussNewtonModel(model_fn, loss_fn, l2, mask)
@@ -87,3 +94,10 @@ def test_the_penalty_keeps_the_loss_dtype():
   assert model.value(single).dtype == jnp.float32
   mask = model.penalty_mask(single)
   assert mask["w"].dtype == jnp.float32 and mask["w"].shape == (3, 2)
+  # A mask of booleans (or of float64 numbers) is read in the parameters' dtype.
+  for flags in ({"w": True, "b": False}, {"w": np.float64(1.0), "b": np.zeros(2)}):
+    masked = model._replace(mask=flags)
+    assert all(m.dtype == jnp.float32 for m in jax.tree.leaves(masked.penalty_mask(single)))
+    gradient = masked.penalty_gradient(single)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(gradient))
+    np.testing.assert_array_equal(gradient["w"], 0.5 * single["w"])
