@@ -523,6 +523,26 @@ EQUIVALENT.update(
   }
 )
 
+EQUIVALENT.update(
+  {
+    f"curvopt.transforms.gauss_newton._line_search.x_scale_by_armijo_backtracking__mutmut_{n}": (
+      reason
+    )
+    for n, reason in (
+      (55, 'float("INF") is float("inf")'),
+      (159, "the trial counter in the default type: it counts to max_steps and never leaves"),
+      (161, "the trial counter in the default type: it counts to max_steps and never leaves"),
+      (186, "int32 + bool is int32: the cast to int32 was already the promotion"),
+      # The working dtype is the widest parameter dtype, so gradients are never wider and
+      # promotion with the other operand (cast to it) gives the same product; only an
+      # update wider than its parameter, which no curvopt transform produces, would differ.
+      (100, "gradient not cast: the update operand is in the working dtype, promotion agrees"),
+      (104, "update not cast: promotion with the gradient gives the working dtype"),
+      (180, "update not cast before the product: applied is in the working dtype already"),
+    )
+  }
+)
+
 
 def _workspace_of(module: str) -> pathlib.Path:
   return (

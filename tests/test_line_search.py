@@ -74,6 +74,50 @@ def test_an_ascent_direction_is_refused_with_a_zero_update_and_counted():
   assert float(state.learning_rate) == pytest.approx(0.8**4 * min(1.5 * 0.8**4, 1.0), rel=1e-14)
 
 
+def test_an_ascent_direction_is_taken_only_where_the_loss_falls():
+  # f(a) = a/2 - a^2 along u = +1 from 0: slope +1/2, f(a) <= 0 exactly for a >= 1/2.
+  value_fn = lambda w: jnp.sum(0.5 * w - w**2)
+  w, u = jnp.zeros(1), jnp.ones(1)
+  for maximum, expected in ((1.0, 1.0), (0.48, 0.0)):  # f(0.48) = 0.0096 > 0: refused
+    tx = scale_by_armijo_backtracking(max_learning_rate=maximum, max_steps=3)
+    step, state = tx.update(u, tx.init(w), w, value_fn=value_fn)
+    np.testing.assert_array_equal(step, [expected])
+    assert int(state.failures) == (expected == 0.0)
+
+
+def test_the_defaults_are_fifteen_trials_and_no_penalty():
+  tx = scale_by_armijo_backtracking()
+  w = jnp.asarray([1.0, -2.0])
+  step, state = tx.update(jax.grad(quartic)(w), tx.init(w), w, value_fn=quartic)
+  np.testing.assert_array_equal(step, 0.0)
+  assert float(state.learning_rate) == pytest.approx(0.8**14, rel=1e-14)
+  value_fn = gauss_newton_objective()({"model_fn": lambda p: 3.0 * p, "loss_fn": jnp.sum})
+  assert float(value_fn(jnp.asarray([1.0, 2.0]))) == 9.0
+
+
+def test_the_loss_sees_trial_parameters_in_their_own_dtype():
+  def value_fn(w):
+    assert w.dtype == jnp.bfloat16, w.dtype  # at trace time, for every trial
+    return quartic(w.astype(jnp.float32))
+
+  tx = scale_by_armijo_backtracking()
+  w = jnp.asarray([1.5, -0.7], jnp.bfloat16)
+  step, state = tx.update(-jax.grad(value_fn)(w), tx.init(w), w, value_fn=value_fn)
+  assert step.dtype == jnp.bfloat16 and int(state.failures) == 0
+
+
+@pytest.mark.parametrize("excess", [0.4, 0.6])
+def test_a_float64_loss_of_float32_parameters_is_compared_in_float32(excess):
+  # A rise of 1e-12 from 1 + excess ulp: invisible in float32 whichever way the value rounds.
+  base = 1.0 + excess * 2.0**-23
+  value_fn = lambda w: base + 1e-12 * jnp.sum(w.astype(jnp.float64))
+  tx = scale_by_armijo_backtracking()
+  w = jnp.ones(1, jnp.float32)
+  step, state = tx.update(jnp.ones(1, jnp.float32), tx.init(w), w, value_fn=value_fn)
+  np.testing.assert_array_equal(step, [1.0])
+  assert int(state.failures) == 0
+
+
 def test_a_flat_step_that_does_not_raise_the_loss_is_accepted_at_the_first_trial():
   # A loss constant along u: slope 0, f(p + a u) = f(p), accepted at once.
   value_fn = lambda w: (w[0] - 1.0) ** 2
@@ -110,7 +154,7 @@ def test_missing_params_or_value_fn_and_bad_settings_are_named():
   w = jnp.ones(2)
   with pytest.raises(
     ValueError,
-    match=r"scale_by_armijo_backtracking needs params in update\(\.\.\., params, \.\.\.\)",
+    match=r"^scale_by_armijo_backtracking needs params in update\(\.\.\., params, \.\.\.\)\.$",
   ):
     tx.update(w, tx.init(w), None, value_fn=quartic)
   with pytest.raises(
