@@ -58,6 +58,48 @@ def test_adahessian_takes_the_diagonal_newton_step_on_a_separable_quadratic(lear
   np.testing.assert_allclose(updates, -learning_rate * params, rtol=1e-12)
 
 
+@pytest.mark.parametrize("hessian_power", [0.5, 1.0])
+def test_adahessian_divides_by_the_diagonal_to_the_hessian_power(hessian_power):
+  a = jnp.array([0.5, 2.0, 10.0, 3.0])
+  value_fn = lambda w: 0.5 * jnp.sum(a * w**2)
+  params = jnp.array([1.0, -2.0, 0.5, 4.0])
+  tx = scale_by_adahessian(0.0, 0.0, 0.0, hessian_power, averaging_axes=None)
+  grads = jax.grad(value_fn)(params)
+  updates, _ = tx.update(grads, tx.init(params), params, value_fn=value_fn)
+  np.testing.assert_allclose(updates, grads / a**hessian_power, rtol=1e-12)
+
+
+def test_adahessian_reuses_the_kept_diagonal_until_the_next_refresh():
+  a = jnp.array([0.5, 2.0, 10.0])
+  quadratic = lambda scale: lambda w: 0.5 * jnp.sum(scale * a * w**2)
+  tx = scale_by_adahessian(0.0, 0.0, 0.0, refresh_every=2, averaging_axes=None)
+  params, grads = jnp.ones(3), jnp.array([1.0, -1.0, 2.0])
+  state = tx.init(params)
+  # jit: the kept diagonal is in the state from init on (lax.cond needs it on both branches).
+  step = jax.jit(lambda s, scale: tx.update(grads, s, params, value_fn=quadratic(scale)))
+  # The curvature quadruples after the first step; only the refresh at step 2 sees it.
+  for scale, seen in ((1.0, 1.0), (4.0, 1.0), (4.0, 4.0)):
+    updates, state = step(state, scale)
+    np.testing.assert_allclose(state.diagonal, seen * a, rtol=1e-12)
+    np.testing.assert_allclose(updates, grads / (seen * a), rtol=1e-12)
+
+
+def test_adahessian_gives_a_custom_estimator_the_parameters_and_the_gradients():
+  # A stand-in estimator: |g| times a scale it builds from the parameters at init.
+  init = lambda params: jax.tree.map(lambda p: jnp.full_like(p, 2.0), params)
+
+  def update(updates, state, params=None, **extra_args):
+    return jax.tree.map(lambda g, s: s * jnp.abs(g), updates, state), state
+
+  estimator = optax.GradientTransformationExtraArgs(init, update)
+  tx = scale_by_adahessian(0.0, 0.0, 0.0, averaging_axes=None, hessian_diagonal_fn=estimator)
+  params, grads = jnp.ones(2), jnp.array([1.0, -4.0])
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates, [0.5, -0.5], rtol=1e-15)
+  with pytest.raises(TypeError, match=r"^absolute must be True or False, got 'yes'\.$"):
+    scale_by_adahessian(absolute="yes")
+
+
 def test_hessian_power_zero_is_momentum_sgd():
   value_fn = lambda w: jnp.sum(w**4)
   params = jnp.array([1.0, -0.5])

@@ -94,11 +94,10 @@ def scale_by_adahessian(
     nu = optax.tree.update_moment_per_elem_norm(fresh, state.nu, b2, 2)
     mu_hat = optax.tree.bias_correction(mu, b1, count)
     nu_hat = optax.tree.bias_correction(nu, b2, count)
-    # One power, not sqrt then power: a float exponent costs a transcendental per entry.
-    square_root = isinstance(hessian_power, int | float) and hessian_power == 1
-    power = jnp.sqrt if square_root else (lambda v: v ** (hessian_power / 2))
+    # One power, not sqrt then power (a float exponent costs a transcendental per entry);
+    # XLA rewrites the default's v ** 0.5 into sqrt itself.
     scaled = jax.tree.map(
-      lambda m, v, p: (m / (power(v) + eps)).astype(p.dtype),
+      lambda m, v, p: (m / (v ** (hessian_power / 2) + eps)).astype(p.dtype),
       mu_hat,
       nu_hat,
       updates,
