@@ -403,13 +403,16 @@ def test_hutchpp_has_lower_variance_than_hutchinson_on_dominant_eigenvalues():
   assert float(jnp.var(hpp)) < 0.1 * float(jnp.var(hut))
 
 
-@pytest.mark.parametrize("distribution, k", [("rademacher", 4), ("gaussian", 3), ("rademacher", 1)])
+@pytest.mark.parametrize(
+  "distribution, k", [("rademacher", 4), ("gaussian", 3), ("rademacher", 2), ("rademacher", 1)]
+)
 def test_hutchpp_is_its_algorithm_on_the_same_draws(distribution, k):
   """Sketch, exact trace on its span, Hutchinson on the complement: a numpy replica."""
   rng = np.random.default_rng(7)
-  a = rng.normal(size=(7, 7))
+  a = rng.normal(size=(9, 9))
   matrix = a @ a.T
-  params = {"u": jnp.zeros((2, 2)), "v": jnp.zeros(3)}  # two leaves: rows cut and rejoined
+  # Three leaves: rows cut and rejoined at offsets 4 and 7.
+  params = {"u": jnp.zeros((2, 2)), "v": jnp.zeros(3), "w": jnp.zeros(2)}
   value_fn = lambda p: 0.5 * ravel(p) @ jnp.asarray(matrix) @ ravel(p)
   op = curvopt.hessian(value_fn, params, num_examples=6)
   key = jax.random.key(11)
@@ -435,6 +438,28 @@ def test_hutchpp_spends_99_products_by_default_and_keeps_float32():
   assert int(est.num_matvecs) == 99
   assert est.trace.dtype == est.stderr.dtype == jnp.float32
   assert float(est.trace) == pytest.approx(561.0, rel=1e-5)  # 33 sketches span d = 33: exact
+  single = curvopt.hutchpp_trace(op, jax.random.key(0), num_matvecs=3)
+  assert single.stderr.dtype == jnp.float32 and float(single.stderr) == np.inf
+
+
+def test_hutchpp_draws_float32_probes_for_bfloat16_parameters():
+  rng = np.random.default_rng(3)
+  a = rng.normal(size=(6, 6)).astype(np.float32)
+  matrix = jnp.asarray(a @ a.T)
+  value_fn = lambda w: 0.5 * w.astype(jnp.float32) @ matrix @ w.astype(jnp.float32)
+  op = curvopt.hessian(value_fn, jnp.zeros(6, jnp.bfloat16))
+  key = jax.random.key(5)
+  est = curvopt.hutchpp_trace(op, key, num_matvecs=6, distribution="gaussian")
+  # The algorithm in JAX with float32 draws; the products are the operator's (bfloat16).
+  sketch_key, probe_key = jax.random.split(key)
+  draw = jax.vmap(lambda k: curvopt.random_vector(k, op.in_structure, "gaussian", jnp.float32))
+  apply = lambda rows: jax.vmap(op.mv)(rows).astype(jnp.float32)
+  q, _ = jnp.linalg.qr(apply(draw(jax.random.split(sketch_key, 2))).T)
+  g = draw(jax.random.split(probe_key, 2))
+  g_perp = g - (g @ q) @ q.T
+  expected = jnp.sum(q.T * apply(q.T)) + jnp.mean(jnp.sum(g_perp * apply(g_perp), axis=1))
+  assert est.trace.dtype == jnp.float32
+  assert float(est.trace) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_hutchpp_is_exact_for_low_rank_psd():
@@ -754,8 +779,15 @@ def small_op():
     (
       lambda op, k: curvopt.hutchpp_trace(op, k, num_matvecs=15),
       ValueError,
-      "exceeds the dimension",
+      r"^num_matvecs // 3 = 5 exceeds the dimension d = 4; compute the trace exactly with "
+      r"jnp.trace\(operator.as_matrix\(\)\)\.$",
     ),
+    (
+      lambda op, k: curvopt.hutchpp_trace(op, k, num_matvecs=0),
+      ValueError,
+      "^num_matvecs must be a positive integer, got 0",
+    ),
+    (lambda op, k: curvopt.hutchpp_trace(op, 0), TypeError, "^key must be a single PRNG key"),
     (
       lambda op, k: curvopt.estimate_sharpness(op, k, loop="scan"),
       ValueError,

@@ -88,9 +88,7 @@ def hutchpp_trace(
     draw = lambda k: random_vector(k, structure, distribution, dtype)
     return jax.vmap(draw)(jax.random.split(key, k))
 
-  def apply(stacked: PyTree) -> PyTree:
-    return _tree.cast(jax.vmap(operator.mv)(stacked), dtype)
-
+  apply = jax.vmap(operator.mv)  # products are read through _as_rows, in `dtype`
   sketch = _as_rows(apply(probes(sketch_key)), dtype)
   q, _ = jnp.linalg.qr(sketch.T)
   q_rows = _from_rows(q.T, structure)
