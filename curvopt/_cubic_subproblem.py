@@ -13,6 +13,12 @@ def _step_norm(eigenvalues: jax.Array, g: jax.Array, m: jax.Array, r: jax.Array)
   return jnp.linalg.norm(g / (eigenvalues + 0.5 * m * r))
 
 
+def _scaled_norm(x: jax.Array) -> jax.Array:
+  """`||x||` without underflow: the squares of a gradient below ~1e-19 (float32) vanish."""
+  scale = jnp.max(jnp.abs(x))
+  return scale * jnp.linalg.norm(x / jnp.where(scale > 0, scale, 1))
+
+
 def cubic_subproblem(eigenvalues: jax.Array, g: jax.Array, regularization: jax.Array) -> jax.Array:
   """`argmin_h g^T h + h^T diag(eigenvalues) h / 2 + (M/6) ||h||^3`, globally, in the eigenbasis.
 
@@ -64,7 +70,7 @@ def _easy_case(eigenvalues, g, m, r_edge):
     above = _step_norm(eigenvalues, g, m, mid) > mid
     return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
 
-  hi = r_edge + jnp.sqrt(2.0 * jnp.linalg.norm(g) / m)
+  hi = r_edge + jnp.sqrt(2.0 * _scaled_norm(g) / m)
   _, r = jax.lax.fori_loop(0, _BISECTION_STEPS, halve, (r_edge, hi))
   denominators = eigenvalues + 0.5 * m * r
   return jnp.where(g == 0, 0.0, -g / jnp.where(g == 0, 1.0, denominators))

@@ -292,7 +292,8 @@ def test_missing_value_fn_fails_clearly():
 def test_subproblems_work_in_the_wider_input_dtype_and_at_least_float32(
   eigenvalue_dtype, gradient_dtype, expected
 ):
-  eigenvalues = jnp.asarray([-0.5, 1.0, 3.0], eigenvalue_dtype)
+  # 1/3 is not a float32 number: rounding the eigenvalues to the narrower type shows.
+  eigenvalues = jnp.asarray([-0.5, 1.0 / 3.0, 3.0], eigenvalue_dtype)
   g = jnp.asarray([0.25, -1.0, 2.0], gradient_dtype)
   cubic = curvopt.cubic_subproblem(eigenvalues, g, 1.5)
   newton = curvopt.regularized_newton_step(eigenvalues, g, 1.0)
@@ -302,6 +303,95 @@ def test_subproblems_work_in_the_wider_input_dtype_and_at_least_float32(
   tolerance = 1e-12 if expected == jnp.float64 else 1e-5
   np.testing.assert_allclose(exact(cubic), reference, rtol=tolerance)
   np.testing.assert_allclose(exact(newton), -exact(g) / (exact(eigenvalues) + 1.0), rtol=tolerance)
+
+
+def test_float64_regularization_and_damping_do_not_widen_float32_subproblems():
+  eigenvalues, g = jnp.asarray([-0.5, 1.0, 3.0], jnp.float32), jnp.asarray([0.25, -1.0, 2.0])
+  g = g.astype(jnp.float32)
+  wide = lambda x: jnp.asarray(x, jnp.float64)
+  cubic = curvopt.cubic_subproblem(eigenvalues, g, wide(1.5))
+  newton = curvopt.regularized_newton_step(eigenvalues, g, wide(1.0))
+  assert cubic.dtype == newton.dtype == jnp.float32
+  np.testing.assert_array_equal(cubic, curvopt.cubic_subproblem(eigenvalues, g, 1.5))
+  np.testing.assert_array_equal(newton, curvopt.regularized_newton_step(eigenvalues, g, 1.0))
+
+
+@pytest.mark.parametrize("dtype, size", [(jnp.float32, 1e-19), (jnp.float64, 1e-300)])
+def test_tiny_gradients_give_the_exact_step(dtype, size):
+  # A singular direction (lambda_0 = 0): h_0 = -g_0 / (M r / 2), r = ||h|| ~ sqrt(2 g_0 / M).
+  # ||g||^2 underflows here; the bisection's bracket once collapsed to r = tiny, and the
+  # step along the singular direction came out as -g_0 / (M tiny / 2) (-2e18 in float32).
+  eigenvalues, g, m = jnp.asarray([0.0, 1.0, 4.0], dtype), jnp.full(3, size, dtype), 7.0
+  h = np.asarray(curvopt.cubic_subproblem(eigenvalues, g, m), np.float64)
+  r = np.linalg.norm(h)
+  residual = (np.asarray(eigenvalues, np.float64) + 0.5 * m * r) * h + np.asarray(g, np.float64)
+  eps = float(jnp.finfo(dtype).eps)
+  assert np.all(np.abs(residual) <= 100 * eps * size)
+  assert r == pytest.approx(np.sqrt(2.0 * float(g[0]) / m), rel=100 * eps)
+  # Positive definite: the Newton step -g / lambda, whatever the gradient's size.
+  pd = curvopt.cubic_subproblem(jnp.asarray([0.5, 1.0, 2.0], dtype), g.at[0].set(0.0), m)
+  np.testing.assert_allclose(pd, [0.0, -size, -size / 2], rtol=100 * eps)
+
+
+@pytest.mark.parametrize(
+  "eigenvalues, g, m",
+  [
+    # The two lowest eigenvalues 8 float32 ulps apart, tiny g: nearly the hard case.
+    ([-2.0, -2.0 + 2.0**-20, 1.0], [1e-4, 1e-4, 1e-4], 0.1),
+    (
+      [-0.46954712, -0.34600887, -0.04926791],
+      [-3.5630414e-06, -2.2559948e-06, -1.5726506e-05],
+      0.2377514,
+    ),
+  ],
+)
+def test_nearly_hard_float32_subproblems_reach_the_float64_minimum(eigenvalues, g, m):
+  eigenvalues, g = jnp.asarray(eigenvalues, jnp.float32), jnp.asarray(g, jnp.float32)
+  wide = lambda x: np.asarray(x, np.float64)
+
+  def model(h):
+    h = wide(h)
+    return wide(g) @ h + 0.5 * np.sum(wide(eigenvalues) * h * h) + m / 6 * np.linalg.norm(h) ** 3
+
+  best = model(curvopt.cubic_subproblem(jnp.asarray(wide(eigenvalues)), jnp.asarray(wide(g)), m))
+  assert model(curvopt.cubic_subproblem(eigenvalues, g, m)) == pytest.approx(best, rel=1e-5)
+
+
+def test_gradient_entries_equal_to_one_are_divided_like_any_other():
+  h = curvopt.cubic_subproblem(jnp.asarray([1.0, 3.0]), jnp.asarray([1.0, 0.0]), 2.0)
+  # 1-D closed form along the first axis: -2 g / (a + sqrt(a^2 + 2 M |g|)) = -2 / (1 + sqrt(5))
+  np.testing.assert_allclose(h, [-2.0 / (1.0 + np.sqrt(5.0)), 0.0], rtol=1e-14)
+
+
+@pytest.mark.parametrize(
+  "eigenvalues, g, expected",
+  [
+    # r_low = -2 lambda_min / M = 3: the step's norm; off the lowest axis -g_j / gap_j.
+    ([-1.5, 2.0], [0.0, 1.0], [np.sqrt(9.0 - (1.0 / 3.5) ** 2), -1.0 / 3.5]),
+    # Most of the radius off the lowest axis: sqrt(4 - (5.5 / 3)^2) = 0.8 along it.
+    ([-1.0, 2.0], [0.0, 5.5], [np.sqrt(4.0 - (5.5 / 3.0) ** 2), -5.5 / 3.0]),
+    # The component along the lowest eigenvector opposes g there: - for a positive g_0.
+    ([-1.0, 2.0], [1e-300, 1.0], [-np.sqrt(4.0 - 1.0 / 9.0), -1.0 / 3.0]),
+  ],
+)
+def test_hard_case_step_has_norm_r_low_and_the_documented_sign(eigenvalues, g, expected):
+  h = curvopt.cubic_subproblem(jnp.asarray(eigenvalues), jnp.asarray(g), 1.0)
+  np.testing.assert_allclose(h, expected, rtol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("ulps", [20, 26])
+def test_hard_case_counts_eigenvalues_within_eight_eps_of_the_lowest_as_its_eigenspace(dtype, ulps):
+  # lambda_1 = lambda_0 + delta, g_1 tiny: within 8 eps max|lambda| (= 24 eps here) the two
+  # share the lowest eigenspace and no step is taken along axis 1; beyond it, -g_1 / delta.
+  eps = float(jnp.finfo(dtype).eps)
+  delta, tiny = ulps * eps, 1e3 * eps**2
+  eigenvalues = jnp.asarray([-2.0, -2.0 + delta, 3.0], dtype)
+  assert float(eigenvalues[1] - eigenvalues[0]) == delta
+  h = np.asarray(curvopt.cubic_subproblem(eigenvalues, jnp.asarray([0.0, tiny, 1.0], dtype), 1.0))
+  off = 0.0 if ulps <= 24 else -tiny / delta
+  np.testing.assert_allclose(h[1:], [off, -1.0 / 5.0], rtol=10 * eps)
+  np.testing.assert_allclose(h[0], np.sqrt(16.0 - off**2 - 1.0 / 25.0), rtol=10 * eps)
 
 
 def test_regularized_newton_step_floors_a_non_positive_denominator():
