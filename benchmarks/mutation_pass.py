@@ -543,6 +543,27 @@ EQUIVALENT.update(
   }
 )
 
+EQUIVALENT.update(
+  {
+    f"curvopt.oracles._gauss_newton_factor.xǁGaussNewtonFactorǁ{name}": reason
+    for name, reason in (
+      *(
+        (n, "precision HIGHEST -> default: identical on CPU")
+        for n in ("gradient__mutmut_6", "gradient__mutmut_10", "mv__mutmut_8")
+      ),
+      *(
+        (n, "precision HIGHEST -> default: identical on CPU")
+        for n in ("mv__mutmut_12", "rmv__mutmut_5", "rmv__mutmut_9")
+      ),
+      *(
+        (n, "einsum subscripts in capitals: the same contraction under other letters")
+        for n in ("gradient__mutmut_12", "mv__mutmut_14", "rmv__mutmut_11")
+      ),
+      ("as_matrix__mutmut_5", "d = b k: JVPs and VJPs build the same matrix at the same cost"),
+    )
+  }
+)
+
 
 def _workspace_of(module: str) -> pathlib.Path:
   return (

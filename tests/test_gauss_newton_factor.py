@@ -107,3 +107,25 @@ def test_refusals_name_the_argument():
     gauss_newton_factor(model_fn, 3, params)
   with pytest.raises(TypeError, match=r"params\['b'\] must have a floating-point dtype"):
     gauss_newton_factor(model_fn, jnp.sum, {"w": params["w"], "b": jnp.ones(2, jnp.int32)})
+
+
+def test_the_gradient_keeps_the_part_where_the_loss_has_no_curvature():
+  # Concave per example (Hessian -0.2 I / b): A is zero, the whole gradient is null_gradient.
+  params = _params(2)
+  loss_fn = lambda f: jnp.mean(jnp.sum(f, axis=1) - 0.1 * jnp.sum(f**2, axis=1))
+  factor = gauss_newton_factor(model_fn, loss_fn, params)
+  np.testing.assert_array_equal(factor.as_matrix(), 0.0)
+  gradient = jax.grad(lambda v: loss_fn(model_fn(unflat(v, 2))))(flat(params))
+  np.testing.assert_allclose(flat(factor.gradient()), gradient, rtol=1e-12)
+
+
+@pytest.mark.parametrize("extra", [0, 40])  # d = 8 < 10 rows (JVPs); d = 48 > 10 (VJPs)
+def test_float32_parameters_give_a_float32_matrix(extra):
+  params = {**_params(2), "z": 0.1 * jnp.arange(float(extra))}
+  x = lambda p: X.astype(p["w"].dtype)
+  model = lambda p: jnp.tanh(x(p) @ p["w"] + p["b"]) + 0.01 * jnp.sum(jnp.sin(p["z"]))
+  loss_fn = lambda f: 0.5 * jnp.mean(jnp.sum(f**2, axis=1))
+  single = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  a = gauss_newton_factor(model, loss_fn, single).as_matrix()
+  assert a.dtype == jnp.float32
+  np.testing.assert_allclose(a, gauss_newton_factor(model, loss_fn, params).as_matrix(), atol=1e-6)
