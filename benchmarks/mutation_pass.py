@@ -564,6 +564,26 @@ EQUIVALENT.update(
   }
 )
 
+EQUIVALENT.update(
+  {
+    f"curvopt.transforms.gauss_newton._levenberg_marquardt.x_levenberg_marquardt__mutmut_{n}": (
+      reason
+    )
+    for n, reason in (
+      (32, 'float("INF") is float("inf")'),
+      (181, "tie-only: predicted >= 1e-16 instead of > 1e-16"),
+      (215, "tie-only: a gain ratio exactly at low"),
+      (222, "tie-only: a gain ratio exactly at high"),
+      (280, "int32 + bool is int32: the cast to int32 was already the promotion"),
+      # The model is evaluated on parameters and a step cast to the damping's dtype, so its
+      # values (and the ratio of them) are in that dtype already for a loss that keeps its
+      # input's dtype; gain_ratio is cast to it again when stored.
+      (165, "the predicted decrease is in the damping's dtype already"),
+      (175, "the gain ratio is in the damping's dtype already, and cast again when stored"),
+    )
+  }
+)
+
 
 def _workspace_of(module: str) -> pathlib.Path:
   return (

@@ -194,3 +194,92 @@ def test_missing_pieces_and_bad_settings_are_named():
     with pytest.raises(ValueError, match=match):
       levenberg_marquardt(inner, **kwargs)
   levenberg_marquardt(inner, low=0.5, high=0.5, min_damping=1.0, max_damping=1.0)  # equal ends
+
+
+def test_the_defaults_damping_one_no_penalty_and_a_clip_at_five():
+  inner, _ = _passing_step()
+  tx = levenberg_marquardt(inner)
+  state = tx.init(P)
+  assert float(state.damping) == 1.0
+  s = STEPS["middle"]
+  _, state = tx.update(jnp.asarray(s), state, P, model_fn=model_fn, loss_fn=loss_fn)
+  damping, ratio, _, _, _ = _replica(s, 1.0)  # l2 = 0
+  assert float(state.gain_ratio) == pytest.approx(ratio, rel=1e-9)
+  assert float(state.damping) == pytest.approx(damping, rel=1e-12)
+  # rho = -6.2 is clipped to -5, above low = -5.5: the damping stays (unclipped, it would rise).
+  s = 2.0 * E[1]
+  assert _replica(s, DAMPING, low=-5.5)[1] < -6.0
+  _, state = _one_step(s, DAMPING, low=-5.5)
+  assert float(state.damping) == DAMPING
+  with pytest.raises(ValueError, match=r"^levenberg_marquardt needs params in update"):
+    tx.update(P, tx.init(P), None, model_fn=model_fn, loss_fn=loss_fn)
+
+
+def test_an_l2_mask_that_excludes_the_parameters_removes_the_penalty():
+  inner, _ = _passing_step()
+  tx = levenberg_marquardt(inner, DAMPING, l2_regularization=0.2, l2_mask=False)
+  s = STEPS["middle"]
+  _, state = tx.update(jnp.asarray(s), tx.init(P), P, model_fn=model_fn, loss_fn=loss_fn)
+  assert float(state.gain_ratio) == pytest.approx(_replica(s, DAMPING)[1], rel=1e-9)
+
+
+def test_the_inner_transform_gets_its_state_params_model_loss_and_extra_arguments():
+  calls = []
+
+  def init(params):
+    return {"count": jnp.zeros((), jnp.int32), "like": jnp.zeros_like(params)}
+
+  def update(updates, state, params=None, **extra):
+    calls.append((params, extra))
+    return updates, {"count": state["count"] + 1, "like": state["like"]}
+
+  tx = levenberg_marquardt(optax.GradientTransformationExtraArgs(init, update), DAMPING)
+  state = tx.init(P)
+  for _ in range(2):
+    _, state = tx.update(
+      jnp.asarray(STEPS["middle"]), state, P, model_fn=model_fn, loss_fn=loss_fn, batch=7
+    )
+  assert int(state.inner_state["count"]) == 2 and state.inner_state["like"].shape == (3,)
+  params, extra = calls[-1]
+  assert params is P and extra["model_fn"] is model_fn and extra["loss_fn"] is loss_fn
+  assert extra["batch"] == 7 and float(extra["damping"]) == DAMPING  # middle: unchanged
+
+
+def test_a_zero_step_keeps_the_damping_and_is_not_rejected():
+  step, state = _one_step(np.zeros(3), DAMPING)
+  np.testing.assert_array_equal(step, 0.0)
+  assert float(state.damping) == DAMPING and int(state.rejected) == 0
+  assert not bool(state.measured)
+
+
+def test_a_step_that_leaves_the_loss_unchanged_is_rejected():
+  # cos is even: from -1 to +1 the loss is unchanged, while the model predicted a decrease
+  # (2 sin 1 - 2 cos 1 - 2 damping > 0): rho = 0, which is at most reject_below = 0.
+  inner, _ = _passing_step()
+  tx = levenberg_marquardt(inner, DAMPING)
+  w = jnp.asarray([-1.0])
+  step, state = tx.update(
+    jnp.asarray([2.0]), tx.init(w), w, model_fn=model_fn, loss_fn=lambda f: -jnp.sum(jnp.cos(f))
+  )
+  assert bool(state.measured) and float(state.gain_ratio) == 0.0
+  np.testing.assert_array_equal(step, 0.0)
+  assert int(state.rejected) == 1
+
+
+def test_masked_parameters_are_refused_by_name():
+  inner, _ = _passing_step()
+  tx = levenberg_marquardt(inner, name="lm")
+  params = {"a": P, "b": optax.MaskedNode()}
+  with pytest.raises(TypeError, match="lm evaluates the loss"):
+    tx.update(params, tx.init(params), params, model_fn=lambda p: p["a"], loss_fn=loss_fn)
+
+
+def test_bfloat16_parameters_and_steps_are_measured_in_float32():
+  inner, _ = _passing_step()
+  tx = levenberg_marquardt(inner, DAMPING)
+  p16, s16 = P.astype(jnp.bfloat16), jnp.asarray(STEPS["middle"], jnp.bfloat16)
+  _, state = tx.update(s16, tx.init(p16), p16, model_fn=model_fn, loss_fn=loss_fn)
+  p32, s32 = p16.astype(jnp.float32), s16.astype(jnp.float32)
+  _, expected = tx.update(s32, tx.init(p32), p32, model_fn=model_fn, loss_fn=loss_fn)
+  assert state.gain_ratio.dtype == jnp.float32
+  assert float(state.gain_ratio) == float(expected.gain_ratio)
