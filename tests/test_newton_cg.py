@@ -172,3 +172,85 @@ def test_the_last_snapshot_is_the_final_iterate_so_backtracking_needs_no_extra_c
   for tol in (0.0, 0.5):
     out = _truncated_cg(lambda v: a @ v, b, jnp.zeros(10), max_iters, tol)
     np.testing.assert_array_equal(out.snapshots[-1], out.x)
+
+
+def _ill_conditioned(d=80):
+  """A quartic with a Hessian of condition 1e6 at 0.1: CG needs more than 50 iterations."""
+  scales = jnp.logspace(-3.0, 3.0, d)
+  target = jax.random.normal(jax.random.key(2), (d,))
+  return lambda w: 0.5 * jnp.sum(scales * (w - target) ** 2) + 0.1 * jnp.sum(w**4)
+
+
+def test_the_transform_defaults_are_its_documented_values():
+  from curvopt.transforms import scale_by_newton_cg
+
+  loss = _ill_conditioned()
+  w = jnp.full(80, 0.1)
+
+  def step(tx):
+    updates, _ = tx.update(jax.grad(loss)(w), tx.init(w), w, value_fn=loss)
+    return np.asarray(updates)
+
+  documented = {"damping": 1.0, "max_cg_iters": 50, "cg_tol": 1e-4, "backtracking": True}
+  kwargs = {"curvature": "hessian", **documented}
+  default = step(scale_by_newton_cg(curvature="hessian"))
+  np.testing.assert_array_equal(default, step(scale_by_newton_cg(**kwargs)))
+  # Each documented value matters here: another one gives another step.
+  for changed in ({"damping": 2.0}, {"cg_tol": 1e-3}):
+    assert not np.array_equal(default, step(scale_by_newton_cg(**{**kwargs, **changed})))
+  # Backtracking by default: on a loss whose quartic the model misses, the first CG iterate
+  # (loss 0.86) beats the final one (8.6).
+  quartic = lambda v: 0.5 * v[0] ** 2 - v[0] + 5e-4 * v[1] ** 2 - v[1] + 10.0 * v[1] ** 4
+  tx = scale_by_newton_cg(curvature="hessian")
+  w2 = jnp.zeros(2)
+  updates, _ = tx.update(jax.grad(quartic)(w2), tx.init(w2), w2, value_fn=quartic)
+  np.testing.assert_allclose(updates, -2.0 / 3.001 * np.ones(2), rtol=1e-12)
+  # At a tolerance CG does not reach, the 50 products are what stops it.
+  strict = step(scale_by_newton_cg(curvature="hessian", cg_tol=1e-14))
+  np.testing.assert_array_equal(strict, step(scale_by_newton_cg(**{**kwargs, "cg_tol": 1e-14})))
+  longer = scale_by_newton_cg(**{**kwargs, "cg_tol": 1e-14, "max_cg_iters": 51})
+  assert not np.array_equal(strict, step(longer))
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    ({"curvature": "newton"}, r"^curvature must be one of"),
+    ({"damping": -1.0}, r"^damping must be in \[0.0, inf\)"),
+    ({"max_cg_iters": 0}, r"^max_cg_iters must be a positive integer"),
+    ({"cg_tol": 0.0}, r"^cg_tol must be a finite number > 0"),
+    ({"warm_start": 1.5}, r"^warm_start must be in \[0.0, 1.0\]"),
+  ],
+)
+def test_the_transform_names_its_bad_arguments(kwargs, message):
+  from curvopt.transforms import scale_by_newton_cg
+
+  with pytest.raises(ValueError, match=message):
+    scale_by_newton_cg(**kwargs)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
+def test_masked_parameters_and_missing_losses_are_refused_by_name(curvature):
+  from curvopt.transforms import scale_by_newton_cg
+
+  tx = scale_by_newton_cg(curvature=curvature)
+  params = {"a": jnp.ones(2), "b": optax.MaskedNode()}
+  loss = lambda p: jnp.sum(p["a"] ** 2)
+  extra = {"value_fn": loss} if curvature == "hessian" else {"model_fn": lambda p: p["a"]}
+  extra["loss_fn"] = jnp.sum
+  with pytest.raises(TypeError, match=r"^newton_cg evaluates the loss"):
+    tx.update(params, tx.init(params), params, **extra)
+  w = jnp.ones(2)
+  with pytest.raises(TypeError, match=r"^newton_cg needs"):
+    tx.update(w, tx.init(w), w)
+
+
+def test_float32_parameters_solve_in_float32():
+  from curvopt.transforms import scale_by_newton_cg
+
+  loss = _quadratic()[2]
+  tx = scale_by_newton_cg(0.1, curvature="hessian")
+  w = jnp.zeros(6, jnp.float32)
+  single = lambda v: loss(v.astype(jnp.float64)).astype(jnp.float32)
+  updates, state = tx.update(jax.grad(single)(w), tx.init(w), w, value_fn=single)
+  assert updates.dtype == state.previous.dtype == jnp.float32
