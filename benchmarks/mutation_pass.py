@@ -597,6 +597,25 @@ EQUIVALENT.update(
   }
 )
 
+EQUIVALENT.update(
+  {
+    f"curvopt.transforms.gauss_newton._newton_cg.x_{name}": reason
+    for name, reason in (
+      *(
+        (f"_truncated_cg__mutmut_{n}", "the snapshot slot table's integer type (an index)")
+        for n in (6, 9, 17, 19)
+      ),
+      ("_truncated_cg__mutmut_11", "one more slot-table entry, past the last CG iteration"),
+      ("_truncated_cg__mutmut_13", "no-slot marker -2 instead of -1: the test is slot >= 0"),
+      ("_truncated_cg__mutmut_140", "the snapshot at the exit iteration is the final iterate"),
+      ("snapshot_iterations__mutmut_10", "ceil(1.3^64) = 1.9e7 CG iterations: never reached"),
+      ("scale_by_newton_cg__mutmut_30", 'float("INF") is float("inf")'),
+      ("scale_by_newton_cg__mutmut_153", "bfloat16 parameters plus a float32 step: promoted"),
+      ("scale_by_newton_cg__mutmut_160", "a bfloat16 product plus the float32 damping term"),
+    )
+  }
+)
+
 
 def _workspace_of(module: str) -> pathlib.Path:
   return (
