@@ -616,6 +616,19 @@ EQUIVALENT.update(
   }
 )
 
+EQUIVALENT.update(
+  {
+    f"curvopt.oracles._dataset.x_dataset_operator__mutmut_{n}": reason
+    for n, reason in (
+      (44, "zeros in the parameters' dtype: the first working-dtype term promotes them exactly"),
+      (46, "zeros in the parameters' dtype: the first working-dtype term promotes them exactly"),
+      (49, "zip's strict loosened: the sizes come from the same batches"),
+      (52, "zip's strict dropped: the sizes come from the same batches"),
+      (53, "zip's strict off: the sizes come from the same batches"),
+    )
+  }
+)
+
 
 def _workspace_of(module: str) -> pathlib.Path:
   return (
