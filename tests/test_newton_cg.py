@@ -252,12 +252,12 @@ def test_float32_parameters_solve_in_float32():
   tx = scale_by_newton_cg(0.1, curvature="hessian")
   w = jnp.zeros(6, jnp.float32)
   single = lambda v: loss(v.astype(jnp.float64)).astype(jnp.float32)
+  grads = jax.grad(single)(w)
   state = tx.init(w)
   assert state.cg_iterations.dtype == state.negative_curvature.dtype == jnp.int32
-  updates, state = tx.update(jax.grad(single)(w), state, w, value_fn=single)
+  updates, state = tx.update(grads, state, w, value_fn=single)
   assert updates.dtype == state.previous.dtype == jnp.float32
   # A float64 damping (from levenberg_marquardt's float64 state, say) does not widen CG.
   read = scale_by_newton_cg(None, curvature="hessian")
-  grads = jax.grad(single)(w)
   _, state = read.update(grads, read.init(w), w, value_fn=single, damping=np.float64(0.1))
   assert state.previous.dtype == jnp.float32
