@@ -832,9 +832,24 @@ def test_linen_apply_gradients_forwards_value_fn():
   with pytest.raises(TypeError, match=r"curvopt\.linen\.apply_gradients"):
     state.apply_gradients(grads=grads)
   new = curvopt.linen.apply_gradients(state, grads=grads, value_fn=loss)
-  updates, _ = state.tx.update(grads, state.opt_state, state.params, value_fn=loss)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value_fn=loss)
   chex.assert_trees_all_close(new.params, optax.apply_updates(state.params, updates))
+  # The optimizer's state moves on (AdaHessian's moments and counter), not kept or dropped.
+  chex.assert_trees_all_equal(new.opt_state, opt_state)
   assert int(new.step) == 1
+
+
+def test_nnx_value_fn_refuses_a_non_module_and_a_non_callable_loss_by_name():
+  nnx = pytest.importorskip("flax.nnx")
+  import curvopt.nnx
+
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError) as caught:
+    curvopt.nnx.value_fn({"w": jnp.ones(2)}, lambda m: 0.0)
+  assert str(caught.value) == "model must be a flax.nnx.Module, got dict."
+  with pytest.raises(TypeError) as caught:
+    curvopt.nnx.value_fn(model, "loss")
+  assert str(caught.value) == "loss_fn must be a callable loss_fn(model), got 'loss'."
 
 
 @pytest.mark.parametrize(
