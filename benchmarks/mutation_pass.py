@@ -112,7 +112,7 @@ MODULES = {
     None,
   ),
   **{
-    f"curvopt/transforms/psgd/_{name}.py": (["tests/test_psgd.py"], None)
+    f"curvopt/transforms/psgd/_{name}.py": (["tests/test_psgd.py", "tests/test_defaults.py"], None)
     for name in ("kron", "driver", "lra", "dense")
   },
   "curvopt/transforms/_lazy_newton.py": (["tests/test_lazy_newton.py"], None),

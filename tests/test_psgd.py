@@ -327,3 +327,60 @@ def test_newton_fit_without_value_fn_fails_clearly():
   params = jnp.ones(3)
   with pytest.raises(TypeError, match=r"psgd_lra needs the loss as an extra argument"):
     opt.update(params, opt.init(params), params)
+
+
+def test_dense_refuses_a_model_above_max_dimension_with_its_bytes():
+  """Every leaf counts; at the limit the state is built, above it the message has the bytes."""
+  big = {"a": jax.ShapeDtypeStruct((300, 100), jnp.float32), "b": jnp.zeros(10_000)}
+  jax.eval_shape(scale_by_psgd_dense(max_dimension=40_000).init, big)  # 40,000 parameters
+  with pytest.raises(ValueError) as caught:
+    jax.eval_shape(scale_by_psgd_dense(max_dimension=39_999).init, big)
+  assert str(caught.value) == (
+    "psgd_dense on 40000 parameters would hold a dense 40000 x 40000 preconditioner "
+    "(6.0 GiB in float32), above max_dimension=39999: use psgd_kron or psgd_lra, or raise "
+    "max_dimension if that memory is meant."
+  )
+  # The documented default: 16384 parameters (1 GiB of float32 `Q`).
+  jax.eval_shape(scale_by_psgd_dense().init, jnp.zeros(16_384))
+  with pytest.raises(ValueError, match=r"16385 parameters .*max_dimension=16384"):
+    jax.eval_shape(scale_by_psgd_dense().init, jnp.zeros(16_385))
+
+
+@pytest.mark.parametrize(
+  "make, message",
+  [
+    (lambda: scale_by_psgd_dense(geometry="qe"), r"^geometry must be one of"),
+    (lambda: scale_by_psgd_dense(max_dimension=0), r"^max_dimension must be a positive integer"),
+  ],
+)
+def test_dense_arguments_are_refused_by_name(make, message):
+  with pytest.raises(ValueError, match=message):
+    make()
+
+
+def test_dense_fit_is_the_kronecker_fit_of_one_vector_in_each_geometry():
+  """psgd_dense on a vector is psgd_kron's dense factor on it, geometry by geometry."""
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(_spd(rng, 5))
+  loss = lambda w: 0.5 * w @ h @ w + jnp.sum(jnp.sin(w))
+  params = jnp.asarray(rng.normal(size=5))
+  fitted = {}
+  for geometry in GEOMETRIES:
+    kwargs = dict(lr_preconditioner=0.3, update_probability=1.0, geometry=geometry)
+    dense = _fit_newton(scale_by_psgd_dense("newton", **kwargs), params, loss, 3)
+    kron = scale_by_psgd_kron("newton", max_skew=float("inf"), **kwargs)  # a dense vector factor
+    kron = _fit_newton(kron, params, loss, 3)
+    chex.assert_trees_all_close(dense.preconditioner, kron.preconditioner, rtol=1e-12)
+    fitted[geometry] = np.asarray(dense.preconditioner.q[0][0])
+  # The geometries fit different factors, so the comparison above can tell them apart.
+  assert not np.allclose(fitted["QE"], fitted["EQ"])
+  assert not np.allclose(fitted["QE"], fitted["Q0.5EQ1.5"])
+
+
+def test_dense_init_scale_sets_the_first_preconditioner_and_its_name_is_in_messages():
+  params = jnp.ones(3)
+  state = scale_by_psgd_dense(init_scale=0.25).init(params)
+  np.testing.assert_array_equal(state.preconditioner.q[0][0], 0.25 * np.eye(3))
+  with pytest.raises(TypeError, match=r"^psgd_dense needs the loss"):
+    tx = scale_by_psgd_dense()
+    tx.update(params, tx.init(params), params)

@@ -62,7 +62,7 @@ def scale_by_psgd_dense(
         f"({gib:.1f} GiB in float32), above max_dimension={max_dimension}: use psgd_kron or "
         "psgd_lra, or raise max_dimension if that memory is meant."
       )
-    return kron_family(tree, settings, geometry=geometry, max_size=None, max_skew=1.0, flatten=True)
+    return kron_family(tree, settings, geometry=geometry, flatten=True)
 
   return scale_by_psgd(
     family,

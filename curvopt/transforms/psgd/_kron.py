@@ -189,11 +189,14 @@ def kron_family(
   settings: FitSettings,
   *,
   geometry: Geometry,
-  max_size: int | None,
-  max_skew: float,
+  max_size: int | None = None,
+  max_skew: float = 1.0,
   flatten: bool = False,
 ) -> PreconditionerFamily:
-  """Kronecker-factored PSGD on the leaves of `tree` (`flatten`: one dense `Q` on the vector)."""
+  """Kronecker-factored PSGD on the leaves of `tree` (`flatten`: one dense `Q` on the vector).
+
+  `max_size` and `max_skew` choose the dense axes (`dense_axes`) of unflattened leaves.
+  """
   leaves = jax.tree.leaves(tree)
   if flatten:
     shapes = [(sum(math.prod(x.shape) for x in leaves),)]
