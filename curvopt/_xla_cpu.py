@@ -36,7 +36,7 @@ SWITCH = "CURVOPT_XLA_CPU_WORKAROUNDS"
 
 def active() -> bool:
   """Whether the workarounds apply: the default backend is CPU and the switch is not "0"."""
-  return jax.default_backend() == "cpu" and os.environ.get(SWITCH, "1") != "0"
+  return jax.default_backend() == "cpu" and os.environ.get(SWITCH) != "0"
 
 
 def contains_convolution(fn: Callable[..., Any], *args: Any) -> bool:
@@ -64,16 +64,19 @@ def lapack_one_at_a_time() -> bool:
   return active() and jax.device_count() > 1
 
 
-# Primitives that only call one jaxpr, by their names in jax 0.4-0.11 (a test
-# fails if a convolution inside `jax.jit` stops being rewritten): evaluated
-# inline so that the convolutions inside are rewritten too. Custom-derivative
-# calls are not in the list: they are bound as they are, rule and all.
+# Primitives that only call one jaxpr, by their names in jax 0.6-0.11 (a test
+# fails if a convolution inside `jax.jit` or `jax.checkpoint` stops being
+# rewritten): evaluated inline so that the convolutions inside are rewritten
+# too. Each returns its jaxpr's outputs as a list (`multiple_results`).
+# Custom-derivative calls are not in the list: they are bound as they are,
+# rule and all.
 _CALLS = {
   "pjit": "jaxpr",
   "jit": "jaxpr",
   "closed_call": "call_jaxpr",
   "core_call": "call_jaxpr",
   "remat": "jaxpr",
+  "remat2": "jaxpr",
   "checkpoint": "jaxpr",
 }
 
@@ -87,7 +90,9 @@ def with_channels_last_convolutions(fn: Callable[..., Any]) -> Callable[..., Any
   loop (jax-ml/jax#12868), where the backward pass's convolutions (kernel as
   spatial-out-in, or batch and feature swapped) fall to a loop ~20x slower.
   This evaluates `fn`'s jaxpr with each convolution wrapped in explicit
-  transposes to and from that layout; results are identical. A call with a
+  transposes to and from that layout; results are identical. Calls
+  (`jax.jit`, `jax.checkpoint`) are evaluated inline, so differentiating the
+  result does not rematerialize what `jax.checkpoint` would have. A call with a
   custom derivative rule (`jax.custom_vjp`, `jax.custom_jvp`) is kept as it
   is, so differentiating the result uses the rule (its convolutions keep
   their layout).
@@ -122,8 +127,7 @@ def _apply(eqn: Any, args: list[Any]) -> Any:
   if name in _CALLS and _CALLS[name] in eqn.params:
     called = eqn.params[_CALLS[name]]
     consts = getattr(called, "consts", [])
-    outs = _evaluate(getattr(called, "jaxpr", called), consts, *args)
-    return outs if eqn.primitive.multiple_results else outs[0]
+    return _evaluate(getattr(called, "jaxpr", called), consts, *args)
   bound = eqn.primitive.get_bind_params(eqn.params)
   subfuns, params = bound if isinstance(bound, tuple) else ((), bound)  # older jax: a pair
   return eqn.primitive.bind(*subfuns, *args, **params)

@@ -17,6 +17,28 @@ from curvopt.estimators._loops import Loop, resolve_loop
 ON_CPU = jax.default_backend() == "cpu"
 
 
+# Two spatial axes, channels last: batch-spatial-feature, spatial-in-out.
+CHANNELS_LAST = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def _layouts(fn, *args):
+  """The dimension numbers of every convolution `fn(*args)` runs, nested calls included."""
+  specs, stack = [], [jax.make_jaxpr(fn)(*args).jaxpr]
+  while stack:
+    jaxpr = stack.pop()
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        specs.append(tuple(map(tuple, eqn.params["dimension_numbers"])))
+      stack.extend(jax.extend.core.jaxprs_in_params(eqn.params))
+  return specs
+
+
+def _nchw_conv(x, w):
+  return jax.lax.conv_general_dilated(
+    x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")
+  )
+
+
 def test_channels_last_rewrite_is_exact_and_leaves_only_channels_last_convolutions():
   def conv(x, w):  # every layout non-canonical, with strides, padding, dilations and groups
     return jax.lax.conv_general_dilated(
@@ -39,20 +61,67 @@ def test_channels_last_rewrite_is_exact_and_leaves_only_channels_last_convolutio
     rewritten = _xla_cpu.with_channels_last_convolutions(hvp)
     chex.assert_trees_all_close(rewritten(), hvp(), rtol=1e-12, atol=1e-12)
 
-    def layouts(fn):
-      specs, stack = [], [jax.make_jaxpr(fn)().jaxpr]
-      while stack:
-        jaxpr = stack.pop()
-        for eqn in jaxpr.eqns:
-          if eqn.primitive.name == "conv_general_dilated":
-            specs.append(tuple(map(tuple, eqn.params["dimension_numbers"])))
-          stack.extend(jax.extend.core.jaxprs_in_params(eqn.params))
-      return specs
+    assert any(spec != CHANNELS_LAST for spec in _layouts(hvp))  # forward and both transposes
+    assert len(_layouts(rewritten)) == len(_layouts(hvp)) >= 8
+    assert set(_layouts(rewritten)) == {CHANNELS_LAST}
 
-    channels_last = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
-    assert any(spec != channels_last for spec in layouts(hvp))  # forward and both transposes
-    assert len(layouts(rewritten)) == len(layouts(hvp)) >= 8
-    assert set(layouts(rewritten)) == {channels_last}
+
+def test_the_rewrite_reaches_into_closures_and_checkpoints():
+  """A jitted call's closed-over kernel (its jaxpr's constants) and `jax.checkpoint`'s body."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 6, 5))
+  kernel = jax.random.normal(jax.random.key(1), (4, 3, 3, 3))
+  closed = jax.jit(lambda x: _nchw_conv(x, kernel))  # `kernel` is a constant of its jaxpr
+  remat = jax.checkpoint(lambda x, w: jnp.tanh(_nchw_conv(x, w)))
+
+  def fn(x, w):
+    return jnp.sum(closed(x) ** 2) + jnp.sum(jnp.sin(remat(x, w))), closed(2.0 * x)
+
+  rewritten = _xla_cpu.with_channels_last_convolutions(fn)
+  chex.assert_trees_all_close(rewritten(x, kernel), fn(x, kernel), rtol=1e-6, atol=1e-6)
+  assert len(_layouts(rewritten, x, kernel)) == len(_layouts(fn, x, kernel)) == 3
+  assert set(_layouts(rewritten, x, kernel)) == {CHANNELS_LAST}
+
+
+def test_bind_parameters_given_as_a_pair_are_bound_with_their_leading_operands():
+  """Older jax's `get_bind_params` returns `(subfuns, params)`: the first bound before the rest."""
+
+  class PairPrimitive(jax.extend.core.Primitive):
+    def get_bind_params(self, params):
+      return (jnp.asarray(params["scale"]),), {}
+
+  scaled = PairPrimitive("scaled_for_test")
+  # Bound as traced: `scale` a parameter; as older jax re-binds it: the leading operand.
+  scaled.def_impl(
+    lambda *operands, scale=None: (operands[0] if scale is None else scale) * operands[-1]
+  )
+  scaled.def_abstract_eval(lambda *operands, **params: operands[-1])
+  fn = lambda x: jnp.sin(scaled.bind(x, scale=2.0))
+  x = jnp.array([0.5, 3.0])
+  rewritten = _xla_cpu.with_channels_last_convolutions(fn)
+  np.testing.assert_array_equal(rewritten(x), fn(x))
+  np.testing.assert_array_equal(fn(x), jnp.sin(2.0 * x))
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the workarounds are for XLA:CPU")
+def test_for_control_flow_rewrites_only_programs_with_a_convolution():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 6, 5))
+  w = jax.random.normal(jax.random.key(1), (4, 3, 3, 3))
+  plain = lambda x, w: jnp.sum(jnp.tanh(x) * jnp.sum(w))
+  assert _xla_cpu.for_control_flow(plain, x, w) is plain
+  grad = jax.grad(lambda w, x: jnp.sum(_nchw_conv(x, w) ** 2))
+  rewritten = _xla_cpu.for_control_flow(grad, w, x)
+  assert rewritten is not grad
+  chex.assert_trees_all_close(rewritten(w, x), grad(w, x), rtol=1e-6)
+  assert set(_layouts(rewritten, w, x)) == {CHANNELS_LAST}
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the workarounds are for XLA:CPU")
+@pytest.mark.parametrize("devices", [1, 2, 8])
+def test_lapack_calls_go_one_at_a_time_only_over_several_cpu_devices(monkeypatch, devices):
+  monkeypatch.setattr(jax, "device_count", lambda: devices)
+  assert _xla_cpu.lapack_one_at_a_time() == (devices > 1)
+  monkeypatch.setenv(_xla_cpu.SWITCH, "0")
+  assert not _xla_cpu.lapack_one_at_a_time()
 
 
 def test_the_rewrite_keeps_custom_derivative_rules():
