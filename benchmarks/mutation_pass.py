@@ -46,7 +46,7 @@ MODULES = {
   ),
   "curvopt/transforms/kronecker/_factors.py": (["tests/test_shampoo.py"], None),
   "curvopt/estimators/_fisher_inverse.py": (["tests/test_mfac.py"], None),
-  "curvopt/transforms/_mfac.py": (["tests/test_mfac.py"], None),
+  "curvopt/transforms/_mfac.py": (["tests/test_mfac.py", "tests/test_defaults.py"], None),
   "curvopt/_matrix_roots.py": (["tests/test_shampoo.py"], "root"),
   "curvopt/estimators/_power.py": (
     ["tests/test_estimators.py"],

@@ -191,8 +191,8 @@ def test_mfac_is_the_paper_step_with_momentum_and_weight_decay():
   "make, message",
   [
     (lambda: curvopt.mfac(0.1, damping=0.0), "damping must be a finite number > 0"),
-    (lambda: curvopt.mfac(0.1, num_grads=0), "num_grads"),
-    (lambda: curvopt.mfac(0.1, refresh_every=0), "refresh_every"),
+    (lambda: curvopt.mfac(0.1, num_grads=0), "^num_grads must be a positive integer"),
+    (lambda: curvopt.mfac(0.1, refresh_every=0), "^refresh_every must be a positive integer"),
     (lambda: curvopt.mfac(-0.1), r"learning_rate must be in"),
     (lambda: curvopt.mfac(0.1, momentum=1.0), r"momentum must be in"),
   ],
@@ -236,3 +236,32 @@ def test_stacked_gradients_must_share_a_leading_axis():
 def test_a_refresh_period_that_is_not_an_integer_is_refused_by_name(refresh_every):
   with pytest.raises(TypeError, match="refresh_every must be a positive integer"):
     curvopt.mfac(0.1, refresh_every=refresh_every)
+
+
+@pytest.mark.parametrize(
+  "dtype, working",
+  [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.float32), (jnp.float64, jnp.float64)],
+)
+@pytest.mark.parametrize("d, m", [(5, 3), (2, 4)], ids=["window_space", "parameter_space"])
+def test_the_state_starts_as_the_empty_window_in_the_working_dtype(dtype, working, d, m):
+  """Zero window and kernel, the documented `(m damping I)^-1`; statistics in float32 at least."""
+  tx = curvopt.transforms.scale_by_mfac(num_grads=m, damping=0.5)
+  params = {"b": jnp.zeros((), dtype), "w": jnp.zeros((d - 1,), dtype)}
+  state = tx.init(params)
+  k = min(d, m)
+  assert state.count.dtype == jnp.int32 and int(state.count) == 0
+  assert state.grads.shape == (m, d) and state.kernel.shape == state.inverse.shape == (k, k)
+  for leaf in (state.grads, state.kernel, state.inverse, state.damping):
+    assert leaf.dtype == working
+  np.testing.assert_array_equal(state.grads, 0.0)
+  np.testing.assert_array_equal(state.kernel, 0.0)
+  np.testing.assert_allclose(state.inverse, np.eye(k) / (m * 0.5), rtol=1e-6)
+  grads = {"b": jnp.asarray(0.7, dtype), "w": jnp.linspace(-1.0, 2.0, d - 1).astype(dtype)}
+  updates, new_state = tx.update(grads, state)
+  assert jax.tree.map(lambda x: x.dtype, updates) == jax.tree.map(lambda x: x.dtype, params)
+  assert new_state.grads.dtype == new_state.inverse.dtype == working
+  # Low-precision gradients are solved in the working dtype: the same numbers as theirs.
+  widened = jax.tree.map(lambda g: g.astype(working), grads)
+  expected, _ = tx.update(widened, jax.tree.map(lambda x: x, state))
+  for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(got, want.astype(dtype))
