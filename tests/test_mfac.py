@@ -160,18 +160,20 @@ def test_a_changed_damping_rebuilds_the_inverse():
 @pytest.mark.parametrize("d, m", [(50, 32), (3, 64)], ids=["window_space", "parameter_space"])
 def test_float32_kept_inverse_is_as_accurate_as_recomputing_every_step(d, m):
   """Two windows of float32 rank-two updates on correlated gradients, against float64."""
-  base = jax.random.normal(jax.random.key(1), (d,))
-  gradients = base + 0.1 * jax.random.normal(jax.random.key(2), (2 * m, d))
+  # float32 spelled out: the suite runs with float64 enabled.
+  base = jax.random.normal(jax.random.key(1), (d,), jnp.float32)
+  gradients = base + 0.1 * jax.random.normal(jax.random.key(2), (2 * m, d), jnp.float32)
   g64 = np.asarray(gradients, np.float64)
   window = g64[m - 1 : 2 * m - 1]
   exact = np.linalg.solve(1e-3 * np.eye(d) + window.T @ window / m, g64[-2])
   errors = {}
   for refresh_every in (1, None):
     tx = curvopt.transforms.scale_by_mfac(m, damping=1e-3, refresh_every=refresh_every)
-    state = tx.init(jnp.zeros(d))
+    state = tx.init(jnp.zeros(d, jnp.float32))
     step = jax.jit(tx.update)
     for g in gradients[:-1]:  # the last step is the one before a periodic refresh
       u, state = step(g, state)
+    assert u.dtype == jnp.float32
     error = np.asarray(u, np.float64) - exact
     errors[refresh_every] = np.linalg.norm(error) / np.linalg.norm(exact)
   assert errors[None] <= max(2 * errors[1], 1e-5), errors
