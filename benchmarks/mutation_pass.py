@@ -536,6 +536,11 @@ EQUIVALENT.update(
   }
 )
 
+EQUIVALENT["curvopt.transforms.psgd._dense.x_scale_by_psgd_dense__mutmut_43"] = (
+  "kron_family(None, ..., flatten=True): the flattened form reads the tree only to key its "
+  "one group (one vector, one dense factor); the factor is built from the array init is given"
+)
+
 # zip(..., strict=True) loosened in the jaxpr evaluator: a jaxpr's constants and inputs are
 # made for its constvars and invars, an equation's outputs for its outvars (jax's invariant).
 EQUIVALENT.update(
