@@ -541,6 +541,15 @@ EQUIVALENT["curvopt.transforms.psgd._dense.x_scale_by_psgd_dense__mutmut_43"] = 
   "one group (one vector, one dense factor); the factor is built from the array init is given"
 )
 
+# A called ClosedJaxpr evaluated as it is instead of its `.jaxpr`: it forwards constvars,
+# invars, eqns and outvars to that jaxpr, and its consts are passed apart.
+EQUIVALENT.update(
+  {
+    f"curvopt._xla_cpu.x__apply__mutmut_{n}": "a ClosedJaxpr reads as the jaxpr it closes"
+    for n in (25, 31, 32)
+  }
+)
+
 # zip(..., strict=True) loosened in the jaxpr evaluator: a jaxpr's constants and inputs are
 # made for its constvars and invars, an equation's outputs for its outvars (jax's invariant).
 EQUIVALENT.update(
