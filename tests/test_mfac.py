@@ -300,3 +300,19 @@ def test_the_state_starts_as_the_empty_window_in_the_working_dtype(dtype, workin
   expected, _ = tx.update(widened, jax.tree.map(lambda x: x, state))
   for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(got, want.astype(dtype))
+
+
+def test_mfac_refuses_a_window_it_cannot_afford_by_name_and_needs_no_params_without_decay():
+  """The refusal names M-FAC and what lowers its state; weight decay alone reads the params."""
+  params = jnp.zeros(10_000)
+  with pytest.raises(ValueError) as caught:
+    jax.eval_shape(curvopt.mfac(0.1, num_grads=100_000).init, params)
+  message = str(caught.value)
+  assert message.startswith("mfac: the optimizer state would take ")
+  assert "Lower num_grads: the window holds num_grads gradients" in message
+  with pytest.raises(ValueError, match=r"^weight_decay must be"):
+    curvopt.mfac(0.1, weight_decay=-1.0)
+  opt = curvopt.mfac(0.1, num_grads=4)
+  g = jnp.arange(3.0)
+  updates, _ = opt.update(g, opt.init(g))  # no params: nothing reads them
+  assert bool(jnp.all(jnp.isfinite(updates)))
