@@ -173,6 +173,38 @@ def test_structural_args_are_the_non_numeric_arguments():
   assert "max_skew" in curvopt.structural_args(curvopt.psgd_kron)
 
 
+def test_structural_args_of_functions_written_like_the_named_optimizers():
+  """Unannotated arguments go by their default (optax's rule), evaluated annotations by name."""
+
+  def unannotated(learning_rate, steps=10, decay=0.9, nesterov=False, name="x", fn=None, *a, **k):
+    return optax.sgd(learning_rate)
+
+  assert curvopt.structural_args(unannotated) == ("nesterov", "name", "fn")
+
+  def annotated(learning_rate, count=3, mode="a", scale=None, every=None, sched=None):
+    return optax.sgd(learning_rate)
+
+  # As a module without `from __future__ import annotations` has them: types, not strings.
+  annotated.__annotations__ = {
+    "learning_rate": float,
+    "count": int,
+    "mode": str,
+    "scale": float | None,
+    "every": int | None,
+    "sched": "optax.ScalarOrSchedule | float | None",  # every numeric annotation at once
+  }
+  assert curvopt.structural_args(annotated) == ("count", "mode", "every")
+
+
+def test_inject_hyperparams_passes_the_hyperparameter_dtype_on():
+  params = jnp.ones(3, jnp.float32)
+  opt = curvopt.inject_hyperparams(curvopt.mfac)(learning_rate=0.1, num_grads=4)
+  assert opt.init(params).hyperparams["learning_rate"].dtype == jnp.float32  # the params'
+  wide = curvopt.inject_hyperparams(curvopt.mfac, hyperparam_dtype=jnp.float64)
+  state = wide(learning_rate=0.1, num_grads=4).init(params)
+  assert state.hyperparams["learning_rate"].dtype == jnp.float64
+
+
 # --- SOAP under rounding of b2 -----------------------------------------------------
 
 

@@ -106,6 +106,11 @@ def test_stochastic_rounding_is_unbiased_and_within_one_bfloat16_step():
   special = jnp.array([jnp.inf, -jnp.inf, 0.0, -0.0], jnp.float32)
   out = curvopt.transforms._precision._stochastic_round_to_bfloat16(special, jax.random.key(1))
   np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), np.asarray(special))
+  # Above bfloat16's largest finite value the next one up is infinity: never NaN.
+  near_max = jnp.full(10_000, 3.4e38, jnp.float32)
+  out = curvopt.transforms._precision._stochastic_round_to_bfloat16(near_max, jax.random.key(2))
+  largest = float(jnp.finfo(jnp.bfloat16).max)
+  assert set(np.unique(np.asarray(out.astype(jnp.float32)))) == {largest, np.inf}
 
 
 def test_counts_and_keys_are_never_cast():
@@ -222,3 +227,129 @@ def test_field_dtypes_that_are_not_a_mapping_of_names_are_named(bad):
 def test_a_field_dtype_that_is_not_floating_is_named_with_its_field(bad):
   with pytest.raises(TypeError, match=r"field_dtypes\['nu'\] must be a floating-point dtype"):
     with_state_dtype(optax.scale_by_adam(), None, field_dtypes={"nu": bad})
+
+
+def _adam_states(tx, steps=3):
+  grads = [jax.random.normal(jax.random.key(i), (64,), jnp.float32) for i in range(steps)]
+  state = tx.init(jnp.zeros(64, jnp.float32))
+  for g in grads:
+    _, state = jax.jit(tx.update)(g, state)
+  return state
+
+
+def test_the_defaults_round_stochastically_from_seed_zero_and_count_steps():
+  default = _adam_states(with_state_dtype(optax.scale_by_adam(), jnp.bfloat16))
+  spelled = _adam_states(
+    with_state_dtype(optax.scale_by_adam(), jnp.bfloat16, stochastic_rounding=True, seed=0)
+  )
+  chex.assert_trees_all_equal(default, spelled)
+  assert default.count.dtype == jnp.uint32 and int(default.count) == 3  # steps taken
+  for other in ({"seed": 1}, {"stochastic_rounding": False}):
+    changed = _adam_states(with_state_dtype(optax.scale_by_adam(), jnp.bfloat16, **other))
+    assert not np.array_equal(changed.inner_state.nu, default.inner_state.nu), other
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    ({"stochastic_rounding": "yes"}, r"^stochastic_rounding must be True or False"),
+    ({"seed": 1.5}, r"^seed must be an integer seed"),
+  ],
+)
+def test_with_state_dtype_arguments_are_refused_by_name(kwargs, message):
+  with pytest.raises(TypeError, match=message):
+    with_state_dtype(optax.scale_by_adam(), jnp.bfloat16, **kwargs)
+
+
+def _mixed_state_transform():
+  """A state of a float32 moment, a bfloat16 buffer, a float64 sum and a Python number."""
+
+  def init(params):
+    return {
+      "m": jnp.zeros_like(params),
+      "buffer": jnp.zeros_like(params, jnp.bfloat16),
+      "total": jnp.zeros((), jnp.float64),
+      "scale": 0.5,
+    }
+
+  def update(updates, state, params=None):
+    new = {
+      "m": state["m"] + updates,
+      "buffer": (state["buffer"] + 1).astype(state["buffer"].dtype),
+      "total": state["total"] + 1e-9,
+      "scale": state["scale"],
+    }
+    return updates * state["scale"], new
+
+  return optax.GradientTransformation(init, update)
+
+
+def test_only_wider_floats_are_lowered_and_a_kept_field_keeps_its_own_dtype():
+  """float16 storage lowers the float32 moment, leaves the bfloat16 buffer (as narrow, not
+  wider), the Python number, and a float64 sum kept by `field_dtypes` (dict keys as names)."""
+  tx = with_state_dtype(_mixed_state_transform(), jnp.float16, field_dtypes={"total": None})
+  g = jnp.array([1.0, 2.5], jnp.float32)
+  state = tx.init(g)
+  for _ in range(4):
+    updates, state = tx.update(g, state)
+  inner = state.inner_state
+  assert inner["m"].dtype == jnp.float16 and inner["buffer"].dtype == jnp.bfloat16
+  assert inner["scale"] == 0.5 and updates.dtype == jnp.float32
+  assert inner["total"].dtype == jnp.float64 and float(inner["total"]) == 1e-9 + 1e-9 + 1e-9 + 1e-9
+  np.testing.assert_array_equal(inner["m"], np.array([4.0, 10.0], np.float16))
+
+
+def test_the_inner_transform_runs_in_the_working_dtype_with_its_extra_arguments():
+  """float32 parameters under float64-enabled JAX: the state comes back as float32, not the
+  default float, and Sophia-H receives its `value_fn`."""
+  params, value_fn = _problem()
+  tx = with_state_dtype(curvopt.sophia_h(0.1), jnp.bfloat16)
+  state = tx.init(params)
+  seen = []
+  inner = optax.stateless(lambda u, p: seen.append(jax.tree.leaves(u)[0].dtype) or u)
+  probe = with_state_dtype(optax.chain(optax.scale_by_adam(), inner), jnp.bfloat16)
+  probe_state = probe.init(params)
+  updates, probe_state = probe.update(params, probe_state)
+  assert seen == [jnp.float32]  # Adam's moments were widened to float32, not float64
+  assert jax.tree.leaves(updates)[0].dtype == jnp.float32
+  updates, state = tx.update(jax.grad(value_fn)(params), state, params, value_fn=value_fn)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+  # The state arrives in the updates' working dtype: float64 ones get a float64 state.
+  arrived = []
+  recording = optax.GradientTransformation(
+    lambda p: jnp.zeros_like(p), lambda u, m, p=None: (u, arrived.append(m.dtype) or m + u)
+  )
+  for dtype in (jnp.float32, jnp.float64):
+    tx = with_state_dtype(recording, jnp.bfloat16)
+    tx.update(jnp.ones(3, dtype), tx.init(jnp.ones(3, dtype)))
+  assert arrived == [jnp.float32, jnp.float64]
+
+
+def test_with_float32_statistics_keeps_float32_state_for_low_precision_parameters():
+  """bfloat16 in: Adam (and weight decay, which reads the parameters) in float32, updates
+  back in bfloat16; float64 stays float64; extra arguments reach the inner transform."""
+  tx = curvopt.transforms.with_float32_statistics(
+    optax.chain(optax.add_decayed_weights(0.1), optax.scale_by_adam())
+  )
+  reference = optax.chain(optax.add_decayed_weights(0.1), optax.scale_by_adam())
+  params = jnp.array([0.3, -1.7, 2.2], jnp.bfloat16)
+  grads = jnp.array([1e-3, 0.5, -2.0], jnp.bfloat16)
+  state, ref_state = tx.init(params), reference.init(params.astype(jnp.float32))
+  assert state[1].nu.dtype == jnp.float32
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    expected, ref_state = reference.update(
+      grads.astype(jnp.float32), ref_state, params.astype(jnp.float32)
+    )
+    assert updates.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(updates, expected.astype(jnp.bfloat16))
+  chex.assert_trees_all_equal(state, ref_state)
+  wide = tx.init(jnp.ones(2, jnp.float64))
+  assert wide[1].nu.dtype == jnp.float64
+  plain = curvopt.transforms.with_float32_statistics(optax.scale_by_adam())
+  u, _ = plain.update(grads, plain.init(params))  # no parameters: none needed
+  assert u.dtype == jnp.bfloat16
+  sophia = curvopt.transforms.with_float32_statistics(curvopt.sophia_h(0.1))
+  value_fn = lambda p: jnp.sum(p.astype(jnp.float32) ** 2)
+  u, _ = sophia.update(grads, sophia.init(params), params, value_fn=value_fn)
+  assert u.dtype == jnp.bfloat16
