@@ -370,6 +370,10 @@ EQUIVALENT.update(
         "_hard_case__mutmut_29",
         "the divisor in the lowest eigenspace is masked by the outer where",
       ),
+      # The scaled norm's guard matters only for g == 0, whose easy-case step is zeroed by
+      # `where(g == 0)` and whose hard case reads no norm.
+      ("_scaled_norm__mutmut_13", "scale >= 0: 0/0 in the bracket of an all-zero g only"),
+      ("_scaled_norm__mutmut_15", "divisor 2 for scale == 0: 0 / 2 is 0 / 1"),
     )
   }
 )
