@@ -554,6 +554,19 @@ EQUIVALENT.update(
   }
 )
 
+# The named Newton-CG spells out Martens' rule where it is levenberg_marquardt's default too.
+EQUIVALENT.update(
+  {
+    f"curvopt.alias._newton_cg.x_newton_cg__mutmut_{n}": reason
+    for n, reason in (
+      (42, 'float("INF") is float("inf")'),
+      (94, "increase=1.5 dropped: levenberg_marquardt's default is 1.5"),
+      (96, "low=0.25 dropped: levenberg_marquardt's default is 0.25"),
+      (97, "high=0.75 dropped: levenberg_marquardt's default is 0.75"),
+    )
+  }
+)
+
 # zip(..., strict=True) loosened in the jaxpr evaluator: a jaxpr's constants and inputs are
 # made for its constvars and invars, an equation's outputs for its outvars (jax's invariant).
 EQUIVALENT.update(

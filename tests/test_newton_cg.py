@@ -212,6 +212,72 @@ def test_the_transform_defaults_are_its_documented_values():
   assert not np.array_equal(strict, step(longer))
 
 
+def test_a_step_that_raises_a_finite_loss_is_taken_as_martens_does():
+  """Only non-finite losses are rejected; a step with a negative gain ratio raises the damping."""
+  model_fn = lambda w: jnp.stack([jnp.sin(3 * w[0]) + w[1] ** 2, w[0] * w[1] - 0.5])
+  loss_fn = lambda f: 0.5 * jnp.sum(f**2)
+  loss = lambda w: loss_fn(model_fn(w))
+  w = jnp.array([-0.54, 0.875])
+  opt = curvopt.newton_cg(damping=1e-3)
+  updates, state = opt.update(jax.grad(loss)(w), opt.init(w), w, model_fn=model_fn, loss_fn=loss_fn)
+  assert float(loss(w + updates)) > 1.5 * float(loss(w))  # 0.50 -> 0.80, and taken
+  lm = state.inner_state
+  assert int(lm.rejected) == 0 and float(lm.gain_ratio) < 0
+  assert float(lm.damping) == pytest.approx(1.5e-3)  # rho < 1/4: lambda *= 3/2
+
+
+def test_the_named_optimizers_messages_name_it_and_the_argument():
+  with pytest.raises(ValueError) as caught:
+    curvopt.newton_cg(curvature="hessian")
+  assert str(caught.value) == (
+    "newton_cg: adaptive_damping needs curvature='gauss_newton' (the gain ratio uses the "
+    "Gauss-Newton model); pass adaptive_damping=False for a fixed damping with the Hessian."
+  )
+  with pytest.raises(ValueError) as caught:
+    curvopt.newton_cg(damping=0.0)
+  assert str(caught.value) == (
+    "damping must be a finite number > 0 (the adaptive rule multiplies it), got 0.0."
+  )
+  curvopt.newton_cg(damping=0.0, adaptive_damping=False)  # a fixed damping may be zero
+  opt, w = curvopt.newton_cg(), jnp.ones(2)
+  with pytest.raises(TypeError, match=r"^newton_cg needs the model and the loss apart"):
+    opt.update(w, opt.init(w), w)
+
+
+@pytest.mark.parametrize(
+  "changed",
+  [{"warm_start": 0.0}, {"cg_tol": 0.3}, {"backtracking": False}, {"max_cg_iters": 2}],
+)
+def test_the_named_optimizer_passes_each_cg_argument_on(changed):
+  """Three steps of the named optimizer move elsewhere when one CG argument changes."""
+  loss = _ill_conditioned(12)
+  w0 = jnp.full(12, 0.1)
+
+  def run(**kwargs):
+    opt = curvopt.newton_cg(0.5, 1e-2, curvature="hessian", adaptive_damping=False, **kwargs)
+    w, state = w0, opt.init(w0)
+    for _ in range(3):
+      updates, state = opt.update(jax.grad(loss)(w), state, w, value_fn=loss)
+      w = w + updates
+    return np.asarray(w)
+
+  assert not np.array_equal(run(), run(**changed))
+
+
+def test_the_named_optimizer_stops_cg_at_50_products_by_default():
+  loss = _ill_conditioned()
+  w = jnp.full(80, 0.1)
+
+  def step(**kwargs):
+    opt = curvopt.newton_cg(curvature="hessian", adaptive_damping=False, cg_tol=1e-14, **kwargs)
+    updates, _ = opt.update(jax.grad(loss)(w), opt.init(w), w, value_fn=loss)
+    return np.asarray(updates)
+
+  default = step()
+  np.testing.assert_array_equal(default, step(max_cg_iters=50))
+  assert not np.array_equal(default, step(max_cg_iters=51))
+
+
 @pytest.mark.parametrize(
   "kwargs, message",
   [
