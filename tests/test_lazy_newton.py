@@ -401,3 +401,49 @@ def test_regularized_newton_step_floors_a_non_positive_denominator():
   np.testing.assert_allclose(step, [-1.0 / floor, -1.0 / 1.5, -1.0 / 5.0], rtol=1e-15)
   small = curvopt.regularized_newton_step(jnp.asarray([-0.5, 0.1]), jnp.asarray([1.0, 1.0]), 0.5)
   np.testing.assert_allclose(small, [-1.0 / np.finfo(np.float64).eps, -1.0 / 0.6], rtol=1e-15)
+
+
+def test_the_named_optimizers_defaults_reach_its_state():
+  """Defaults the adaptive trajectories do not show: Krylov size, dense limit, seed, cap, floor."""
+  d = jax.ShapeDtypeStruct((4096,), jnp.float32)
+  wide = jax.ShapeDtypeStruct((4097,), jnp.float32)
+  shapes = lambda opt, p: jax.eval_shape(opt.init, p).inner_state[0].eigenvectors.shape
+  assert shapes(curvopt.lazy_newton(), d) == (4096, 4096)  # dense up to 4,096 parameters
+  assert shapes(curvopt.lazy_newton(), wide) == (20, 4097)  # then 20 Lanczos vectors
+  assert shapes(curvopt.lazy_newton(max_dense_size=100), d) == (20, 4096)
+  assert shapes(curvopt.lazy_newton(mode="matrix_free", krylov_dim=7), d) == (7, 4096)
+  key = curvopt.lazy_newton().init(jnp.zeros(3)).inner_state[0].key
+  np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(jax.random.key(0)))
+  key = curvopt.lazy_newton(seed=5).init(jnp.zeros(3)).inner_state[0].key
+  np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(jax.random.key(5)))
+  # A loss that is NaN off its start point: every trial fails, the search stops at the cap.
+  w = jnp.array([0.5, -1.0])
+  start_only = lambda v: jnp.where(jnp.all(v == w), jnp.sum(v**2), jnp.nan)
+  trials = {}
+  for kwargs in ({}, {"max_doublings": 40}, {"max_doublings": 3}):
+    _, state = _run(curvopt.lazy_newton(**kwargs), start_only, w, 1)
+    inner = state.inner_state[0]
+    assert int(inner.rejected_steps) == 1
+    trials[kwargs.get("max_doublings")] = int(inner.function_values)
+  assert trials[None] == trials[40] == trials[3] + 37
+  # The adaptive M is divided by 4 at each snapshot down to its floor, 1e-10 by default.
+  value_fn, _ = quadratic_with_spectrum([1.0, 2.0], 2)
+  floors = {}
+  for kwargs in ({}, {"min_regularization": 1e-10}, {"min_regularization": 1e-3}):
+    opt = curvopt.lazy_newton(hessian_every=1, **kwargs)
+    _, state = _run(opt, value_fn, jnp.array([1.0, -1.0]), 20)
+    floors[kwargs.get("min_regularization")] = float(state.inner_state[0].regularization)
+  assert floors[None] == floors[1e-10] == 1e-10 and floors[1e-3] == 1e-3
+
+
+def test_the_named_optimizer_refuses_a_bad_learning_rate_by_name():
+  with pytest.raises(ValueError, match=r"^learning_rate must be a finite number > 0"):
+    curvopt.lazy_newton(0.0)
+  # Without adaptation the documented M = 1 is the step's regularization.
+  value_fn, _ = quadratic_with_spectrum([1.0, -0.5, 2.0], 3)
+  w = jnp.array([0.3, 0.2, -0.1])
+  run = lambda **kw: np.asarray(
+    _run(curvopt.lazy_newton(adaptive=False, **kw), value_fn, w, 2)[0][-1]
+  )
+  np.testing.assert_array_equal(run(), run(regularization=1.0))
+  assert not np.array_equal(run(), run(regularization=2.0))

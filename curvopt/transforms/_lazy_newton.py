@@ -119,7 +119,8 @@ def scale_by_lazy_newton(
   the paper's Algorithm 2; convex objectives only).
 
   With `adaptive`, a step is accepted when `f(p + h) <= f(p) - M ||h||^3 / 12`
-  (Nesterov and Polyak's sufficient decrease, up to 16 ulps of `f`), else `M` doubles and only the
+  (Nesterov and Polyak's sufficient decrease, up to 16 ulps of `f`; a NaN
+  `f(p + h)` is no decrease), else `M` doubles and only the
   O(d^2) subproblem is re-solved, at most `max_doublings` times (then the
   step is zero); `M` is divided by 4 at every new snapshot, down to
   `min_regularization`. Outputs are `-h` (so `scale_by_learning_rate(1.0)`
@@ -240,7 +241,8 @@ def scale_by_lazy_newton(
         m, step, trials = carry
         trial = value_fn(unravel_w(flat_params + step)).astype(dtype)
         required = value - m * jnp.linalg.norm(step) ** 3 / 12 + slack
-        return (trial > required) & (trials < max_doublings)
+        # Not `trial > required`: a NaN loss at the trial point is no decrease either.
+        return ~(trial <= required) & (trials < max_doublings)
 
       def double(carry):
         m, _, trials = carry
