@@ -381,3 +381,61 @@ def test_sophia_h_refreshes_every_ten_steps_by_default():
   for _ in range(21):  # eager: the refresh is a Python branch, taken on steps 0, 10, 20
     _, state = tx.update(jax.grad(value_fn)(w), state, w, value_fn=value_fn)
   assert len(calls) == 3
+
+
+def _stiff_quadratic():
+  """Curvature large enough that Sophia's ratio m / (gamma h) stays inside the clip."""
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(6, 6))
+  a = jnp.asarray(100.0 * q @ q.T + 1000.0 * np.eye(6))
+  return (lambda w: 0.5 * w @ a @ w), jnp.asarray(1e-3 * rng.normal(size=6))
+
+
+def test_sophia_h_named_defaults_and_arguments_move_a_curvature_bound_trajectory():
+  """On a clipped trajectory (sign descent) the Hessian diagonal does not matter; here it does."""
+  loss, w0 = _stiff_quadratic()
+
+  def run(**kwargs):
+    opt = curvopt.sophia_h(1e-3, **kwargs)
+    step = jax.jit(lambda w, s: opt.update(jax.grad(loss)(w), s, w, value_fn=loss))
+    w, state = w0, opt.init(w0)
+    for _ in range(12):
+      updates, state = step(w, state)
+      w = w + updates
+    return np.asarray(w)
+
+  default = run()
+  np.testing.assert_array_equal(default, run(refresh_every=10, seed=0, clip_threshold=1.0))
+  for changed in ({"refresh_every": 11}, {"seed": 1}, {"clip_threshold": 0.05}):
+    assert not np.array_equal(default, run(**changed)), changed
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    ({"b2": 1.5}, r"^b2 must be in \[0.0, 1.0\), got 1.5"),
+    ({"eps": -1.0}, r"^eps must be in \[0.0, inf\), got -1.0"),
+    ({"weight_decay": -1.0}, r"^weight_decay must be in \[0.0, inf\), got -1.0"),
+    (
+      {"eps": 0.0},
+      r"^eps must be a finite number > 0 \(it keeps the denominator away from zero: with "
+      r"eps=0 a parameter the loss does not use gets 0/0 and every step is skipped\), got 0.0",
+    ),
+    (
+      {"clip_threshold": 0.0},
+      r"^clip_threshold must be a finite number > 0 \(0 would never move\)",
+    ),
+  ],
+)
+def test_sophia_h_refuses_bad_arguments_by_name(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    curvopt.sophia_h(0.1, **kwargs)
+
+
+def test_sophia_h_names_itself_and_stores_its_state_in_state_dtype():
+  opt, w = curvopt.sophia_h(0.1, state_dtype=jnp.bfloat16), jnp.ones(2, jnp.float32)
+  state = opt.init(w)
+  floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and all(x.dtype == jnp.bfloat16 for x in floats)
+  with pytest.raises(TypeError, match=r"^sophia_h needs the loss as an extra argument"):
+    opt.update(w, state, w)
