@@ -439,3 +439,50 @@ def test_sophia_h_names_itself_and_stores_its_state_in_state_dtype():
   assert floats and all(x.dtype == jnp.bfloat16 for x in floats)
   with pytest.raises(TypeError, match=r"^sophia_h needs the loss as an extra argument"):
     opt.update(w, state, w)
+
+
+def test_adahessian_named_defaults_and_arguments_move_a_nonconvex_trajectory():
+  """A 3 x 3 kernel (averaged over its spatial axes) with curvature of both signs, where
+  `absolute` matters, and a coupled term, where the probes' seed does."""
+  loss = lambda w: jnp.sum(jnp.cos(3 * w)) + 0.1 * jnp.sum(w**4) + w[0, 0, 0, 0] * w[1, 1, 0, 0]
+  w0 = jnp.linspace(0.1, 0.8, 9).reshape(3, 3, 1, 1)
+
+  def run(**kwargs):
+    opt = curvopt.adahessian(0.05, **kwargs)
+    step = jax.jit(lambda w, s: opt.update(jax.grad(loss)(w), s, w, value_fn=loss))
+    w, state = w0, opt.init(w0)
+    for _ in range(5):
+      updates, state = step(w, state)
+      w = w + updates
+    return np.asarray(w)
+
+  default = run()
+  np.testing.assert_array_equal(default, run(absolute=True, seed=0, weight_decay=0.0))
+  for changed in ({"absolute": False}, {"seed": 1}, {"weight_decay": 0.5}):
+    assert not np.array_equal(default, run(**changed)), changed
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    ({"b1": 1.5}, r"^b1 must be in \[0.0, 1.0\), got 1.5"),
+    ({"weight_decay": -1.0}, r"^weight_decay must be in \[0.0, inf\), got -1.0"),
+    (
+      {"eps": 0.0},
+      r"^eps must be a finite number > 0 \(it keeps the denominator away from zero: with "
+      r"eps=0 a parameter the loss does not use gets 0/0 and every step is skipped\), got 0.0",
+    ),
+  ],
+)
+def test_adahessian_refuses_bad_arguments_by_name(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    curvopt.adahessian(0.1, **kwargs)
+
+
+def test_adahessian_names_itself_and_stores_its_state_in_state_dtype():
+  opt, w = curvopt.adahessian(0.1, state_dtype=jnp.bfloat16), jnp.ones(2, jnp.float32)
+  state = opt.init(w)
+  floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and all(x.dtype == jnp.bfloat16 for x in floats)
+  with pytest.raises(TypeError, match=r"^adahessian needs the loss as an extra argument"):
+    opt.update(w, state, w)
