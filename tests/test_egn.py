@@ -453,3 +453,58 @@ def test_the_defaults_train_a_mini_batch_mlp_without_diverging():
       losses.append(float(full_loss(params)))
   assert all(math.isfinite(v) and v < 0.5 for v in losses), (start, losses)
   assert int(state.skipped) == 0
+
+
+@pytest.mark.parametrize(
+  "base, changed",
+  [
+    ({}, {"max_factor_size": 1}),  # too small to factor: CG instead
+    ({"solver": "cg"}, {"solver": "cg", "cg_tol": 0.5}),
+    ({"solver": "cg"}, {"solver": "cg", "cg_maxiter": 1}),
+    ({}, {"l2_regularization": 0.1}),
+    (
+      {"l2_regularization": 0.1},
+      {
+        "l2_regularization": 0.1,
+        "l2_mask": {"layer0": {"w": True, "b": False}, "layer1": {"w": False, "b": False}},
+      },
+    ),
+    ({}, {"momentum": 0.5}),
+    ({"learning_rate": 3.0}, {"learning_rate": 3.0, "line_search": False}),  # Armijo halves
+    ({}, {"adaptive_damping": True}),
+  ],
+)
+def test_the_named_optimizer_passes_each_argument_on(base, changed):
+  """Three steps move elsewhere when one argument changes (the base otherwise the same)."""
+  problem = mlp_problem("mse", n=6, sizes=(3, 5, 2))
+
+  def run(**kwargs):
+    opt = curvopt.egn(**{"learning_rate": 0.5, "damping": 0.1, **kwargs})
+    p, state = problem.params, opt.init(problem.params)
+    for _ in range(3):
+      grads = jax.grad(problem.value_fn)(p)
+      updates, state = opt.update(
+        grads, state, p, model_fn=problem.model_fn, loss_fn=problem.loss_fn
+      )
+      p = optax.apply_updates(p, updates)
+    return p
+
+  before, after = run(**base), run(**changed)
+  assert any(
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+  ), changed
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    ({"learning_rate": 0.0}, r"^learning_rate must be a finite number > 0, got 0.0"),
+    ({"momentum": 1.0}, r"^momentum must be in \[0.0, 1.0\), got 1.0"),
+    ({"adaptive_damping": "yes"}, r"^adaptive_damping must be True or False, got 'yes'"),
+    ({"line_search": "yes"}, r"^line_search must be True or False, got 'yes'"),
+  ],
+)
+def test_the_named_optimizers_own_arguments_are_refused_by_name(kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    curvopt.egn(**kwargs)
