@@ -508,3 +508,33 @@ def test_the_named_optimizer_passes_each_argument_on(base, changed):
 def test_the_named_optimizers_own_arguments_are_refused_by_name(kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match):
     curvopt.egn(**kwargs)
+
+
+def test_the_named_optimizers_solver_defaults_factor_up_to_1024_and_run_50_cg_steps():
+  def uses_cholesky(features):
+    x = jnp.ones((2048, features))  # the parameters are the smaller space
+    model_fn, loss_fn = (lambda w: x @ w), (lambda f: 0.5 * jnp.mean(f**2))
+    # A long CG budget makes factoring the cheaper choice wherever it is allowed.
+    opt, w = curvopt.egn(cg_maxiter=5000), jnp.ones(features)
+    update = lambda w: opt.update(w, opt.init(w), w, model_fn=model_fn, loss_fn=loss_fn)
+    return curvopt._jaxpr.contains_primitive(jax.make_jaxpr(update)(w).jaxpr, "cholesky")
+
+  assert uses_cholesky(1024) and not uses_cholesky(1025)
+  # 50 CG iterations where CG cannot reach its tolerance (a 128-row batch space).
+  problem = mlp_problem("mse", n=64, sizes=(3, 6, 2))
+  grads = jax.grad(problem.value_fn)(problem.params)
+
+  def step(**kwargs):
+    opt = curvopt.egn(damping=1e-3, solver="cg", cg_tol=1e-30, line_search=False, **kwargs)
+    updates, _ = opt.update(
+      grads,
+      opt.init(problem.params),
+      problem.params,
+      model_fn=problem.model_fn,
+      loss_fn=problem.loss_fn,
+    )
+    return jax.tree.leaves(updates)
+
+  default = step()
+  assert all(np.array_equal(a, b) for a, b in zip(default, step(cg_maxiter=50), strict=True))
+  assert not all(np.array_equal(a, b) for a, b in zip(default, step(cg_maxiter=51), strict=True))
