@@ -16,6 +16,7 @@ from helpers import dense_ggn, mlp_problem, ravel
 import curvopt
 from curvopt.oracles import SigmoidCrossEntropy, SoftmaxCrossEntropy, SquaredError
 from curvopt.transforms import levenberg_marquardt, scale_by_armijo_backtracking, scale_by_egn
+from curvopt.transforms._momentum import EmaMomentumState
 
 SOLVERS = ("cholesky", "parameter_cholesky", "cg")
 
@@ -472,6 +473,21 @@ def test_the_defaults_train_a_mini_batch_mlp_without_diverging():
     ({}, {"momentum": 0.5}),
     ({"learning_rate": 3.0}, {"learning_rate": 3.0, "line_search": False}),  # Armijo halves
     ({}, {"adaptive_damping": True}),
+    ({}, {"learning_rate": 0.25}),  # through Armijo's first trial
+    ({"adaptive_damping": True}, {"adaptive_damping": True, "damping": 0.3}),
+    (
+      {"adaptive_damping": True, "line_search": False},
+      {"adaptive_damping": True, "line_search": False, "l2_regularization": 0.1},
+    ),
+    (
+      {"adaptive_damping": True, "line_search": False, "l2_regularization": 0.1},
+      {
+        "adaptive_damping": True,
+        "line_search": False,
+        "l2_regularization": 0.1,
+        "l2_mask": {"layer0": {"w": True, "b": False}, "layer1": {"w": False, "b": False}},
+      },
+    ),
   ],
 )
 def test_the_named_optimizer_passes_each_argument_on(base, changed):
@@ -538,3 +554,29 @@ def test_the_named_optimizers_solver_defaults_factor_up_to_1024_and_run_50_cg_st
   default = step()
   assert all(np.array_equal(a, b) for a, b in zip(default, step(cg_maxiter=50), strict=True))
   assert not all(np.array_equal(a, b) for a, b in zip(default, step(cg_maxiter=51), strict=True))
+
+
+def test_the_named_optimizers_momentum_is_the_debiased_average_of_its_directions():
+  """`momentum` averages EGN's directions with Adam's debiasing; at 0 there is no momentum state."""
+  problem = mlp_problem("mse", n=6, sizes=(3, 5, 2))
+  extra = {"model_fn": problem.model_fn, "loss_fn": problem.loss_fn}
+  points = [problem.params, jax.tree.map(lambda x: 1.1 * x, problem.params)]
+  direction = curvopt.transforms.scale_by_egn(0.1)
+  opt = curvopt.egn(0.5, 0.1, momentum=0.5, line_search=False)
+  direction_state, state = direction.init(points[0]), opt.init(points[0])
+  average = jax.tree.map(jnp.zeros_like, points[0])
+  for t, p in enumerate(points, start=1):
+    grads = jax.grad(problem.value_fn)(p)
+    u, direction_state = direction.update(grads, direction_state, p, **extra)
+    updates, state = opt.update(grads, state, p, **extra)
+    average = jax.tree.map(lambda m, x: 0.5 * m + 0.5 * x, average, u)
+    debias = 1 - 0.5**t
+    expected = jax.tree.map(lambda m, c=debias: -0.5 * m / c, average)
+    chex.assert_trees_all_close(updates, expected, rtol=1e-10, atol=1e-14)
+  momentum_states = lambda s: [
+    x
+    for x in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, EmaMomentumState))
+    if isinstance(x, EmaMomentumState)
+  ]
+  assert momentum_states(state)
+  assert not momentum_states(curvopt.egn().init(points[0]))

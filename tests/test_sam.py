@@ -255,3 +255,76 @@ def test_per_group_without_group_value_fn_fails_clearly():
     opt.update(w, opt.init(w), w, value_fn=_quadratic)
   with pytest.raises(ValueError, match="perturbation must be one of"):
     curvopt.sam(_base(), perturbation="local")
+
+
+def _two_steps(opt, w, **extra):
+  state, out = opt.init(w), []
+  for _ in range(2):
+    updates, state = opt.update(jax.grad(_quadratic)(w), state, w, value_fn=_quadratic, **extra)
+    w = optax.apply_updates(w, updates)
+    out.append(w)
+  return out
+
+
+def _group_loss(w, i):
+  return _quadratic(w) * (1.0 + i) + jnp.sum(w) * i
+
+
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    {},
+    {"adaptive": True},  # eta (0.01 by default) and eps enter only ASAM's scaling
+    {"adaptive": True, "eta": 0.3, "eps": 1e-3, "rho": 0.2},
+    {"perturbation": "per_group"},  # one group by default
+    {"perturbation": "per_group", "num_groups": 2},
+  ],
+)
+def test_sam_is_its_gradient_transform_then_the_base_optimizer(kwargs):
+  w = jnp.array([0.3, -1.0, 2.0])
+  extra = {"group_value_fn": _group_loss} if "perturbation" in kwargs else {}
+  named = _two_steps(curvopt.sam(_base(), **kwargs), w, **extra)
+  chained = _two_steps(optax.chain(sam_gradient(**kwargs), _base()), w, **extra)
+  chex.assert_trees_all_equal(named, chained)
+
+
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    {},
+    {
+      "rho": 0.1,
+      "grad_norm_rho": 0.3,
+      "beta1": 0.2,
+      "beta3": 0.4,
+      "beta0": 0.3,
+      "gamma": 0.1,
+      "apply_beta0": True,
+      "adaptive": True,
+      "eps": 1e-3,
+    },
+  ],
+)
+def test_gam_is_its_gradient_transform_then_the_base_optimizer(kwargs):
+  w = jnp.array([0.3, -1.0, 2.0])
+  named = _two_steps(curvopt.gam(_base(), **kwargs), w)
+  chained = _two_steps(optax.chain(gam_gradient(**kwargs), _base()), w)
+  chex.assert_trees_all_equal(named, chained)
+  if kwargs:  # every value above differs from the default, so the comparison can fail
+    default = _two_steps(optax.chain(gam_gradient(), _base()), w)
+    assert not np.array_equal(named[-1], default[-1])
+
+
+@pytest.mark.parametrize("name", ["sam", "gam"])
+@pytest.mark.parametrize("bad", [0.1, "sgd"])
+def test_the_base_optimizer_is_required_first_by_name(name, bad):
+  class InitOnly:
+    init = staticmethod(lambda p: ())
+
+  for given in (bad, InitOnly()):
+    with pytest.raises(TypeError) as caught:
+      getattr(curvopt, name)(given)
+    assert str(caught.value) == (
+      f"{name}'s first argument is the base optax optimizer it wraps, such as "
+      f"{name}(optax.sgd(0.1, momentum=0.9), rho=0.05); got {given!r}."
+    )
