@@ -328,3 +328,13 @@ def test_the_base_optimizer_is_required_first_by_name(name, bad):
       f"{name}'s first argument is the base optax optimizer it wraps, such as "
       f"{name}(optax.sgd(0.1, momentum=0.9), rho=0.05); got {given!r}."
     )
+
+
+def test_gam_passes_has_aux_on():
+  w = jnp.array([0.3, -1.0, 2.0])
+  with_aux = lambda p: (_quadratic(p), {"norm": jnp.sum(p**2)})
+  outputs = []
+  for opt in (curvopt.gam(_base(), has_aux=True), optax.chain(gam_gradient(has_aux=True), _base())):
+    updates, _ = opt.update(jax.grad(_quadratic)(w), opt.init(w), w, value_fn=with_aux)
+    outputs.append(updates)
+  chex.assert_trees_all_equal(*outputs)
