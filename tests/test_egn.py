@@ -580,3 +580,52 @@ def test_the_named_optimizers_momentum_is_the_debiased_average_of_its_directions
   ]
   assert momentum_states(state)
   assert not momentum_states(curvopt.egn().init(points[0]))
+
+
+@pytest.mark.parametrize("adaptive_damping", [False, True])
+def test_a_fully_masked_penalty_is_no_penalty_for_the_direction_and_the_line_search(
+  adaptive_damping,
+):
+  """Nor for the gain ratio's losses and model when the damping adapts."""
+  problem = mlp_problem("mse", n=6, sizes=(3, 5, 2))
+  nothing = jax.tree.map(lambda _: False, problem.params)
+
+  def run(**kwargs):
+    # A long first trial: Armijo backtracks.
+    opt = curvopt.egn(3.0, 0.1, adaptive_damping=adaptive_damping, **kwargs)
+    p, state = problem.params, opt.init(problem.params)
+    for _ in range(3):
+      grads = jax.grad(problem.value_fn)(p)
+      updates, state = opt.update(
+        grads, state, p, model_fn=problem.model_fn, loss_fn=problem.loss_fn
+      )
+      p = optax.apply_updates(p, updates)
+    return p
+
+  chex.assert_trees_all_equal(run(), run(l2_regularization=100.0, l2_mask=nothing))
+
+
+def test_adaptive_damping_measures_the_gain_ratio_of_the_penalized_objective():
+  """The named EGN's Levenberg-Marquardt gets the L2 term and its mask, as the direction does."""
+  problem = mlp_problem("mse", n=6, sizes=(3, 5, 2))
+  mask = {"layer0": {"w": True, "b": False}, "layer1": {"w": True, "b": False}}
+  l2 = {"l2_regularization": 0.5, "l2_mask": mask}
+  named = curvopt.egn(0.5, 0.1, adaptive_damping=True, line_search=False, **l2)
+  spelled = levenberg_marquardt(
+    optax.chain(scale_by_egn(0.1, **l2), optax.scale_by_learning_rate(0.5)), 0.1, **l2
+  )
+  extra = {"model_fn": problem.model_fn, "loss_fn": problem.loss_fn}
+  p, named_state, spelled_state = (
+    problem.params,
+    named.init(problem.params),
+    spelled.init(problem.params),
+  )
+  for _ in range(3):
+    grads = jax.grad(problem.value_fn)(p)
+    updates, named_state = named.update(grads, named_state, p, **extra)
+    expected, spelled_state = spelled.update(grads, spelled_state, p, **extra)
+    chex.assert_trees_all_equal(updates, expected)
+    # The gain ratio itself (not only the damping branch it picks) counts the penalty.
+    chex.assert_trees_all_equal(named_state.inner_state, spelled_state)
+    p = optax.apply_updates(p, updates)
+  assert float(spelled_state.damping) != 0.1  # the rule moved it
