@@ -456,6 +456,16 @@ def test_the_defaults_train_a_mini_batch_mlp_without_diverging():
   assert int(state.skipped) == 0
 
 
+def _three_steps(problem, opt):
+  """The parameters after three steps of `opt` on `problem` (model and loss apart)."""
+  p, state = problem.params, opt.init(problem.params)
+  for _ in range(3):
+    grads = jax.grad(problem.value_fn)(p)
+    updates, state = opt.update(grads, state, p, model_fn=problem.model_fn, loss_fn=problem.loss_fn)
+    p = optax.apply_updates(p, updates)
+  return p
+
+
 @pytest.mark.parametrize(
   "base, changed",
   [
@@ -495,15 +505,7 @@ def test_the_named_optimizer_passes_each_argument_on(base, changed):
   problem = mlp_problem("mse", n=6, sizes=(3, 5, 2))
 
   def run(**kwargs):
-    opt = curvopt.egn(**{"learning_rate": 0.5, "damping": 0.1, **kwargs})
-    p, state = problem.params, opt.init(problem.params)
-    for _ in range(3):
-      grads = jax.grad(problem.value_fn)(p)
-      updates, state = opt.update(
-        grads, state, p, model_fn=problem.model_fn, loss_fn=problem.loss_fn
-      )
-      p = optax.apply_updates(p, updates)
-    return p
+    return _three_steps(problem, curvopt.egn(**{"learning_rate": 0.5, "damping": 0.1, **kwargs}))
 
   before, after = run(**base), run(**changed)
   assert any(
@@ -592,15 +594,7 @@ def test_a_fully_masked_penalty_is_no_penalty_for_the_direction_and_the_line_sea
 
   def run(**kwargs):
     # A long first trial: Armijo backtracks.
-    opt = curvopt.egn(3.0, 0.1, adaptive_damping=adaptive_damping, **kwargs)
-    p, state = problem.params, opt.init(problem.params)
-    for _ in range(3):
-      grads = jax.grad(problem.value_fn)(p)
-      updates, state = opt.update(
-        grads, state, p, model_fn=problem.model_fn, loss_fn=problem.loss_fn
-      )
-      p = optax.apply_updates(p, updates)
-    return p
+    return _three_steps(problem, curvopt.egn(3.0, 0.1, adaptive_damping=adaptive_damping, **kwargs))
 
   chex.assert_trees_all_equal(run(), run(l2_regularization=100.0, l2_mask=nothing))
 

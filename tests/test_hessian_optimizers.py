@@ -383,6 +383,16 @@ def test_sophia_h_refreshes_every_ten_steps_by_default():
   assert len(calls) == 3
 
 
+def _jitted_trajectory(opt, loss, w0, steps):
+  """The parameters after `steps` jitted steps of `opt` on `loss` from `w0`."""
+  step = jax.jit(lambda w, s: opt.update(jax.grad(loss)(w), s, w, value_fn=loss))
+  w, state = w0, opt.init(w0)
+  for _ in range(steps):
+    updates, state = step(w, state)
+    w = w + updates
+  return np.asarray(w)
+
+
 def _stiff_quadratic():
   """Curvature large enough that Sophia's ratio m / (gamma h) stays inside the clip."""
   rng = np.random.default_rng(0)
@@ -396,13 +406,7 @@ def test_sophia_h_named_defaults_and_arguments_move_a_curvature_bound_trajectory
   loss, w0 = _stiff_quadratic()
 
   def run(**kwargs):
-    opt = curvopt.sophia_h(1e-3, **kwargs)
-    step = jax.jit(lambda w, s: opt.update(jax.grad(loss)(w), s, w, value_fn=loss))
-    w, state = w0, opt.init(w0)
-    for _ in range(12):
-      updates, state = step(w, state)
-      w = w + updates
-    return np.asarray(w)
+    return _jitted_trajectory(curvopt.sophia_h(1e-3, **kwargs), loss, w0, 12)
 
   default = run()
   np.testing.assert_array_equal(default, run(refresh_every=10, seed=0, clip_threshold=1.0))
@@ -432,15 +436,6 @@ def test_sophia_h_refuses_bad_arguments_by_name(kwargs, message):
     curvopt.sophia_h(0.1, **kwargs)
 
 
-def test_sophia_h_names_itself_and_stores_its_state_in_state_dtype():
-  opt, w = curvopt.sophia_h(0.1, state_dtype=jnp.bfloat16), jnp.ones(2, jnp.float32)
-  state = opt.init(w)
-  floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
-  assert floats and all(x.dtype == jnp.bfloat16 for x in floats)
-  with pytest.raises(TypeError, match=r"^sophia_h needs the loss as an extra argument"):
-    opt.update(w, state, w)
-
-
 def test_adahessian_named_defaults_and_arguments_move_a_nonconvex_trajectory():
   """A 3 x 3 kernel (averaged over its spatial axes) with curvature of both signs, where
   `absolute` matters, and a coupled term, where the probes' seed does."""
@@ -448,13 +443,7 @@ def test_adahessian_named_defaults_and_arguments_move_a_nonconvex_trajectory():
   w0 = jnp.linspace(0.1, 0.8, 9).reshape(3, 3, 1, 1)
 
   def run(**kwargs):
-    opt = curvopt.adahessian(0.05, **kwargs)
-    step = jax.jit(lambda w, s: opt.update(jax.grad(loss)(w), s, w, value_fn=loss))
-    w, state = w0, opt.init(w0)
-    for _ in range(5):
-      updates, state = step(w, state)
-      w = w + updates
-    return np.asarray(w)
+    return _jitted_trajectory(curvopt.adahessian(0.05, **kwargs), loss, w0, 5)
 
   default = run()
   np.testing.assert_array_equal(default, run(absolute=True, seed=0, weight_decay=0.0))
@@ -479,10 +468,12 @@ def test_adahessian_refuses_bad_arguments_by_name(kwargs, message):
     curvopt.adahessian(0.1, **kwargs)
 
 
-def test_adahessian_names_itself_and_stores_its_state_in_state_dtype():
-  opt, w = curvopt.adahessian(0.1, state_dtype=jnp.bfloat16), jnp.ones(2, jnp.float32)
+@pytest.mark.parametrize("name", ["sophia_h", "adahessian"])
+def test_the_named_optimizer_names_itself_and_stores_its_state_in_state_dtype(name):
+  opt = getattr(curvopt, name)(0.1, state_dtype=jnp.bfloat16)
+  w = jnp.ones(2, jnp.float32)
   state = opt.init(w)
   floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
   assert floats and all(x.dtype == jnp.bfloat16 for x in floats)
-  with pytest.raises(TypeError, match=r"^adahessian needs the loss as an extra argument"):
+  with pytest.raises(TypeError, match=rf"^{name} needs the loss as an extra argument"):
     opt.update(w, state, w)
