@@ -297,7 +297,7 @@ def test_the_state_starts_as_the_empty_window_in_the_working_dtype(dtype, workin
   assert jax.tree.map(lambda x: x.dtype, new_state) == jax.tree.map(lambda x: x.dtype, state)
   # Low-precision gradients are solved in the working dtype: the same numbers as theirs.
   widened = jax.tree.map(lambda g: g.astype(working), grads)
-  expected, _ = tx.update(widened, jax.tree.map(lambda x: x, state))
+  expected, _ = tx.update(widened, state)
   for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(got, want.astype(dtype))
 

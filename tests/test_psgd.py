@@ -381,6 +381,6 @@ def test_dense_init_scale_sets_the_first_preconditioner_and_its_name_is_in_messa
   params = jnp.ones(3)
   state = scale_by_psgd_dense(init_scale=0.25).init(params)
   np.testing.assert_array_equal(state.preconditioner.q[0][0], 0.25 * np.eye(3))
+  tx = scale_by_psgd_dense()
   with pytest.raises(TypeError, match=r"^psgd_dense needs the loss"):
-    tx = scale_by_psgd_dense()
     tx.update(params, tx.init(params), params)

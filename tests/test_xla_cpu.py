@@ -77,7 +77,7 @@ def test_the_rewrite_reaches_into_closures_and_checkpoints():
     return jnp.sum(closed(x) ** 2) + jnp.sum(jnp.sin(remat(x, w))), closed(2.0 * x)
 
   rewritten = _xla_cpu.with_channels_last_convolutions(fn)
-  chex.assert_trees_all_close(rewritten(x, kernel), fn(x, kernel), rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(rewritten(x, kernel), fn(x, kernel), rtol=1e-12, atol=1e-12)
   assert len(_layouts(rewritten, x, kernel)) == len(_layouts(fn, x, kernel)) == 3
   assert set(_layouts(rewritten, x, kernel)) == {CHANNELS_LAST}
 
@@ -111,7 +111,7 @@ def test_for_control_flow_rewrites_only_programs_with_a_convolution():
   grad = jax.grad(lambda w, x: jnp.sum(_nchw_conv(x, w) ** 2))
   rewritten = _xla_cpu.for_control_flow(grad, w, x)
   assert rewritten is not grad
-  chex.assert_trees_all_close(rewritten(w, x), grad(w, x), rtol=1e-6)
+  chex.assert_trees_all_close(rewritten(w, x), grad(w, x), rtol=1e-12, atol=1e-12)
   assert set(_layouts(rewritten, w, x)) == {CHANNELS_LAST}
 
 
